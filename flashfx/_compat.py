@@ -1,0 +1,43 @@
+"""Version and platform differences, gated in one place (torch 2.11–2.13, Triton 3.6–3.9, CPU or CUDA)."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1 before import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether flashfx's Triton kernels can run on tensors of `device`.
+
+    On CUDA they compile; on the CPU only through the Triton interpreter. Elsewhere flashfx's ops
+    fall back to their ATen reference implementation.
+    """
+    if not has_triton():
+        return False
+    if device.type == "cuda":
+        return not triton_interpreting()
+    if device.type == "cpu":
+        return triton_interpreting()
+    return False
+
+
+def triton_version() -> str:
+    if not has_triton():
+        return "not installed"
+    import triton
+
+    return triton.__version__

@@ -35,6 +35,8 @@ class PassContext:
     counters: Dict[str, int] = field(default_factory=dict)
     declined: List[Declined] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    # Named outputs a pass leaves for the report, e.g. artifacts["kernels"] = [(kernel_name, triton_source), ...].
+    artifacts: Dict[str, Any] = field(default_factory=dict)
 
     def count(self, name: str, by: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + by
@@ -67,6 +69,7 @@ class PassRecord:
     counters: Dict[str, int]
     declined: List[Declined]
     notes: List[str]
+    artifacts: Dict[str, Any]
     cost_before: cost_model.GraphCost
     cost_after: cost_model.GraphCost
     graph_after: str
@@ -122,7 +125,7 @@ class PassManager:
             after = cost_model.graph_cost(gm) if result.modified else before
             self.records.append(PassRecord(
                 name=name, changed=result.modified, seconds=seconds, counters=ctx.counters,
-                declined=ctx.declined, notes=ctx.notes, cost_before=before, cost_after=after,
+                declined=ctx.declined, notes=ctx.notes, artifacts=ctx.artifacts, cost_before=before, cost_after=after,
                 graph_after=gm.code if result.modified else "",
             ))
         return gm

@@ -7,7 +7,7 @@ The `torch.compile` path gets its graphs from Dynamo directly and only calls `at
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import sympy
 import torch
@@ -34,11 +34,14 @@ def attach_metadata(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def capture(model: torch.nn.Module | Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
-            dynamic: bool = True) -> List[CapturedGraph]:
+            dynamic: bool = True, backend: Optional[Callable[..., Any]] = None,
+            return_outputs: bool = False) -> Any:
     """Run `model(*args, **kwargs)` once through Dynamo and return the graphs it produced.
 
     With `dynamic=True`, dim 0 of every tensor input is marked dynamic (named B) and dim 1 of integer inputs
     of two or more dims (token ids, masks: named S), so costs come out as expressions in B and S.
+    `backend`, if given, compiles each graph after it is recorded (the graphs then run compiled);
+    with `return_outputs=True` the model's outputs are returned instead of the graphs.
     """
     kwargs = dict(kwargs or {})
     graphs: List[CapturedGraph] = []
@@ -46,19 +49,20 @@ def capture(model: torch.nn.Module | Any, args: Sequence[Any] = (), kwargs: Opti
     def record(gm: fx.GraphModule, example_inputs: List[Any]):
         attach_metadata(gm)
         graphs.append(CapturedGraph(gm, list(example_inputs)))
-        return gm.forward
+        return backend(gm, example_inputs) if backend is not None else gm.forward
 
     if dynamic:
         for value in [*args, *kwargs.values()]:
-            _mark_batch_and_sequence(value)
+            mark_batch_and_sequence(value)
     compiled = torch.compile(model, backend=record, dynamic=None if dynamic else False)
-    compiled(*args, **kwargs)
+    outputs = compiled(*args, **kwargs)
     for g in graphs:
         g.symbol_names = name_symbols(g.gm)
-    return graphs
+    return outputs if return_outputs else graphs
 
 
-def _mark_batch_and_sequence(value: Any) -> None:
+def mark_batch_and_sequence(value: Any) -> None:
+    """Mark dim 0 (batch) of a tensor input, and dim 1 (sequence) of an integer input, dynamic for Dynamo."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return
     if value.shape[0] > 1:

@@ -2,7 +2,6 @@
 find the first pass whose output diverges from its input."""
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -64,6 +63,7 @@ class PassRecord:
     """One pass's entry in the report."""
 
     name: str
+    stage: str
     changed: bool
     seconds: float
     counters: Dict[str, int]
@@ -77,6 +77,7 @@ class PassRecord:
     def as_dict(self) -> Dict[str, Any]:
         return {
             "name": self.name,
+            "stage": self.stage,
             "changed": self.changed,
             "seconds": self.seconds,
             "counters": dict(self.counters),
@@ -109,7 +110,7 @@ class PassManager:
         for name, fn in self.passes:
             ctx = PassContext(self.config, example_inputs, stage)
             before = cost_model.graph_cost(gm)
-            reference = copy.deepcopy(gm) if self.config.debug else None
+            reference = copy_graph_module(gm) if self.config.debug else None
             start = time.perf_counter()
             try:
                 result = fn(gm, ctx)
@@ -124,11 +125,20 @@ class PassManager:
                 _check_same_outputs(name, reference, gm, example_inputs)
             after = cost_model.graph_cost(gm) if result.modified else before
             self.records.append(PassRecord(
-                name=name, changed=result.modified, seconds=seconds, counters=ctx.counters,
+                name=name, stage=stage, changed=result.modified, seconds=seconds, counters=ctx.counters,
                 declined=ctx.declined, notes=ctx.notes, artifacts=ctx.artifacts, cost_before=before, cost_after=after,
                 graph_after=gm.code if result.modified else "",
             ))
         return gm
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` whose graph a pass may rewrite; node metadata (fake values) is shared, not deep-copied."""
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen  # keeps pytree in/out specs where the graph has them
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)
 
 
 def _check_same_outputs(name: str, before: fx.GraphModule, after: fx.GraphModule, inputs: Sequence[Any]) -> None:

@@ -1,0 +1,103 @@
+"""The backend: capture -> torch-level passes -> AOTAutograd (remat partitions) -> fusion + codegen on ATen graphs.
+
+This is the one module that knows every pass; it orders them. Passes are imported when enabled, so a disabled
+pass costs nothing (and its Triton code is never imported).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+from torch._functorch.partitioners import default_partition
+
+from flashfx.config import Config
+from flashfx.report import GraphReport
+from flashfx.rewriter import cost as cost_model
+from flashfx.rewriter.capture import attach_metadata, name_symbols
+from flashfx.rewriter.pass_manager import Pass, PassManager, copy_graph_module
+
+
+def torch_passes(config: Config) -> List[Tuple[str, Pass]]:
+    """The passes over the Dynamo (torch-level) graph, in order, for this config."""
+    passes: List[Tuple[str, Pass]] = []
+    wants_patterns = config.attention != "off" or config.cross_entropy
+    if wants_patterns:
+        from flashfx.rewriter.canonicalize import canonicalize
+
+        passes.append(("canonicalize", canonicalize))
+    if config.attention != "off":
+        from flashfx.passes.attention import attention
+
+        passes.append(("attention", attention))
+    if config.cross_entropy:
+        from flashfx.passes.cross_entropy import cross_entropy
+
+        passes.append(("cross_entropy", cross_entropy))
+    return passes
+
+
+def aten_passes(config: Config) -> List[Tuple[str, Pass]]:
+    """The passes over each ATen graph AOTAutograd produces (forward, backward, inference)."""
+    if not config.fusion:
+        return []
+    from flashfx.passes.fusion import fusion
+
+    return [("fusion", fusion)]
+
+
+def partition_fn(config: Config, report: GraphReport) -> Callable[..., Any]:
+    """The AOTAutograd partitioner: flashfx's remat under a budget, or save-everything-needed without one."""
+    if config.remat is None:
+        return default_partition
+    from flashfx.passes.remat import make_partition_fn
+
+    return make_partition_fn(config, report.remat)
+
+
+class Compiler:
+    """A Dynamo backend. Each Dynamo frame it compiles adds a `GraphReport` to `self.reports`."""
+
+    def __init__(self, config: Optional[Config] = None) -> None:
+        self.config = config or Config()
+        self.reports: List[GraphReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        attach_metadata(gm)
+        report = GraphReport(index=len(self.reports), captured=copy_graph_module(gm), rewritten=gm,
+                             symbol_names=name_symbols(gm))
+        self.reports.append(report)
+        manager = PassManager(torch_passes(self.config), self.config)
+        gm = manager.run(gm, example_inputs, stage="torch")
+        report.rewritten = gm
+        report.passes.extend(manager.records)
+
+        compile_aten = functools.partial(self._compile_aten, report)
+        return aot_module_simplified(
+            gm,
+            example_inputs,
+            fw_compiler=functools.partial(compile_aten, "forward"),
+            bw_compiler=functools.partial(compile_aten, "backward"),
+            inference_compiler=functools.partial(compile_aten, "inference"),
+            partition_fn=partition_fn(self.config, report),
+        )
+
+    def _compile_aten(self, report: GraphReport, stage: str, gm: fx.GraphModule,
+                      example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        before = cost_model.graph_cost(gm)
+        manager = PassManager(aten_passes(self.config), self.config)
+        gm = manager.run(gm, example_inputs, stage=stage)
+        report.passes.extend(manager.records)
+        for record in manager.records:
+            report.kernels.extend(record.artifacts.get("kernels", []))
+        report.aten[stage] = gm.code
+        report.aten_costs[stage] = (before, cost_model.graph_cost(gm))
+        return make_boxed_func(gm)
+
+
+def flashfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                    options: Optional[dict] = None) -> Callable[..., Any]:
+    """`torch.compile(model, backend="flashfx", options={...})`: options are `Config` fields."""
+    return Compiler(Config(**(options or {})))(gm, example_inputs)

@@ -207,9 +207,19 @@ def _matmul_flops(name: str, node: fx.Node, out: torch.Tensor) -> Expr:
     return 2 * numel(out) * k + extra
 
 
+def argument(node: fx.Node, name: str, position: int, default: Any = None) -> Any:
+    """An argument by keyword, else by its position in the op's schema (ATen) or `position` (torch functions)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if isinstance(node.target, torch._ops.OpOverload):
+        names = [a.name for a in node.target._schema.arguments]
+        position = names.index(name) if name in names else len(node.args)
+    return node.args[position] if position < len(node.args) else default
+
+
 def _attention_flops(node: fx.Node, out: torch.Tensor) -> Expr:
     q, k = (node_value(a) for a in node.args[:2])
-    causal = bool(node.kwargs.get("is_causal", False) or (len(node.args) > 5 and node.args[5] is True))
+    causal = argument(node, "is_causal", 5, False) is True
     # out: [..., L, Dv]; q: [..., L, D]; k: [..., S, D]
     flops = 2 * numel(q) * _dim(k.shape[-2]) + 2 * numel(out) * _dim(k.shape[-2])
     return flops / 2 if causal else flops

@@ -173,12 +173,16 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def _materialise(x: Any) -> Any:
-    """Debug mode may get fake example inputs; replace them by seeded random tensors of the same meta."""
+    """ATen-stage example inputs are fake (maybe symbolic): replace them by seeded random tensors of their size hints."""
     from torch._subclasses.fake_tensor import FakeTensor
 
+    if isinstance(x, torch.SymInt):
+        return x.node.hint
     if isinstance(x, FakeTensor):
-        shape = [int(s) for s in x.shape]
+        shape = [d.node.hint if isinstance(d, torch.SymInt) else int(d) for d in x.shape]
         if x.dtype.is_floating_point:
             return torch.randn(shape, dtype=x.dtype, device=x.device)
+        if x.dtype == torch.bool:
+            return torch.rand(shape, device=x.device) > 0.5
         return torch.randint(0, 2, shape, dtype=x.dtype, device=x.device)
     return x

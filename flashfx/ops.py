@@ -4,3 +4,4 @@ Each op lives with its kernels in `flashfx/codegen/<op>.py` (kernels -> launcher
 its fake implementation and ATen reference); importing this module registers them all, so `torch.ops.flashfx.*`
 exists whenever flashfx is imported.
 """
+from flashfx.codegen import attention as _attention  # noqa: F401

@@ -1,0 +1,341 @@
+"""`flashfx::attention`: exact attention that never writes the L x S score matrix to memory.
+
+    torch.ops.flashfx.attention(q, k, v, bias=None, is_causal=False, scale=None, dropout_p=0.0) -> Tensor
+
+q: [B, Hq, L, D]; k, v: [B, Hkv, S, D] with Hq % Hkv == 0 (query head h reads kv head h // (Hq // Hkv)).
+bias: None, a float tensor added to the scores (-inf allowed), or a bool tensor (True = attend, as in SDPA),
+broadcastable to [B, Hq, L, S]; broadcast dimensions are read with stride 0, never expanded in memory.
+is_causal: query i sees keys j <= i (top-left aligned, as SDPA). scale: default 1/sqrt(D).
+dropout_p: dropout on the probabilities; the op draws its seed from torch's default generator at each call.
+Rows whose every key is masked output 0 (not NaN), and their gradients are 0.
+
+How it is built, so that it passes through Dynamo and AOTAutograd as single nodes:
+- `flashfx::attention` is CompositeImplicitAutograd: Dynamo records it as one node of the torch-level graph;
+  AOTAutograd decomposes it into `flashfx::attention_fwd` (returns out, log-sum-exp, dropout seed) in the forward
+  graph and `flashfx::attention_bwd` in the backward graph, so the backward gets the saved LSE and seed.
+- `attention_fwd` / `attention_bwd` are `torch.library.custom_op`s with fake implementations (symbolic sizes) and
+  the autograd formula registered on `attention_fwd`.
+- Where `flashfx._compat.triton_runs_on(device)` is False they run an ATen reference (fp32 math); otherwise the
+  Triton kernels of `flashfx.codegen.attention_kernels` (on CPU through the interpreter).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Tuple
+
+import sympy
+import torch
+from torch import Tensor
+
+from flashfx._compat import triton_runs_on
+from flashfx.rewriter.cost import NodeCost, node_value, numel, register_cost, tensor_bytes
+
+MAX_HEAD_DIM = 256
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------- input checks
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: Optional[float],
+                  dropout_p: float) -> None:
+    """User errors as ValueError / TypeError naming the bad value and the fix."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"flashfx.attention: {name} must be 4-D [batch, heads, seq, head_dim], "
+                             f"got shape {tuple(t.shape)}; reshape it (e.g. x.view(B, S, H, D).transpose(1, 2))")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"flashfx.attention: {name} has dtype {t.dtype}; use float16, bfloat16 or float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"flashfx.attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                        f"cast them to one dtype first")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flashfx.attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    B, Hq, L, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"flashfx.attention: k and v must have the same shape [B, Hkv, S, D], got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"flashfx.attention: batch sizes differ: q has {B}, k/v have {k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"flashfx.attention: head dims differ: q has {D}, k/v have {k.shape[3]}; "
+                         f"project them to one head dim")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"flashfx.attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) "
+                         f"(grouped-query attention); pick Hkv dividing Hq")
+    if D > MAX_HEAD_DIM and triton_runs_on(q.device):
+        raise ValueError(f"flashfx.attention: head dim {D} is above the kernel's limit of {MAX_HEAD_DIM}; "
+                         f"use F.scaled_dot_product_attention for it")
+    if bias is not None:
+        if bias.dtype != torch.bool and not bias.is_floating_point():
+            raise TypeError(f"flashfx.attention: bias has dtype {bias.dtype}; pass a float additive bias or a "
+                            f"bool mask (True = attend)")
+        if bias.device != q.device:
+            raise ValueError(f"flashfx.attention: bias is on {bias.device}, q on {q.device}; move it to q's device")
+        target = (B, Hq, L, k.shape[2])
+        if bias.dim() > 4 or any(b != 1 and b != t for b, t in zip(reversed(bias.shape), reversed(target))):
+            raise ValueError(f"flashfx.attention: bias of shape {tuple(bias.shape)} does not broadcast to "
+                             f"[B, Hq, L, S] = {list(target)}; give it size 1 or the full size in each dim")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"flashfx.attention: scale must be a finite float, got {scale}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"flashfx.attention: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _draw_seed(dropout_p: float) -> Tensor:
+    """The dropout seed, from torch's default generator (so torch.manual_seed reproduces it); 0 without dropout."""
+    if dropout_p == 0.0:
+        return torch.zeros((), dtype=torch.int64)
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _bias_kind(bias: Optional[Tensor]) -> int:
+    return 0 if bias is None else (2 if bias.dtype == torch.bool else 1)
+
+
+# ----------------------------------------------------------------------------------------- ATen reference (fp32)
+
+def _reference_keep(seed: int, shape: Tuple[int, ...], dropout_p: float, device: torch.device) -> Tensor:
+    """The reference path's dropout mask: a pure function of (seed, shape), so the backward regenerates it."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand(shape, generator=gen, device=device) >= dropout_p
+
+
+def _reference_scores(q: Tensor, k: Tensor, bias: Optional[Tensor], is_causal: bool, scale: float) -> Tensor:
+    """Masked, scaled scores in fp32: [B, Hq, L, S] (the reference materialises them; the kernels never do)."""
+    s = torch.matmul(q.float(), _repeat_heads(k.float(), q.shape[1]).transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias.float()
+    if is_causal:
+        L, S = s.shape[-2:]
+        keep = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _reference_probs(s: Tensor) -> Tuple[Tensor, Tensor]:
+    """Softmax over keys that gives 0 (not NaN) on fully masked rows, and the LSE (+inf on those rows)."""
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    p = e / torch.where(empty, torch.ones_like(denom), denom)
+    lse = torch.where(empty, torch.full_like(denom, float("inf")), torch.log(denom) + m)
+    return p, lse.squeeze(-1)
+
+
+def _reference_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool, scale: float,
+                       dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
+    p, lse = _reference_probs(_reference_scores(q, k, bias, is_causal, scale))
+    if dropout_p > 0.0:
+        p = p * _reference_keep(int(seed), tuple(p.shape), dropout_p, q.device) / (1.0 - dropout_p)
+    return torch.matmul(p, _repeat_heads(v.float(), q.shape[1])).to(q.dtype), lse
+
+
+def _repeat_heads(x: Tensor, heads: int) -> Tensor:
+    group = heads // x.shape[1]
+    return x.repeat_interleave(group, dim=1) if group > 1 else x
+
+
+def _sum_heads(x: Tensor, kv_heads: int) -> Tensor:
+    B, H, S, D = x.shape
+    return x.view(B, kv_heads, H // kv_heads, S, D).sum(dim=2)
+
+
+def _reduce_to(x: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    """Sum a [B, Hq, L, S] gradient back over the dimensions `shape` broadcasts (size 1 or missing)."""
+    lead = x.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1]
+    return (x.sum(dim=dims, keepdim=True) if dims else x).reshape(shape)
+
+
+def _reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool,
+                        scale: float, dropout_p: float, seed: Tensor,
+                        bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The gradients written out in fp32 (a custom op's body runs below autograd, so no autograd.grad here)."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    p, _ = _reference_probs(_reference_scores(q, k, bias, is_causal, scale))
+    kf, vf, do = _repeat_heads(k.float(), Hq), _repeat_heads(v.float(), Hq), dout.float()
+    pd, dp = p, torch.matmul(do, vf.transpose(-1, -2))
+    if dropout_p > 0.0:
+        keep = _reference_keep(int(seed), tuple(p.shape), dropout_p, q.device) / (1.0 - dropout_p)
+        pd, dp = p * keep, dp * keep
+    out = torch.matmul(pd, vf)
+    ds = p * (dp - (do * out).sum(dim=-1, keepdim=True))  # softmax backward; 0 on fully masked rows
+    dq = torch.matmul(ds, kf) * scale
+    dk = _sum_heads(torch.matmul(ds.transpose(-1, -2), q.float()) * scale, Hkv)
+    dv = _sum_heads(torch.matmul(pd.transpose(-1, -2), do), Hkv)
+    dbias = _reduce_to(ds, tuple(bias.shape)).to(bias.dtype) if bias_grad else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+# ------------------------------------------------------------------------------------------- forward / backward
+
+def _empty_out(q: Tensor) -> Tensor:
+    # Out is laid out [B, L, Hq, D] in memory and returned as [B, Hq, L, D], so the usual
+    # `out.transpose(1, 2).reshape(B, L, Hq * D)` that follows attention is a view, not a copy.
+    B, H, L, D = q.shape
+    return q.new_empty((B, L, H, D)).transpose(1, 2)
+
+
+def _use_kernels(q: Tensor) -> bool:
+    return False  # the Triton kernels land in the next commit; until then every device runs the reference
+
+
+@torch.library.custom_op("flashfx::attention_fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool, scale: Optional[float],
+                  dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward: (out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] fp32 natural log, seed int64 CPU scalar)."""
+    sm_scale = _resolve_scale(scale, q.shape[-1])
+    seed = _draw_seed(dropout_p)
+    if _use_kernels(q):
+        from flashfx.codegen import attention_launch
+
+        out, lse = attention_launch.forward(q, k, v, bias, is_causal, sm_scale, dropout_p, int(seed))
+        return out, lse, seed
+    ref, lse = _reference_forward(q, k, v, bias, is_causal, sm_scale, dropout_p, seed)
+    out = _empty_out(q)
+    out.copy_(ref)
+    return out, lse.contiguous(), seed
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, bias, is_causal, scale, dropout_p):
+    B, H, L, _ = q.shape
+    lse = q.new_empty((B, H, L), dtype=torch.float32)
+    return _empty_out(q), lse, torch.empty((), dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("flashfx::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor, lse: Tensor,
+                  seed: Tensor, is_causal: bool, scale: Optional[float], dropout_p: float,
+                  bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward: (dq, dk, dv, dbias); dbias has bias's own shape when bias_grad, else it is an empty tensor."""
+    sm_scale = _resolve_scale(scale, q.shape[-1])
+    if _use_kernels(q):
+        from flashfx.codegen import attention_launch
+
+        dq, dk, dv, dbias = attention_launch.backward(dout, q, k, v, bias, out, lse, is_causal, sm_scale,
+                                                      dropout_p, int(seed), bias_grad)
+    else:
+        dq, dk, dv, dbias = _reference_backward(dout, q, k, v, bias, is_causal, sm_scale, dropout_p, seed, bias_grad)
+        dq, dk, dv = (torch.empty_like(x).copy_(g) for x, g in ((q, dq), (k, dk), (v, dv)))
+    if dbias is None:
+        dbias = q.new_empty((0,))
+    return dq, dk, dv, dbias
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, bias, out, lse, seed, is_causal, scale, dropout_p, bias_grad):
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _fwd_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
+    q, k, v, bias, is_causal, scale, dropout_p = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, seed)
+    ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+
+
+def _fwd_backward(ctx: Any, dout: Tensor, dlse: Optional[Tensor], dseed: Optional[Tensor]):
+    # The LSE and seed are internal outputs: nothing outside this file differentiates through them.
+    q, k, v, bias, out, lse, seed = ctx.saved_tensors
+    bias_grad = bool(bias is not None and bias.is_floating_point() and ctx.needs_input_grad[3])
+    dq, dk, dv, dbias = torch.ops.flashfx.attention_bwd(dout, q, k, v, bias, out, lse, seed, ctx.is_causal,
+                                                        ctx.scale, ctx.dropout_p, bias_grad)
+    return dq, dk, dv, (dbias if bias_grad else None), None, None, None
+
+
+attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- the public op
+
+_lib = torch.library.Library("flashfx", "FRAGMENT")
+_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, bool is_causal=False, float? scale=None, "
+            "float dropout_p=0.0) -> Tensor")
+
+
+def _attention_composite(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, is_causal: bool = False,
+                         scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
+    _check_inputs(q, k, v, bias, scale, dropout_p)
+    if bias is not None and bias.dim() < 4:
+        bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))  # a view: broadcasting stays stride 0
+    out, _, _ = torch.ops.flashfx.attention_fwd(q, k, v, bias, is_causal, scale, dropout_p)
+    return out
+
+
+_lib.impl("attention", _attention_composite, "CompositeImplicitAutograd")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, is_causal: bool = False,
+              scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
+    """Exact attention; see the module docstring. The same as `torch.ops.flashfx.attention`.
+
+    Example::
+
+        >>> import torch
+        >>> from flashfx.codegen.attention import attention
+        >>> q = k = v = torch.randn(1, 2, 5, 32)
+        >>> attention(q, k, v, is_causal=True).shape
+        torch.Size([1, 2, 5, 32])
+    """
+    return torch.ops.flashfx.attention(q, k, v, bias, is_causal, scale, dropout_p)
+
+
+# ------------------------------------------------------------------------------------------------- cost model
+
+def _bound_args(node: Any) -> dict:
+    schema = node.target._schema
+    named = {a.name: a.default_value for a in schema.arguments}
+    named.update(zip((a.name for a in schema.arguments), node.args))
+    named.update(node.kwargs)
+    return named
+
+
+def _value(arg: Any) -> Any:
+    return node_value(arg) if hasattr(arg, "meta") else arg
+
+
+def _size(d: Any) -> Any:
+    return sympy.sympify(d.node.expr) if isinstance(d, torch.SymInt) else sympy.Integer(int(d))
+
+
+def _attention_flops(q: Tensor, k: Tensor, is_causal: bool) -> Any:
+    # two products of 2·L·S·D per (batch, query head); causal: half (the diagonal tiles are the approximation)
+    flops = 4 * numel(q) * _size(k.shape[2])
+    return flops / 2 if is_causal else flops
+
+
+def _cost_forward(node: Any, inputs: List[Any], output: Any) -> NodeCost:
+    a = _bound_args(node)
+    q, k, v, bias = (_value(a[n]) for n in ("q", "k", "v", "bias"))
+    read = tensor_bytes(q) + tensor_bytes(k) + tensor_bytes(v)
+    if isinstance(bias, Tensor):
+        read = read + tensor_bytes(bias)  # its own size: broadcast dims are read with stride 0
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    write = tensor_bytes(out)
+    if isinstance(output, (tuple, list)):
+        write = write + tensor_bytes(output[1])  # the LSE saved for the backward
+    return NodeCost(_attention_flops(q, k, bool(a["is_causal"])), read, write)
+
+
+def _cost_backward(node: Any, inputs: List[Any], output: Any) -> NodeCost:
+    a = _bound_args(node)
+    names = ("dout", "q", "k", "v", "bias", "out", "lse")
+    read = sum((tensor_bytes(_value(a[n])) for n in names if isinstance(_value(a[n]), Tensor)), 0)
+    write = sum((tensor_bytes(t) for t in output if isinstance(t, Tensor)), 0)
+    # five products (the FLOP convention of FlashAttention: backward = 2.5x forward)
+    return NodeCost(_attention_flops(_value(a["q"]), _value(a["k"]), bool(a["is_causal"])) * 5 / 2, read, write)
+
+
+register_cost(torch.ops.flashfx.attention.default)(_cost_forward)
+register_cost(torch.ops.flashfx.attention_fwd.default)(_cost_forward)
+register_cost(torch.ops.flashfx.attention_bwd.default)(_cost_backward)

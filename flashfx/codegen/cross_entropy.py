@@ -1,0 +1,427 @@
+"""`flashfx::linear_cross_entropy`: the loss of a linear head without the [tokens x vocab] logits in memory.
+
+    torch.ops.flashfx.linear_cross_entropy(input, weight, bias=None, target, ignore_index=-100,
+                                           label_smoothing=0.0, reduction="mean", z_loss=0.0) -> Tensor
+
+computes ``F.cross_entropy(input @ weight.T + bias, target, ignore_index=..., label_smoothing=..., reduction=...)``
+plus an optional z-loss, for input [*, H], weight [V, H], bias [V] or None, target [*] (int64/int32 class indices).
+The loss is float32 whatever the input dtype (the logits are upcast, as Hugging Face causal-LM losses do).
+
+Per non-ignored row i, with x = the row's logits and lse_i = logsumexp(x) (natural log):
+    loss_i = (1 - eps) * (lse_i - x[y_i]) + eps * (lse_i - mean_j x_j)  +  z_loss * lse_i ** 2
+(eps = label_smoothing, exactly PyTorch's smoothing), and loss_i = 0 for rows whose target is ignore_index.
+"mean" divides the sum by the number of non-ignored rows (NaN when there are none, as PyTorch), "sum" sums,
+"none" returns loss_i in target's shape. So the z-loss term is z_loss * mean(lse²) over non-ignored rows
+under "mean". A target outside [0, V) that is not ignore_index gives a NaN loss (never a silent wrong number).
+
+How it works: the rows are walked in chunks of C rows (C chosen so the chunk's logits take at most
+`CHUNK_BYTES`, 256 MiB by default). For each chunk: logits = input_c @ W.T (+ b) by torch.matmul into one reused
+[C, V] buffer in the input dtype; one Triton program per row computes the online-softmax loss and, when gradients
+are wanted, overwrites the row in place with d loss / d logits; then grad_input_c = dlogits @ W and
+grad_weight += dlogits.T @ input_c (accumulated in float32 across chunks), grad_bias += dlogits.sum(0).
+
+When the gradients are computed (the memory / time trade):
+- reduction "mean"/"sum" with autograd recording (training): in the forward, as Liger-Kernel does, so the logits
+  are produced by one matmul in total (3 matmuls of 2·N·V·H FLOPs for forward + backward, like eager). The forward
+  then holds grad_input [N, H], grad_weight [V, H] (weight dtype) and grad_bias until the backward, which only
+  multiplies them by the incoming scalar gradient. Since the loss is the last op of a training step, these are the
+  same bytes that the backward would allocate a moment later; the float32 grad_weight accumulator (4·V·H bytes)
+  lives only inside the forward.
+- reduction "none" (the incoming gradient differs per row, so it cannot be applied afterwards), or a forward
+  without autograd that is later differentiated: the backward recomputes the chunk logits (one extra matmul,
+  +33% of the head's FLOPs) and saves nothing but its inputs.
+Without autograd (inference / eval) only the loss is computed: one matmul, no gradient buffers.
+
+Built like `flashfx::attention`: the public op is CompositeImplicitAutograd, so Dynamo records one node and
+AOTAutograd decomposes it into `flashfx::linear_cross_entropy_fwd` (forward graph) and
+`flashfx::linear_cross_entropy_bwd` (backward graph, recompute path only). Where
+`flashfx._compat.triton_runs_on(device)` is False the same chunk loop runs an ATen version of the row kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Tuple
+
+import sympy
+import torch
+from torch import Tensor
+
+from flashfx._compat import has_triton, triton_runs_on
+from flashfx.rewriter.cost import NodeCost, node_value, numel, register_cost, tensor_bytes
+
+REDUCTIONS = ("mean", "sum", "none")
+CHUNK_BYTES = 256 * 2**20  # at most this many bytes of logits exist at once (one chunk buffer)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# ------------------------------------------------------------------------------------------------------ kernel
+
+if has_triton():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ce_rows_kernel(
+        logits_ptr,    # [C, V] chunk logits (input dtype), row stride `stride_row`; overwritten by dlogits if WRITE_GRAD
+        stride_row,
+        target_ptr,    # [C] int64 class indices
+        loss_ptr,      # [C] fp32 out: the row's loss (0 for ignored rows)
+        scale_ptr,     # fp32: the gradient factor, one per row (SCALE_PER_ROW) or one for every row
+        V, ignore_index, smoothing, z_loss,
+        BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_PER_ROW: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row exceeds 2**31 at 16k rows x 128k vocab
+        row_ptr = logits_ptr + row * stride_row
+        y = tl.load(target_ptr + row)
+        valid = y != ignore_index
+        # pass 1: online max / sum of exp, the target logit, and the row sum for label smoothing
+        m = float("-inf")
+        d = 0.0
+        x_sum = 0.0
+        x_y = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+            x_sum += tl.sum(tl.where(mask, x, 0.0), 0)
+            x_y += tl.sum(tl.where(cols == y, x, 0.0), 0)
+        lse = m + tl.log(d)
+        loss = lse - (1.0 - smoothing) * x_y - smoothing * x_sum / V + z_loss * lse * lse
+        in_range = (y >= 0) & (y < V)
+        loss = tl.where(in_range, loss, float("nan"))  # a bad class index must not pass silently
+        tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+        if WRITE_GRAD:
+            if SCALE_PER_ROW:
+                scale = tl.load(scale_ptr + row)
+            else:
+                scale = tl.load(scale_ptr)
+            scale = tl.where(valid, scale, 0.0)  # ignored rows get exactly 0, also when the scale is inf
+            coef = 1.0 + 2.0 * z_loss * lse  # d(z·lse²)/dx = 2·z·lse·softmax(x)
+            # pass 2: d loss / d x_j = (softmax_j · coef - (1 - eps)·[j == y] - eps / V) · scale, in place
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                mask = cols < V
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) * coef - tl.where(cols == y, 1.0 - smoothing, 0.0) - smoothing / V
+                g = tl.where(valid, g * scale, 0.0)
+                tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+
+def _rows_triton(logits: Tensor, target: Tensor, loss: Tensor, scale: Tensor, ignore_index: int, smoothing: float,
+                 z_loss: float, write_grad: bool) -> None:
+    """Per-row loss into `loss`; with write_grad, `logits` becomes d loss / d logits (times `scale`)."""
+    rows, V = logits.shape
+    if rows == 0:
+        return
+    block = min(triton.next_power_of_2(V), 4096 if logits.is_cuda else 256)
+    _ce_rows_kernel[(rows,)](
+        logits, logits.stride(0), target, loss, scale, V, ignore_index, float(smoothing), float(z_loss),
+        BLOCK_V=block, WRITE_GRAD=write_grad, SCALE_PER_ROW=scale.numel() > 1, num_warps=16 if logits.is_cuda else 4,
+    )
+
+
+def _rows_reference(logits: Tensor, target: Tensor, loss: Tensor, scale: Tensor, ignore_index: int, smoothing: float,
+                    z_loss: float, write_grad: bool) -> None:
+    """The row kernel in ATen (fp32 math), for devices where Triton does not run; same contract."""
+    V = logits.shape[1]
+    x = logits.float()
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < V)
+    safe_y = torch.where(in_range, target, torch.zeros_like(target))
+    lse = torch.logsumexp(x, dim=1)
+    x_y = x.gather(1, safe_y[:, None]).squeeze(1)
+    row = lse - (1.0 - smoothing) * x_y - smoothing * x.sum(1) / V + z_loss * lse * lse
+    row = torch.where(in_range, row, torch.full_like(row, float("nan")))
+    loss.copy_(torch.where(valid, row, torch.zeros_like(row)))
+    if write_grad:
+        g = torch.exp(x - lse[:, None]) * (1.0 + 2.0 * z_loss * lse[:, None]) - smoothing / V
+        g.scatter_add_(1, safe_y[:, None], torch.full_like(x_y[:, None], -(1.0 - smoothing)))
+        s = scale.expand(target.shape) if scale.numel() == 1 else scale
+        s = torch.where(valid, s, torch.zeros_like(s))
+        logits.copy_(g * s[:, None])
+
+
+def chunk_rows_for(n_rows: int, vocab: int, element_size: int, budget: Optional[int] = None) -> int:
+    """Rows per chunk: as many as fit `budget` (default: the module's CHUNK_BYTES) bytes of logits, a multiple of
+    16 (matmul tiles), at least 16."""
+    budget = CHUNK_BYTES if budget is None else budget
+    rows = max(16, budget // max(1, vocab * element_size) // 16 * 16)
+    return max(1, min(rows, n_rows))
+
+
+def _accumulate_wgrad(acc: Tensor, dlogits: Tensor, x: Tensor) -> None:
+    """acc [V, H] fp32 += dlogits.T @ x, with the product accumulated in fp32 (no 16-bit rounding across chunks)."""
+    if dlogits.dtype == torch.float32:
+        acc.addmm_(dlogits.t(), x)
+    elif acc.is_cuda:
+        # cuBLAS with a float32 C/D and 16-bit A/B: one pass, beta=1 reads the accumulator in its epilogue
+        torch.addmm(acc, dlogits.t(), x, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(dlogits.t().float(), x.float())
+
+
+def chunked_loss_and_grads(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                           smoothing: float, z_loss: float, scale: Optional[Tensor], want_grads: bool,
+                           chunk_rows: int = 0) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The chunk loop. x: [N, H]; target: [N] int64; scale: fp32 [1] or [N] (the gradient factor per row).
+
+    Returns (per-row loss [N] fp32, grad_input [N, H], grad_weight [V, H], grad_bias [V]); grads None unless
+    `want_grads`.
+    """
+    N, H = x.shape
+    V = weight.shape[0]
+    use_triton = triton_runs_on(x.device)
+    rows_fn = _rows_triton if use_triton else _rows_reference
+    C = chunk_rows or chunk_rows_for(N, V, x.element_size())
+    loss = torch.empty(N, dtype=torch.float32, device=x.device)
+    buf = torch.empty((min(C, N), V), dtype=x.dtype, device=x.device)
+    wt = weight.t()
+    dx = dw = db = None
+    if want_grads:
+        dx = torch.empty_like(x)
+        dw = torch.zeros((V, H), dtype=torch.float32, device=x.device)
+        db = torch.zeros(V, dtype=torch.float32, device=x.device) if bias is not None else None
+        if scale is None:
+            raise AssertionError("gradients need a scale")
+    if scale is None:
+        scale = torch.ones(1, dtype=torch.float32, device=x.device)
+    for start in range(0, N, C):
+        end = min(start + C, N)
+        xc = x[start:end]
+        logits = buf[: end - start]
+        if bias is not None:
+            torch.addmm(bias, xc, wt, out=logits)
+        else:
+            torch.mm(xc, wt, out=logits)
+        sc = scale[start:end] if scale.numel() > 1 else scale
+        rows_fn(logits, target[start:end], loss[start:end], sc, ignore_index, smoothing, z_loss, want_grads)
+        if want_grads:
+            torch.mm(logits, weight, out=dx[start:end])
+            _accumulate_wgrad(dw, logits, xc)
+            if db is not None:
+                db += logits.sum(0, dtype=torch.float32)
+    if want_grads:
+        dw = dw.to(weight.dtype)
+        db = db.to(bias.dtype) if db is not None else None
+    return loss, dx, dw, db
+
+
+# ------------------------------------------------------------------------------------------------ input checks
+
+def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                  smoothing: float, reduction: str, z_loss: float) -> None:
+    """User errors as ValueError / TypeError naming the bad value and the fix."""
+    name = "flashfx.linear_cross_entropy"
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction={reduction!r} is not one of {REDUCTIONS}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: input has dtype {x.dtype}; use float16, bfloat16 or float32")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{name}: input, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}"
+                        f"{', ' + str(bias.dtype) if bias is not None else ''}; cast them to one dtype first")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: target has dtype {target.dtype}; pass class indices as int64 (torch.long) — "
+                        f"class-probability targets are not supported, use F.cross_entropy for them")
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{name}: expected input [*, H] and weight [V, H], got input {tuple(x.shape)} and weight "
+                         f"{tuple(weight.shape)}; weight is the nn.Linear weight (out_features x in_features)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{name}: bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if tuple(target.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"{name}: target shape {tuple(target.shape)} must be input's shape without its last dim, "
+                         f"{tuple(x.shape[:-1])}; flatten both (input.view(-1, H), target.view(-1))")
+    devices = {t.device for t in (x, weight, target) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: tensors are on different devices {sorted(map(str, devices))}; move them to one")
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {smoothing}")
+    if not (math.isfinite(z_loss) and z_loss >= 0.0):
+        raise ValueError(f"{name}: z_loss must be a finite float >= 0, got {z_loss}")
+
+
+def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    if reduction == "none":
+        return rows.view(target.shape)
+    total = rows.sum()
+    return total / (target != ignore_index).sum() if reduction == "mean" else total
+
+
+def _grad_scale(target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    """d(reduced loss) / d(row loss) as a float32 [1] tensor on the device (no host sync)."""
+    if reduction == "mean":
+        return (1.0 / (target != ignore_index).sum().to(torch.float32)).reshape(1)
+    return torch.ones(1, dtype=torch.float32, device=target.device)
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+
+@torch.library.custom_op("flashfx::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                             label_smoothing: float, reduction: str, z_loss: float,
+                             grad_in_forward: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_input, grad_weight, grad_bias); the grads are of the loss as returned (incoming gradient 1)
+    when grad_in_forward, else (and grad_bias without a bias) empty [0] tensors."""
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1).long()
+    scale = _grad_scale(t, ignore_index, reduction) if grad_in_forward else None
+    rows, dx, dw, db = chunked_loss_and_grads(x, weight, bias, t, ignore_index, label_smoothing, z_loss, scale,
+                                              grad_in_forward)
+    loss = _reduce(rows, target, ignore_index, reduction)
+    if not grad_in_forward:  # distinct empty tensors: outputs of a custom op may not alias each other
+        return loss, input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
+    return loss, dx.view(input.shape), dw, (db if db is not None else input.new_empty((0,)))
+
+
+@linear_cross_entropy_fwd.register_fake
+def _fwd_fake(input, weight, bias, target, ignore_index, label_smoothing, reduction, z_loss, grad_in_forward):
+    loss_shape = target.shape if reduction == "none" else ()
+    loss = input.new_empty(loss_shape, dtype=torch.float32)
+    if not grad_in_forward:
+        return loss, input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
+    db = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
+    return loss, torch.empty_like(input), torch.empty_like(weight), db
+
+
+@torch.library.custom_op("flashfx::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(grad_loss: Tensor, input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                             ignore_index: int, label_smoothing: float, reduction: str,
+                             z_loss: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Recompute path: (grad_input, grad_weight, grad_bias or an empty [0] tensor) for an incoming grad_loss."""
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1).long()
+    g = grad_loss.to(torch.float32)
+    if reduction == "none":
+        scale = g.reshape(-1).contiguous()
+    else:
+        scale = (_grad_scale(t, ignore_index, reduction) * g).reshape(1)
+    _, dx, dw, db = chunked_loss_and_grads(x, weight, bias, t, ignore_index, label_smoothing, z_loss, scale, True)
+    return dx.view(input.shape), dw, (db if db is not None else input.new_empty((0,)))
+
+
+@linear_cross_entropy_bwd.register_fake
+def _bwd_fake(grad_loss, input, weight, bias, target, ignore_index, label_smoothing, reduction, z_loss):
+    db = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
+    return torch.empty_like(input), torch.empty_like(weight), db
+
+
+def _fwd_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+    x, weight, bias, target, ignore_index, smoothing, reduction, z_loss, grad_in_forward = inputs
+    _, dx, dw, db = output
+    ctx.grad_in_forward = grad_in_forward
+    ctx.has_bias = bias is not None
+    ctx.args = (ignore_index, smoothing, reduction, z_loss)
+    if grad_in_forward:
+        ctx.save_for_backward(dx, dw, db)
+    else:
+        ctx.save_for_backward(x, weight, bias, target)
+    ctx.set_materialize_grads(False)  # the grad outputs are never differentiated: no zero [V, H] tensors
+
+
+def _fwd_backward(ctx: Any, grad_loss: Optional[Tensor], *unused: Optional[Tensor]):
+    nones = (None,) * 6
+    if grad_loss is None:
+        return (None, None, None) + nones
+    if ctx.grad_in_forward:
+        dx, dw, db = ctx.saved_tensors
+        g = grad_loss.to(dx.dtype)  # a 0-dim tensor: "mean"/"sum" only take this path
+        return dx * g, dw * g.to(dw.dtype), (db * g.to(db.dtype) if ctx.has_bias else None), *nones
+    x, weight, bias, target = ctx.saved_tensors
+    dx, dw, db = torch.ops.flashfx.linear_cross_entropy_bwd(grad_loss, x, weight, bias, target, *ctx.args)
+    return dx, dw, (db if ctx.has_bias else None), *nones
+
+
+linear_cross_entropy_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ the public op
+
+_lib = torch.library.Library("flashfx", "FRAGMENT")
+_lib.define("linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, int ignore_index=-100, "
+            "float label_smoothing=0.0, str reduction='mean', float z_loss=0.0) -> Tensor")
+
+
+def _composite(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int = -100,
+               label_smoothing: float = 0.0, reduction: str = "mean", z_loss: float = 0.0) -> Tensor:
+    _check_inputs(input, weight, bias, target, ignore_index, label_smoothing, reduction, z_loss)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
+    loss, _, _, _ = torch.ops.flashfx.linear_cross_entropy_fwd(
+        input, weight, bias, target, ignore_index, label_smoothing, reduction, z_loss,
+        bool(needs_grad and reduction != "none"))
+    return loss
+
+
+_lib.impl("linear_cross_entropy", _composite, "CompositeImplicitAutograd")
+
+
+def linear_cross_entropy(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                         ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                         z_loss: float = 0.0) -> Tensor:
+    """``F.cross_entropy(F.linear(input, weight, bias).float(), target, ...)`` (+ z-loss) without the logits in
+    memory; see the module docstring. The same as `torch.ops.flashfx.linear_cross_entropy`.
+
+    Example::
+
+        >>> import torch, torch.nn.functional as F
+        >>> from flashfx.codegen.cross_entropy import linear_cross_entropy
+        >>> h, w, y = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
+        >>> torch.allclose(linear_cross_entropy(h, w, None, y), F.cross_entropy(h @ w.T, y), atol=1e-5)
+        True
+    """
+    return torch.ops.flashfx.linear_cross_entropy(input, weight, bias, target, ignore_index, label_smoothing,
+                                                  reduction, z_loss)
+
+
+# ------------------------------------------------------------------------------------------------- cost model
+
+def _bound_args(node: Any) -> dict:
+    schema = node.target._schema
+    named = {a.name: a.default_value for a in schema.arguments}
+    named.update(zip((a.name for a in schema.arguments), node.args))
+    named.update(node.kwargs)
+    return named
+
+
+def _value(arg: Any) -> Any:
+    return node_value(arg) if hasattr(arg, "meta") else arg
+
+
+def _cost(node: Any, matmuls: int, grads: bool) -> NodeCost:
+    """FLOPs: `matmuls` products of 2·N·V·H, plus ~8 per logit for the row kernel. Bytes: inputs once, outputs once,
+    plus the chunk buffer's HBM traffic (written by the matmul, read twice and written once by the kernel, read by the
+    two gradient matmuls: 5 passes over N·V logits with gradients, 3 without) — the [N, V] logits are never stored whole.
+    """
+    a = _bound_args(node)
+    x, w, b, y = (_value(a[n]) for n in ("input", "weight", "bias", "target"))
+    H = sympy.sympify(w.shape[1].node.expr) if isinstance(w.shape[1], torch.SymInt) else sympy.Integer(int(w.shape[1]))
+    V = sympy.sympify(w.shape[0].node.expr) if isinstance(w.shape[0], torch.SymInt) else sympy.Integer(int(w.shape[0]))
+    N = numel(x) / H
+    read = tensor_bytes(x) + tensor_bytes(w) + tensor_bytes(y) + (tensor_bytes(b) if isinstance(b, Tensor) else 0)
+    write = N * 4
+    if grads:
+        write = write + tensor_bytes(x) + tensor_bytes(w) + (tensor_bytes(b) if isinstance(b, Tensor) else 0)
+    chunk_traffic = (5 if grads else 3) * N * V * x.element_size()
+    return NodeCost(matmuls * 2 * N * V * H + 8 * N * V, read + chunk_traffic, write)
+
+
+def _cost_public(node: Any, inputs: List[Any], output: Any) -> NodeCost:
+    out = output if isinstance(output, Tensor) else output[0]
+    return _cost(node, 3 if out.requires_grad else 1, out.requires_grad)
+
+
+def _cost_fwd(node: Any, inputs: List[Any], output: Any) -> NodeCost:
+    grads = bool(_bound_args(node)["grad_in_forward"])
+    return _cost(node, 3 if grads else 1, grads)
+
+
+def _cost_bwd(node: Any, inputs: List[Any], output: Any) -> NodeCost:
+    return _cost(node, 3, True)
+
+
+register_cost(torch.ops.flashfx.linear_cross_entropy.default)(_cost_public)
+register_cost(torch.ops.flashfx.linear_cross_entropy_fwd.default)(_cost_fwd)
+register_cost(torch.ops.flashfx.linear_cross_entropy_bwd.default)(_cost_bwd)

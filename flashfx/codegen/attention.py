@@ -20,7 +20,10 @@ How it is built, so that it passes through Dynamo and AOTAutograd as single node
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import types
 from typing import Any, List, Optional, Tuple
 
 import sympy
@@ -175,6 +178,143 @@ def _reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Opt
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
 
 
+# ------------------------------------------------------------------------------------------------- launchers
+
+def _fwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
+    # query tile a multiple of the key tile (the causal diagonal is whole key blocks); 8 warps only for big tiles
+    return bm % bn == 0 and (warps == 8) == (bm * bn >= 128 * 128)
+
+
+def _bwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
+    return bn % bm == 0 and bm < bn and (warps == 8) == (bm * bn >= 64 * 128 and stages == 2)
+
+
+def _prune_for_head_dim(configs: List[Any], named_args: dict, **kwargs: Any) -> List[Any]:
+    """Big head dims leave no registers / shared memory for big tiles: drop those configs before compiling them."""
+    d_pad = kwargs.get("D_PAD", named_args.get("D_PAD", 128))
+    kept = [c for c in configs
+            if d_pad <= 128 or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2)]
+    return kept or configs[-1:]
+
+
+def _autotune_kwargs() -> dict:
+    import inspect
+
+    import triton
+
+    # Triton >= 3.2 can keep autotune results on disk (keyed by kernel source, key and configs).
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels() -> Any:
+    """The autotuned kernels, built on first use (importing flashfx never imports Triton)."""
+    import triton
+
+    from flashfx._compat import triton_interpreting
+    from flashfx.codegen import attention_kernels as K
+
+    def configs(keep, ms, ns):
+        if triton_interpreting():  # one small config: the interpreter is slow, and tiny tiles exercise the masks
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                for m in ms for n in ns for w in (4, 8) for st in (2, 3, 4) if keep(m, n, w, st)]
+
+    key = ["D_PAD", "IS_CAUSAL", "BIAS_KIND", "DROPOUT", "L_BUCKET", "S_BUCKET"]
+    prune = {"early_config_prune": _prune_for_head_dim}
+    extra = _autotune_kwargs()
+    fwd = triton.autotune(configs(_fwd_keep, (64, 128), (32, 64, 128)), key=key, prune_configs_by=prune,
+                          **extra)(K._attn_fwd_kernel)
+    dkdv = triton.autotune(configs(_bwd_keep, (32, 64), (64, 128)), key=key, prune_configs_by=prune,
+                           **extra)(K._bwd_dkdv_kernel)
+    dq = triton.autotune(configs(lambda m, n, w, st: _bwd_keep(n, m, w, st), (64, 128), (32, 64)),
+                         key=key + ["BIAS_GRAD"], prune_configs_by=prune, **extra)(K._bwd_dq_kernel)
+    return types.SimpleNamespace(fwd=fwd, dkdv=dkdv, dq=dq, preprocess=K._bwd_preprocess)
+
+
+def _bucket(n: int) -> int:
+    return min(1 << max(n - 1, 0).bit_length(), 1 << 16)
+
+
+def _head_dim_pad(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _strides(t: Optional[Tensor]) -> Tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def _common(q: Tensor, k: Tensor, bias: Optional[Tensor], is_causal: bool, dropout_p: float, seed: int):
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    if dropout_p > 0.0 and L * S >= 2**31:
+        raise ValueError(f"flashfx.attention: dropout with L * S = {L * S} >= 2**31 is not supported "
+                         f"(the dropout counter is 32-bit); use dropout_p=0.0 or shorter sequences")
+    bias_t = None
+    if bias is not None:
+        # expand() is a view with stride 0 on broadcast dims; a bool mask is read as bytes.
+        bias_t = bias.expand(B, H, L, S)
+        if bias_t.dtype == torch.bool:
+            bias_t = bias_t.view(torch.uint8)
+    threshold = int(round(dropout_p * (1 << 24)))
+    scalars = dict(H=H, GROUP=H // k.shape[1], L=L, S=S, D=D, seed=seed, drop_threshold=threshold,
+                   drop_scale=1.0 / (1.0 - dropout_p), L_BUCKET=_bucket(L), S_BUCKET=_bucket(S))
+    consts = dict(IS_CAUSAL=bool(is_causal), BIAS_KIND=_bias_kind(bias), DROPOUT=dropout_p > 0.0,
+                  D_PAD=_head_dim_pad(D), EVEN_D=_head_dim_pad(D) == D,
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return bias_t, scalars, consts
+
+
+def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool, sm_scale: float,
+                    dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
+    B, H, L, D = q.shape
+    bias_t, scalars, consts = _common(q, k, bias, is_causal, dropout_p, seed)
+    out = _empty_out(q)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if L == 0 or B * H == 0:
+        return out, lse
+    kern = _kernels()
+    grid = lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        kern.fwd[grid](q, k, v, bias_t if bias_t is not None else q, out, lse,
+                       *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *out.stride(),
+                       sm_scale=sm_scale, **scalars, **consts)
+    return out, lse
+
+
+def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor,
+                     lse: Tensor, is_causal: bool, sm_scale: float, dropout_p: float, seed: int,
+                     bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    bias_t, scalars, consts = _common(q, k, bias, is_causal, dropout_p, seed)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if L == 0 or S == 0 or B * H == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), (torch.zeros_like(bias) if bias_grad else None)
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    # dS for the bias gradient: [B, H, L, S] fp32, zero where the causal loop skips tiles; reduced below.
+    ds = torch.zeros((B, H, L, S), dtype=torch.float32, device=q.device) if bias_grad else None
+    kern = _kernels()
+    bias_arg = bias_t if bias_t is not None else q
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        kern.preprocess[(triton_cdiv(L, 64), B * H)](out, dout, delta, *out.stride(), *dout.stride(), H, L, D,
+                                                     D_PAD=consts["D_PAD"], BLOCK_M=64)
+        kern.dkdv[lambda meta: (triton_cdiv(S, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, bias_arg, dout, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *dout.stride(), *dk.stride(), *dv.stride(),
+            sm_scale=sm_scale, **scalars, **consts)
+        kern.dq[lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H)](
+            q, k, v, bias_arg, dout, lse, delta, dq, ds if ds is not None else q,
+            *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *dout.stride(), *dq.stride(), *_strides(ds),
+            sm_scale=sm_scale, BIAS_GRAD=bias_grad, **scalars, **consts)
+    dbias = _reduce_to(ds, tuple(bias.shape)).to(bias.dtype) if bias_grad else None
+    return dq, dk, dv, dbias
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 # ------------------------------------------------------------------------------------------- forward / backward
 
 def _empty_out(q: Tensor) -> Tensor:
@@ -185,7 +325,7 @@ def _empty_out(q: Tensor) -> Tensor:
 
 
 def _use_kernels(q: Tensor) -> bool:
-    return False  # the Triton kernels land in the next commit; until then every device runs the reference
+    return triton_runs_on(q.device)
 
 
 @torch.library.custom_op("flashfx::attention_fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -195,9 +335,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_ca
     sm_scale = _resolve_scale(scale, q.shape[-1])
     seed = _draw_seed(dropout_p)
     if _use_kernels(q):
-        from flashfx.codegen import attention_launch
-
-        out, lse = attention_launch.forward(q, k, v, bias, is_causal, sm_scale, dropout_p, int(seed))
+        out, lse = _launch_forward(q, k, v, bias, is_causal, sm_scale, dropout_p, int(seed))
         return out, lse, seed
     ref, lse = _reference_forward(q, k, v, bias, is_causal, sm_scale, dropout_p, seed)
     out = _empty_out(q)
@@ -219,10 +357,8 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
     """Backward: (dq, dk, dv, dbias); dbias has bias's own shape when bias_grad, else it is an empty tensor."""
     sm_scale = _resolve_scale(scale, q.shape[-1])
     if _use_kernels(q):
-        from flashfx.codegen import attention_launch
-
-        dq, dk, dv, dbias = attention_launch.backward(dout, q, k, v, bias, out, lse, is_causal, sm_scale,
-                                                      dropout_p, int(seed), bias_grad)
+        dq, dk, dv, dbias = _launch_backward(dout, q, k, v, bias, out, lse, is_causal, sm_scale, dropout_p,
+                                             int(seed), bias_grad)
     else:
         dq, dk, dv, dbias = _reference_backward(dout, q, k, v, bias, is_causal, sm_scale, dropout_p, seed, bias_grad)
         dq, dk, dv = (torch.empty_like(x).copy_(g) for x, g in ((q, dq), (k, dk), (v, dv)))

@@ -1,0 +1,767 @@
+"""ONNX export of a torch-level FX graph, for looking at (Netron, `onnx.checker`), not for running.
+
+Standard ops become ONNX ops only where the mapping is exact in meaning (MatMul, Add, Softmax, LayerNormalization,
+Reshape, ...), with a Cast inserted where torch would promote dtypes. Everything else stays one node in a custom
+domain: `flashfx` for `torch.ops.flashfx.*`, `torch` for other ATen / torch functions and Tensor methods, with the
+call's non-tensor arguments as attributes. Every tensor carries its dtype and shape; symbolic sizes become
+`dim_param` names ("B", "S", "B*S"). Graph placeholders, parameters included, are graph inputs: no weights are stored,
+so the file stays small whatever the model size.
+
+Example::
+
+    >>> import onnx, torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 3))   # any fx graph whose nodes carry meta['val']
+    >>> # model = to_onnx(gm); onnx.checker.check_model(model); onnx.save(model, "linear.onnx")
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import onnx
+import sympy
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+
+from flashfx.rewriter.cost import node_value
+
+OPSET = 20  # Gelu arrived in 20; LayerNormalization (17) and ReduceMean with an axes input (18) are older.
+FLASHFX_DOMAIN = "flashfx"
+TORCH_DOMAIN = "torch"
+# Constants up to this many elements are stored with their data (scalars, small index tables); larger ones are
+# graph inputs like the parameters, so that a dump never carries weights.
+_MAX_STORED_CONSTANT = 64
+
+_ONNX_DTYPES = {
+    torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
+    torch.float64: TensorProto.DOUBLE, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32,
+    torch.int16: TensorProto.INT16, torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8,
+    torch.bool: TensorProto.BOOL, torch.complex64: TensorProto.COMPLEX64, torch.complex128: TensorProto.COMPLEX128,
+}
+for _name, _proto in (("float8_e4m3fn", "FLOAT8E4M3FN"), ("float8_e5m2", "FLOAT8E5M2")):
+    if hasattr(torch, _name) and hasattr(TensorProto, _proto):
+        _ONNX_DTYPES[getattr(torch, _name)] = getattr(TensorProto, _proto)
+
+
+class _NotExact(Exception):
+    """Raised by a mapping that cannot express this call exactly; the node is then exported as a custom op."""
+
+
+class _Scalar:
+    """A non-tensor value computed in the graph (a symbolic size): shown as an expression, never an ONNX value."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def to_onnx(gm: fx.GraphModule, symbol_names: Optional[Dict[sympy.Symbol, sympy.Symbol]] = None,
+            name: str = "flashfx") -> onnx.ModelProto:
+    """The graph `gm` as an ONNX model that `onnx.checker.check_model(..., full_check=True)` accepts.
+
+    `symbol_names` maps the graph's size symbols to readable ones (`CapturedGraph.symbol_names`); by default they
+    are named from the placeholders (dim 0 -> B, dim 1 -> S). Nodes need `meta['val']` (fake tensors) for shapes.
+    """
+    if symbol_names is None:
+        from flashfx.rewriter.capture import name_symbols  # same package; imported late to keep this module light
+
+        symbol_names = name_symbols(gm)
+    return _Exporter(gm, dict(symbol_names), name).run()
+
+
+# ---------------------------------------------------------------------------------------------------- exporter
+
+class _Exporter:
+    def __init__(self, gm: fx.GraphModule, symbol_names: Dict[sympy.Symbol, sympy.Symbol], name: str) -> None:
+        self.gm = gm
+        self.symbol_names = symbol_names
+        self.name = name
+        self.nodes: List[onnx.NodeProto] = []
+        self.inputs: List[onnx.ValueInfoProto] = []
+        self.outputs: List[onnx.ValueInfoProto] = []
+        self.value_info: List[onnx.ValueInfoProto] = []
+        self.initializers: List[onnx.TensorProto] = []
+        self.values: Dict[fx.Node, Any] = {}  # fx node -> ONNX value name, list of names (tuples), or _Scalar
+        self.taken: set = set()  # value names
+        self.node_names: set = set()
+        self.domains: set = set()
+
+    # ------------------------------------------------------------------ naming, types, constants
+
+    def fresh(self, base: str, taken: Optional[set] = None) -> str:
+        taken = self.taken if taken is None else taken
+        base = re.sub(r"[^A-Za-z0-9_.:/#-]", "_", base) or "v"
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}#{k}"  # '#' never occurs in fx names, so a suffixed name cannot take a later node's
+        taken.add(name)
+        return name
+
+    def dim(self, d: Any) -> Any:
+        if isinstance(d, torch.SymInt):
+            expr = d.node.expr
+            if expr.is_number:
+                return int(expr)
+            return str(expr.xreplace(self.symbol_names))
+        return int(d)
+
+    def expr(self, value: Any) -> str:
+        """Text of a non-tensor argument: symbolic sizes by their readable names."""
+        if isinstance(value, fx.Node):
+            v = self.values.get(value)
+            if isinstance(v, _Scalar):
+                return v.text
+            return value.name
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return str(value.node.expr.xreplace(self.symbol_names))
+        if isinstance(value, (list, tuple)):
+            inner = ", ".join(self.expr(v) for v in value)
+            return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+        if isinstance(value, slice):
+            parts = [("" if p is None else self.expr(p)) for p in (value.start, value.stop, value.step)]
+            return ":".join(parts[:2]) + (f":{parts[2]}" if value.step is not None else "")
+        if value is Ellipsis:
+            return "..."
+        return str(value)
+
+    def vinfo(self, name: str, val: Any) -> Optional[onnx.ValueInfoProto]:
+        if not isinstance(val, torch.Tensor):
+            return None
+        elem = _ONNX_DTYPES.get(val.dtype, TensorProto.UNDEFINED)
+        return helper.make_tensor_value_info(name, elem, [self.dim(d) for d in val.shape])
+
+    def const(self, value: Any, dtype: torch.dtype, hint: str) -> str:
+        """A stored constant tensor of `dtype`; raises _NotExact when `value` does not survive the conversion."""
+        if dtype not in _ONNX_DTYPES:
+            raise _NotExact
+        t = torch.tensor(value, dtype=dtype)
+        # torch computes fp32 ops with the scalar rounded to fp32 too, but fp16/bf16 ops in fp32 ("opmath"):
+        # a scalar such as 0.1 that fp16/bf16 cannot hold would make ONNX compute with another number.
+        exact_in = torch.float32 if dtype in (torch.float32, torch.float64) else torch.float64
+        if not torch.equal(t.to(torch.float64), torch.tensor(value, dtype=exact_in).to(torch.float64)):
+            raise _NotExact
+        name = self.fresh(hint)
+        flat = t.reshape(-1)
+        vals = flat.to(torch.float32).tolist() if dtype in (torch.float16, torch.bfloat16) else flat.tolist()
+        self.initializers.append(helper.make_tensor(name, _ONNX_DTYPES[dtype], list(t.shape), vals))
+        return name
+
+    def ints(self, values: Sequence[int], hint: str) -> str:
+        return self.const([int(v) for v in values], torch.int64, hint)
+
+    def emit(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], name: str,
+             domain: str = "", doc: str = "", **attrs: Any) -> None:
+        if domain:
+            self.domains.add(domain)
+        node = helper.make_node(op_type, list(inputs), list(outputs), name=self.fresh(name, self.node_names), domain=domain,
+                                **{k: v for k, v in attrs.items() if v is not None})
+        if doc:
+            node.doc_string = doc
+        self.nodes.append(node)
+
+    # ------------------------------------------------------------------ the walk
+
+    def run(self) -> onnx.ModelProto:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.placeholder(node)
+            elif node.op == "get_attr":
+                self.get_attr(node)
+            elif node.op == "output":
+                self.output(node)
+            else:
+                self.call(node)
+        graph = helper.make_graph(self.nodes, _graph_name(self.name), self.inputs, self.outputs,
+                                  initializer=self.initializers, value_info=self.value_info)
+        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="flashfx",
+                                  doc_string="flashfx graph export for inspection; parameters are inputs, no weights")
+        if self.symbol_names:
+            helper.set_model_props(model, {"flashfx.symbols": ", ".join(
+                f"{v}={k}" for k, v in sorted(self.symbol_names.items(), key=lambda kv: str(kv[1])))})
+        return model
+
+    def placeholder(self, node: fx.Node) -> None:
+        val = node_value(node)
+        if not isinstance(val, torch.Tensor):
+            self.values[node] = _Scalar(self.expr(val) if val is not None else node.name)
+            return
+        name = self.fresh(pretty_input_name(str(node.target)))
+        self.values[node] = name
+        info = self.vinfo(name, val)
+        if any(tag in str(node.target) for tag in ("_parameters_", "_buffers_")):
+            info.doc_string = "parameter (weights are not stored in this export)"
+        self.inputs.append(info)
+
+    def get_attr(self, node: fx.Node) -> None:
+        value = _fetch_attr(self.gm, str(node.target))
+        if not isinstance(value, torch.Tensor):
+            self.values[node] = _Scalar(node.name)
+            return
+        if value.numel() <= _MAX_STORED_CONSTANT and value.dtype in _ONNX_DTYPES and not value.is_meta:
+            try:
+                self.values[node] = self.const(value.detach().cpu().tolist(), value.dtype, node.name)
+                return
+            except _NotExact:
+                pass
+        name = self.fresh(node.name)
+        self.values[node] = name
+        info = self.vinfo(name, node_value(node) if node_value(node) is not None else value)
+        info.doc_string = "constant (data not stored in this export)"
+        self.inputs.append(info)
+
+    def output(self, node: fx.Node) -> None:
+        seen = set()
+        for i, leaf in enumerate(_leaves(node.args[0] if node.args else ())):
+            if not isinstance(leaf, fx.Node) or not isinstance(self.values.get(leaf), str):
+                continue
+            name = self.values[leaf]
+            val = node_value(leaf)
+            if name in seen or any(v.name == name for v in self.inputs) or name in _initializer_names(self):
+                # An ONNX graph output must be a distinct value produced in the graph.
+                alias = self.fresh(f"output_{i}")
+                self.emit("Identity", [name], [alias], f"output_{i}")
+                name = alias
+            seen.add(name)
+            self.value_info = [v for v in self.value_info if v.name != name]
+            info = self.vinfo(name, val) if isinstance(val, torch.Tensor) else \
+                helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None)
+            self.outputs.append(info)
+
+    def call(self, node: fx.Node) -> None:
+        val = node_value(node)
+        if node.target is operator.getitem and isinstance(self.values.get(node.args[0]), list):
+            # Selecting one result of a multi-output node: no ONNX node, just its output's name.
+            picked = self.values[node.args[0]][node.args[1]]
+            self.values[node] = picked if picked is not None else _Scalar(node.name)
+            return
+        if val is None and "val" not in node.meta and "example_value" not in node.meta:
+            val = _UNKNOWN  # a node a pass added without metadata: assume one tensor result of unknown shape
+        if not _tensor_leaves(val) and val is not _UNKNOWN:
+            # Size arithmetic (sym_size, s0 * s1) and side-effect calls: no tensor flows, nothing to draw.
+            self.values[node] = _Scalar(self.expr(val) if val is not None else node.name)
+            return
+        outputs = self.output_names(node, val)
+        handler = _EXACT.get(_key(node))
+        if handler is not None and val is not _UNKNOWN:
+            checkpoint = (len(self.nodes), len(self.initializers), len(self.value_info))
+            try:
+                handler(self, node, outputs[0] if len(outputs) == 1 else outputs)
+                self.add_value_info(node, val, outputs)
+                return
+            except _NotExact:
+                del self.nodes[checkpoint[0]:], self.initializers[checkpoint[1]:], self.value_info[checkpoint[2]:]
+        self.custom(node, outputs)
+        if val is not _UNKNOWN:
+            self.add_value_info(node, val, outputs)
+
+    def output_names(self, node: fx.Node, val: Any) -> List[str]:
+        if isinstance(val, (tuple, list)):
+            names = [self.fresh(f"{node.name}.{i}") if isinstance(v, torch.Tensor) else None
+                     for i, v in enumerate(val)]
+            self.values[node] = names
+            return [n or "" for n in names]
+        name = self.fresh(node.name)
+        self.values[node] = name
+        return [name]
+
+    def add_value_info(self, node: fx.Node, val: Any, outputs: List[str]) -> None:
+        vals = list(val) if isinstance(val, (tuple, list)) else [val]
+        for name, v in zip(outputs, vals):
+            info = self.vinfo(name, v) if name else None
+            if info is not None:
+                self.value_info.append(info)
+
+    def ref(self, arg: Any) -> str:
+        """The ONNX name of a tensor argument."""
+        if isinstance(arg, fx.Node) and isinstance(self.values.get(arg), str):
+            return self.values[arg]
+        raise _NotExact
+
+    # ------------------------------------------------------------------ custom-domain nodes
+
+    def custom(self, node: fx.Node, outputs: List[str]) -> None:
+        domain, op_type, qualname, arg_names, tensor_args = _describe(node)
+        inputs: List[str] = []
+        attrs: Dict[str, Any] = {}
+
+        def add(arg_name: str, value: Any, is_tensor_arg: Optional[bool]) -> None:
+            leaves = list(_leaves(value)) if isinstance(value, (list, tuple)) else [value]
+            tensors = [v for v in leaves if isinstance(v, fx.Node) and isinstance(self.values.get(v), str)]
+            inputs.extend(self.values[t] for t in tensors)
+            if tensors and len(tensors) == len(leaves):
+                return
+            if tensors:  # e.g. x[idx, :]: the tensors are inputs and the whole argument is spelled out
+                attrs[arg_name] = self.expr(value)
+            elif value is None and is_tensor_arg:
+                inputs.append("")  # an omitted optional tensor keeps the positions of those after it
+            elif value is not None:
+                attrs[arg_name] = self.attribute(value)
+
+        for i, arg in enumerate(node.args):
+            name = arg_names[i] if i < len(arg_names) else f"arg{i}"
+            add(name, arg, name in tensor_args)
+        for key, arg in node.kwargs.items():
+            add(key, arg, key in tensor_args)
+        while inputs and inputs[-1] == "":
+            inputs.pop()
+        doc = f"{qualname}: {node.format_node()}"
+        self.emit(op_type, inputs, outputs, node.name, domain=domain, doc=doc[:400], **attrs)
+
+    def attribute(self, value: Any) -> Any:
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, (int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)) and value and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value] if any(isinstance(v, float) for v in value) else [int(v) for v in value]
+        return self.expr(value)
+
+
+_UNKNOWN = object()
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+def _graph_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) or "graph"
+
+
+def _initializer_names(ex: _Exporter) -> set:
+    return {t.name for t in ex.initializers}
+
+
+def pretty_input_name(target: str) -> str:
+    """`L_self_modules_layers_modules_0_modules_attn_parameters_weight_` -> `self.layers.0.attn.weight`."""
+    name = re.sub(r"^[Ll]_", "", target).rstrip("_")
+    name = re.sub(r"_(modules|parameters|buffers)_", ".", name)
+    return name or target
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _leaves(value: Any):
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _tensor_leaves(val: Any) -> List[torch.Tensor]:
+    return [v for v in _leaves(val) if isinstance(v, torch.Tensor)]
+
+
+def _key(node: fx.Node) -> Any:
+    return ("method", node.target) if node.op == "call_method" else node.target
+
+
+def _describe(node: fx.Node) -> Tuple[str, str, str, List[str], set]:
+    """(domain, op_type, qualified name, positional argument names, names of tensor-typed arguments)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = getattr(target, "default", target)
+    if isinstance(target, torch._ops.OpOverload):
+        ns = target.namespace
+        domain = FLASHFX_DOMAIN if ns == "flashfx" else TORCH_DOMAIN if ns in ("aten", "prims") else ns
+        overload = target._overloadname
+        op_type = target._opname if overload == "default" else f"{target._opname}_{overload}"
+        args = target._schema.arguments
+        tensor_args = {a.name for a in args if "Tensor" in str(a.type)}
+        return domain, op_type, str(target), [a.name for a in args if not a.kwarg_only], tensor_args
+    if node.op == "call_method":
+        return TORCH_DOMAIN, str(target), f"torch.Tensor.{target}", ["self"], {"self"}
+    if node.op == "call_module":
+        module = _fetch_attr(node.graph.owning_module, str(target)) if node.graph.owning_module else None
+        return TORCH_DOMAIN, type(module).__name__ if module is not None else str(target), str(target), [], set()
+    name = getattr(target, "__name__", str(target))
+    module = getattr(target, "__module__", None) or ("operator" if target in _OPERATORS else "torch")
+    try:
+        params = [p.name for p in inspect.signature(target).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # builtins such as torch.softmax have no Python signature
+        params = []
+    return TORCH_DOMAIN, name, f"{module}.{name}", params, set()
+
+
+_OPERATORS = {getattr(operator, n) for n in dir(operator) if not n.startswith("_")}
+
+
+# ---------------------------------------------------------------------------------------------------- exact maps
+
+_EXACT: Dict[Any, Callable[[_Exporter, fx.Node, Any], None]] = {}
+
+
+def _exact(*targets: Any) -> Callable:
+    """Register a mapping for fx targets; a method is named ("method", "name")."""
+    def register(fn: Callable) -> Callable:
+        for t in targets:
+            _EXACT[t] = fn
+        return fn
+    return register
+
+
+def _bind(node: fx.Node, names: Sequence[str], **defaults: Any) -> Dict[str, Any]:
+    """Arguments by name; an argument the mapping does not know makes it decline."""
+    bound = dict(defaults)
+    if len(node.args) > len(names):
+        raise _NotExact
+    bound.update(zip(names, node.args))
+    for key, value in node.kwargs.items():
+        if key not in names and key not in defaults:
+            raise _NotExact
+        bound[key] = value
+    return bound
+
+
+def _tensor(node: Any) -> torch.Tensor:
+    val = node_value(node) if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        raise _NotExact
+    return val
+
+
+def _static_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _NotExact
+    return value
+
+
+def _dtype_proxy(arg: Any) -> Any:
+    if isinstance(arg, fx.Node):
+        t = _tensor(arg)
+        return torch.empty((1,) * min(t.dim(), 1), dtype=t.dtype, device="meta")
+    if isinstance(arg, (bool, int, float)):
+        return arg
+    raise _NotExact
+
+
+def _operands(ex: _Exporter, node: fx.Node, args: Sequence[Any], dtype: Optional[torch.dtype] = None) -> List[str]:
+    """Operands of an elementwise op, each cast to torch's promoted dtype (or `dtype`), scalars as constants."""
+    if dtype is None:
+        if len(args) != 2:
+            raise _NotExact
+        dtype = torch.result_type(_dtype_proxy(args[0]), _dtype_proxy(args[1]))
+    names = []
+    for i, a in enumerate(args):
+        if isinstance(a, fx.Node):
+            name = ex.ref(a)
+            if _tensor(a).dtype != dtype:
+                cast = ex.fresh(f"{node.name}/cast{i}")
+                ex.emit("Cast", [name], [cast], f"{node.name}/cast{i}", to=_ONNX_DTYPES.get(dtype, 0) or _bad())
+                name = cast
+            names.append(name)
+        elif isinstance(a, (bool, int, float)):
+            names.append(ex.const(a, dtype, f"{node.name}/const{i}"))
+        else:
+            raise _NotExact
+    return names
+
+
+def _bad() -> Any:
+    raise _NotExact
+
+
+_BINARY = {
+    operator.add: "Add", torch.add: "Add", ("method", "add"): "Add",
+    operator.sub: "Sub", torch.sub: "Sub", ("method", "sub"): "Sub",
+    operator.mul: "Mul", torch.mul: "Mul", ("method", "mul"): "Mul",
+    operator.truediv: "Div", torch.div: "Div", ("method", "div"): "Div", torch.true_divide: "Div",
+    operator.pow: "Pow", torch.pow: "Pow", ("method", "pow"): "Pow",
+    operator.eq: "Equal", torch.eq: "Equal", ("method", "eq"): "Equal",
+    operator.lt: "Less", torch.lt: "Less", ("method", "lt"): "Less",
+    operator.le: "LessOrEqual", torch.le: "LessOrEqual", ("method", "le"): "LessOrEqual",
+    operator.gt: "Greater", torch.gt: "Greater", ("method", "gt"): "Greater",
+    operator.ge: "GreaterOrEqual", torch.ge: "GreaterOrEqual", ("method", "ge"): "GreaterOrEqual",
+    operator.ne: "Equal", torch.ne: "Equal", ("method", "ne"): "Equal",  # then Not
+}
+_COMPARISONS = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"}
+
+
+@_exact(*_BINARY)
+def _binary(ex: _Exporter, node: fx.Node, out: str) -> None:
+    op = _BINARY[_key(node)]
+    if len(node.args) != 2 or node.kwargs:  # alpha=, rounding_mode=, out=: not a plain binary op
+        raise _NotExact
+    result = _tensor(node)
+    # Arithmetic computes in the result dtype (int / int casts to float first, as torch does); comparisons in the
+    # promoted dtype of their operands.
+    dtype = None if op in _COMPARISONS else result.dtype
+    if op == "Pow":
+        base, exponent = node.args
+        names = _operands(ex, node, [base], dtype) + _operands(ex, node, [exponent], dtype)
+    else:
+        names = _operands(ex, node, node.args, dtype)
+    negate = node.target in (operator.ne, torch.ne) or node.target == "ne"
+    eq_out = ex.fresh(f"{node.name}/eq") if negate else out
+    ex.emit(op, names, [eq_out], node.name)
+    if negate:
+        ex.emit("Not", [eq_out], [out], f"{node.name}/not")
+
+
+_UNARY = {
+    torch.relu: "Relu", F.relu: "Relu", ("method", "relu"): "Relu",
+    torch.sigmoid: "Sigmoid", F.sigmoid: "Sigmoid", ("method", "sigmoid"): "Sigmoid",
+    torch.tanh: "Tanh", F.tanh: "Tanh", ("method", "tanh"): "Tanh",
+    torch.exp: "Exp", ("method", "exp"): "Exp", torch.log: "Log", ("method", "log"): "Log",
+    torch.sqrt: "Sqrt", ("method", "sqrt"): "Sqrt", torch.abs: "Abs", ("method", "abs"): "Abs",
+    torch.neg: "Neg", operator.neg: "Neg", ("method", "neg"): "Neg",
+    torch.sin: "Sin", ("method", "sin"): "Sin", torch.cos: "Cos", ("method", "cos"): "Cos",
+    torch.erf: "Erf", ("method", "erf"): "Erf", torch.reciprocal: "Reciprocal", ("method", "reciprocal"): "Reciprocal",
+    torch.floor: "Floor", ("method", "floor"): "Floor", torch.ceil: "Ceil", ("method", "ceil"): "Ceil",
+    torch.logical_not: "Not", ("method", "logical_not"): "Not", operator.invert: "Not",
+}
+
+
+@_exact(*_UNARY)
+def _unary(ex: _Exporter, node: fx.Node, out: str) -> None:
+    if len(node.args) != 1 or node.kwargs:
+        raise _NotExact
+    op = _UNARY[_key(node)]
+    if op == "Not" and _tensor(node.args[0]).dtype != torch.bool:
+        raise _NotExact  # ~x on integers is bitwise
+    if op != "Not" and not _tensor(node.args[0]).is_floating_point():
+        raise _NotExact  # torch promotes integer inputs of exp/sqrt/... to float
+    ex.emit(op, [ex.ref(node.args[0])], [out], node.name)
+
+
+@_exact(torch.rsqrt, ("method", "rsqrt"))
+def _rsqrt(ex: _Exporter, node: fx.Node, out: str) -> None:
+    x = _bind(node, ["input"])["input"]
+    if not _tensor(x).is_floating_point():
+        raise _NotExact
+    root = ex.fresh(f"{node.name}/sqrt")
+    ex.emit("Sqrt", [ex.ref(x)], [root], f"{node.name}/sqrt")
+    ex.emit("Reciprocal", [root], [out], node.name)
+
+
+@_exact(F.silu, ("method", "silu"))
+def _silu(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "inplace"], inplace=False)
+    x = ex.ref(args["input"])
+    gate = ex.fresh(f"{node.name}/sigmoid")
+    ex.emit("Sigmoid", [x], [gate], f"{node.name}/sigmoid")
+    ex.emit("Mul", [x, gate], [out], node.name)
+
+
+@_exact(F.gelu, ("method", "gelu"))
+def _gelu(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "approximate"], approximate="none")
+    if args["approximate"] not in ("none", "tanh"):
+        raise _NotExact
+    ex.emit("Gelu", [ex.ref(args["input"])], [out], node.name, approximate=args["approximate"])
+
+
+@_exact(torch.matmul, operator.matmul, ("method", "matmul"), torch.bmm, ("method", "bmm"), torch.mm, ("method", "mm"))
+def _matmul(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "other"])
+    a, b = _tensor(args["input"]), _tensor(args["other"])
+    if a.dtype != b.dtype:
+        raise _NotExact
+    ex.emit("MatMul", [ex.ref(args["input"]), ex.ref(args["other"])], [out], node.name)
+
+
+@_exact(F.linear)
+def _linear(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "weight", "bias"], bias=None)
+    w = _tensor(args["weight"])
+    if w.dim() != 2:
+        raise _NotExact
+    wt = ex.fresh(f"{node.name}/weight_t")
+    ex.emit("Transpose", [ex.ref(args["weight"])], [wt], f"{node.name}/weight_t", perm=[1, 0])
+    if args["bias"] is None:
+        ex.emit("MatMul", [ex.ref(args["input"]), wt], [out], node.name)
+        return
+    product = ex.fresh(f"{node.name}/matmul")
+    ex.emit("MatMul", [ex.ref(args["input"]), wt], [product], f"{node.name}/matmul")
+    ex.emit("Add", [product, ex.ref(args["bias"])], [out], node.name)
+
+
+@_exact(F.softmax, torch.softmax, ("method", "softmax"), F.log_softmax, torch.log_softmax, ("method", "log_softmax"))
+def _softmax(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "dim", "_stacklevel", "dtype"], dim=None, _stacklevel=3, dtype=None)
+    if args["dim"] is None:
+        raise _NotExact
+    log = node.target in (F.log_softmax, torch.log_softmax, "log_softmax")
+    (x,) = _operands(ex, node, [args["input"]], _tensor(node).dtype)
+    ex.emit("LogSoftmax" if log else "Softmax", [x], [out], node.name, axis=_static_int(args["dim"]))
+
+
+@_exact(F.layer_norm)
+def _layer_norm(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "normalized_shape", "weight", "bias", "eps"], weight=None, bias=None, eps=1e-5)
+    if args["weight"] is None:
+        raise _NotExact  # ONNX needs a Scale input; a ones tensor would be made up data
+    inputs = [ex.ref(args["input"]), ex.ref(args["weight"])]
+    if args["bias"] is not None:
+        inputs.append(ex.ref(args["bias"]))
+    ex.emit("LayerNormalization", inputs, [out], node.name, axis=-len(args["normalized_shape"]),
+            epsilon=float(args["eps"]))
+
+
+@_exact(F.embedding)
+def _embedding(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"],
+                 padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False)
+    if args["max_norm"] is not None:
+        raise _NotExact  # max_norm renormalises rows in place
+    # padding_idx, scale_grad_by_freq and sparse only change the gradient: the forward is a row gather.
+    ex.emit("Gather", [ex.ref(args["weight"]), ex.ref(args["input"])], [out], node.name, axis=0)
+
+
+@_exact(F.dropout, ("method", "dropout"))
+def _dropout(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "p", "training", "inplace"], p=0.5, training=True, inplace=False)
+    if args["training"] is not False and args["p"] != 0:
+        raise _NotExact  # random in training: stays a torch node so the reader sees it
+    ex.emit("Identity", [ex.ref(args["input"])], [out], node.name)
+
+
+_CASTS = {("method", m) for m in ("to", "float", "half", "double", "bfloat16", "int", "long", "bool", "type_as",
+                                  "type", "contiguous", "clone", "detach")} | {torch.clone, torch.detach}
+
+
+@_exact(*_CASTS)
+def _cast(ex: _Exporter, node: fx.Node, out: str) -> None:
+    # These only change dtype (device, memory format and autograd do not exist in ONNX): read the result's dtype.
+    src, dst = _tensor(node.args[0]), _tensor(node)
+    if [ex.dim(d) for d in src.shape] != [ex.dim(d) for d in dst.shape]:
+        raise _NotExact
+    if src.dtype == dst.dtype:
+        ex.emit("Identity", [ex.ref(node.args[0])], [out], node.name)
+    else:
+        ex.emit("Cast", [ex.ref(node.args[0])], [out], node.name, to=_ONNX_DTYPES.get(dst.dtype) or _bad())
+
+
+@_exact(torch.transpose, ("method", "transpose"), torch.permute, ("method", "permute"), ("method", "t"), torch.t)
+def _transpose(ex: _Exporter, node: fx.Node, out: str) -> None:
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    rank = _tensor(x).dim()
+    rest = [a for a in node.args[1:]] + [v for k, v in node.kwargs.items() if k != "input"]
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    perm = list(range(rank))
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        perm = [_static_int(d) % rank for d in dims]
+    else:
+        d0, d1 = (0, 1) if name == "t" else [_static_int(d) % rank for d in rest]
+        if rank < 2:
+            perm = [0] * rank
+        else:
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+    ex.emit("Transpose", [ex.ref(x)], [out], node.name, perm=perm)
+
+
+_RESHAPES = {("method", m) for m in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+                                     "reshape_as")} | {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
+                                                        torch.unflatten}
+
+
+@_exact(*_RESHAPES)
+def _reshape(ex: _Exporter, node: fx.Node, out: str) -> None:
+    # All of these are row-major reshapes; the target shape is read from the result, with 0 ("keep the input's
+    # size") for a symbolic size at the same position and at most one -1 for a symbolic size ONNX must infer.
+    src, dst = _tensor(node.args[0]), _tensor(node)
+    if node.target in ("view", "view_as") and isinstance(node.args[1] if len(node.args) > 1 else None, torch.dtype):
+        raise _NotExact  # view(dtype) reinterprets bits
+    shape, inferred = [], 0
+    for i, d in enumerate(dst.shape):
+        if not isinstance(d, torch.SymInt) or d.node.expr.is_number:
+            if int(d) == 0:
+                raise _NotExact  # 0 means "copy" in ONNX Reshape
+            shape.append(int(d))
+        elif i < src.dim() and ex.dim(src.shape[i]) == ex.dim(d):
+            shape.append(0)
+        else:
+            inferred += 1
+            shape.append(-1)
+    if inferred > 1:
+        raise _NotExact
+    ex.emit("Reshape", [ex.ref(node.args[0]), ex.ints(shape, f"{node.name}/shape")], [out], node.name)
+
+
+@_exact(("method", "masked_fill"), torch.masked_fill)
+def _masked_fill(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "mask", "value"])
+    x = _tensor(args["input"])
+    if _tensor(args["mask"]).dtype != torch.bool:
+        raise _NotExact
+    (value,) = _operands(ex, node, [args["value"]], x.dtype)
+    ex.emit("Where", [ex.ref(args["mask"]), value, ex.ref(args["input"])], [out], node.name)
+
+
+@_exact(torch.where)
+def _where(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["condition", "input", "other"])
+    if _tensor(args["condition"]).dtype != torch.bool or not isinstance(args["condition"], fx.Node):
+        raise _NotExact
+    a, b = _operands(ex, node, [args["input"], args["other"]], _tensor(node).dtype)
+    ex.emit("Where", [ex.ref(args["condition"]), a, b], [out], node.name)
+
+
+_REDUCE = {torch.mean: "ReduceMean", ("method", "mean"): "ReduceMean", torch.sum: "ReduceSum",
+           ("method", "sum"): "ReduceSum", torch.amax: "ReduceMax", ("method", "amax"): "ReduceMax",
+           torch.amin: "ReduceMin", ("method", "amin"): "ReduceMin"}
+
+
+@_exact(*_REDUCE)
+def _reduce(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "dim", "keepdim"], dim=None, keepdim=False, dtype=None)
+    x, result = _tensor(args["input"]), _tensor(node)
+    dims = args["dim"]
+    if dims is None or dims == []:
+        axes = list(range(x.dim()))
+    else:
+        axes = [_static_int(d) % max(x.dim(), 1) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    (inp,) = _operands(ex, node, [args["input"]], result.dtype)  # sum of int32 is int64; dtype= casts first
+    ex.emit(_REDUCE[_key(node)], [inp, ex.ints(axes, f"{node.name}/axes")], [out], node.name,
+            keepdims=int(bool(args["keepdim"])))
+
+
+@_exact(torch.cat, torch.concat, torch.concatenate)
+def _cat(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["tensors", "dim"], dim=0)
+    tensors = list(args["tensors"])
+    rank = _tensor(node).dim()
+    names = [n for n in _operands(ex, node, tensors, _tensor(node).dtype)]
+    ex.emit("Concat", names, [out], node.name, axis=_static_int(args["dim"]) % rank)
+
+
+
+@_exact(torch.split, ("method", "split"), torch.chunk, ("method", "chunk"), torch.tensor_split,
+        ("method", "tensor_split"), torch.unbind, ("method", "unbind"))
+def _split(ex: _Exporter, node: fx.Node, outs: Any) -> None:
+    # Every splitting op is an ONNX Split along one axis with the sizes read from the results (unbind: then a
+    # Squeeze of each piece); declines when a piece's size along the axis is symbolic.
+    x = _tensor(node.args[0])
+    pieces = node_value(node)
+    outs = [outs] if isinstance(outs, str) else list(outs)
+    if not isinstance(pieces, (list, tuple)) or not pieces or not all(isinstance(p, torch.Tensor) for p in pieces):
+        raise _NotExact
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    if node.target in (torch.unbind, "unbind"):
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    axis = _static_int(dim) % x.dim()
+    unbind = node.target in (torch.unbind, "unbind")
+    sizes = [1 if unbind else ex.dim(p.shape[axis]) for p in pieces]
+    if not all(isinstance(s, int) for s in sizes):
+        raise _NotExact
+    pieces_out = [ex.fresh(f"{o}/piece") for o in outs] if unbind else outs
+    ex.emit("Split", [ex.ref(node.args[0]), ex.ints(sizes, f"{node.name}/sizes")], pieces_out, node.name, axis=axis)
+    if unbind:
+        axes = ex.ints([axis], f"{node.name}/axis")
+        for piece, out in zip(pieces_out, outs):
+            ex.emit("Squeeze", [piece, axes], [out], out)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import types
 from typing import Any, List, Optional, Tuple
 
@@ -182,11 +183,12 @@ def _reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Opt
 
 def _fwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
     # query tile a multiple of the key tile (the causal diagonal is whole key blocks); 8 warps only for big tiles
-    return bm % bn == 0 and (warps == 8) == (bm * bn >= 128 * 128)
+    return bm % bn == 0 and (warps == 8) == (bm * bn >= 128 * 128) and stages <= 4
 
 
 def _bwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
-    return bn % bm == 0 and bm < bn and (warps == 8) == (bm * bn >= 64 * 128 and stages == 2)
+    # dK/dV: the key tile a multiple of the query tile; deep pipelines only for the small tiles
+    return bn % bm == 0 and bm < bn and (warps == 8) <= (bm * bn >= 64 * 128) and (stages <= 3 or bm * bn <= 4096)
 
 
 def _prune_for_head_dim(configs: List[Any], named_args: dict, **kwargs: Any) -> List[Any]:
@@ -206,28 +208,36 @@ def _autotune_kwargs() -> dict:
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-@functools.lru_cache(maxsize=None)
 def _kernels() -> Any:
+    # FLASHFX_ATTENTION_TUNE=0: one default config per kernel (no autotuning: quick correctness runs)
+    return _build_kernels(os.environ.get("FLASHFX_ATTENTION_TUNE", "1") != "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _build_kernels(tune: bool) -> Any:
     """The autotuned kernels, built on first use (importing flashfx never imports Triton)."""
     import triton
 
     from flashfx._compat import triton_interpreting
     from flashfx.codegen import attention_kernels as K
 
-    def configs(keep, ms, ns):
+    def configs(keep, ms, ns, default):
         if triton_interpreting():  # one small config: the interpreter is slow, and tiny tiles exercise the masks
             return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+        if not tune:
+            m, n, w, st = default
+            return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m in ms for n in ns for w in (4, 8) for st in (2, 3, 4) if keep(m, n, w, st)]
+                for m in ms for n in ns for w in (4, 8) for st in (2, 3, 4, 5) if keep(m, n, w, st)]
 
     key = ["D_PAD", "IS_CAUSAL", "BIAS_KIND", "DROPOUT", "L_BUCKET", "S_BUCKET"]
     prune = {"early_config_prune": _prune_for_head_dim}
     extra = _autotune_kwargs()
-    fwd = triton.autotune(configs(_fwd_keep, (64, 128), (32, 64, 128)), key=key, prune_configs_by=prune,
-                          **extra)(K._attn_fwd_kernel)
-    dkdv = triton.autotune(configs(_bwd_keep, (32, 64), (64, 128)), key=key, prune_configs_by=prune,
-                           **extra)(K._bwd_dkdv_kernel)
-    dq = triton.autotune(configs(lambda m, n, w, st: _bwd_keep(n, m, w, st), (64, 128), (32, 64)),
+    fwd = triton.autotune(configs(_fwd_keep, (64, 128), (64, 128), (128, 64, 4, 3)), key=key,
+                          prune_configs_by=prune, **extra)(K._attn_fwd_kernel)
+    dkdv = triton.autotune(configs(_bwd_keep, (32, 64), (64, 128), (32, 128, 4, 3)), key=key,
+                           prune_configs_by=prune, **extra)(K._bwd_dkdv_kernel)
+    dq = triton.autotune(configs(lambda m, n, w, st: _bwd_keep(n, m, w, st), (64, 128), (32, 64), (128, 32, 4, 3)),
                          key=key + ["BIAS_GRAD"], prune_configs_by=prune, **extra)(K._bwd_dq_kernel)
     return types.SimpleNamespace(fwd=fwd, dkdv=dkdv, dq=dq, preprocess=K._bwd_preprocess)
 

@@ -17,7 +17,7 @@ from flashfx.rewriter.cost import node_value
 
 __all__ = [
     "value", "tensor", "is_call", "arg", "is_number", "single_user", "depends_on", "fake_value", "insert_node",
-    "erase_dead", "same_size", "same_shape", "normalize_dim", "is_dtype_cast", "is_inplace",
+    "erase_dead", "same_size", "same_shape", "normalize_dim", "is_dtype_cast", "is_inplace", "walk_up",
 ]
 
 
@@ -146,7 +146,9 @@ def erase_dead(graph: fx.Graph, nodes: Iterable[fx.Node]) -> int:
     stack: List[fx.Node] = list(nodes)
     while stack:
         node = stack.pop()
-        if node.graph is not graph or node.users or node.op not in ("call_function", "call_method"):
+        if getattr(node, "_erased", False) or node.graph is not graph or node.users:
+            continue
+        if node.op not in ("call_function", "call_method"):
             continue
         if node.is_impure() or is_inplace(node):
             continue

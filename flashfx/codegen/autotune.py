@@ -1,0 +1,66 @@
+"""Block sizes and warps per generated kernel, chosen per shape bucket by timing a few configs (CUDA), or the one
+small config the CPU interpreter runs quickly. Choices persist in the kernel cache, so a second process does not
+time again."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List
+
+import triton
+
+# The largest reduced extent (rounded up to a power of two) kept whole in registers; above it, loop over chunks.
+PERSISTENT_MAX_RBLOCK = 8192
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def choose_mode(is_reduction: bool, rnumel: int) -> str:
+    if not is_reduction:
+        return "pointwise"
+    return "persistent" if next_pow2(rnumel) <= PERSISTENT_MAX_RBLOCK else "looped"
+
+
+def bucket(mode: str, xnumel: int, rnumel: int) -> str:
+    """Shapes that share a config: the same mode and the same powers of two."""
+    return f"{mode}:x{next_pow2(xnumel)}:r{next_pow2(rnumel)}"
+
+
+def candidates(mode: str, xnumel: int, rnumel: int, interpreting: bool) -> List[Dict[str, int]]:
+    """Configs to time, best guess first (the first is used when autotuning is off)."""
+    if mode == "pointwise":
+        if interpreting:
+            return [{"XBLOCK": min(1024, next_pow2(xnumel)), "num_warps": 4}]
+        configs = [{"XBLOCK": b, "num_warps": w} for b in (1024, 2048, 4096, 512) for w in (4, 8)]
+        keep = [c for c in configs if 4 <= c["XBLOCK"] // (32 * c["num_warps"]) <= 16
+                and c["XBLOCK"] <= max(512, next_pow2(xnumel))]
+        return keep or configs[:1]
+    if mode == "persistent":
+        R = next_pow2(rnumel)
+        if interpreting:
+            return [{"XBLOCK": min(8, next_pow2(xnumel)), "RBLOCK": R, "num_warps": 4}]
+        configs = [{"XBLOCK": x, "RBLOCK": R, "num_warps": w} for x in (1, 2, 4, 8, 16) for w in (4, 8, 16)]
+        keep = [c for c in configs if 512 <= c["XBLOCK"] * R <= 16384
+                and 4 <= c["XBLOCK"] * R // (32 * c["num_warps"]) <= 64 and c["XBLOCK"] <= next_pow2(xnumel)]
+        return keep or [{"XBLOCK": 1, "RBLOCK": R, "num_warps": 16 if R >= 8192 else 8}]
+    if interpreting:
+        return [{"XBLOCK": min(8, next_pow2(xnumel)), "RBLOCK": 64, "num_warps": 4}]
+    configs = [{"XBLOCK": x, "RBLOCK": r, "num_warps": w}
+               for x, r in ((1, 2048), (1, 4096), (4, 1024), (16, 256), (64, 64), (128, 32)) for w in (4, 8)]
+    keep = [c for c in configs if c["XBLOCK"] <= next_pow2(xnumel) and c["RBLOCK"] <= next_pow2(rnumel)]
+    return keep or configs[:1]
+
+
+def pick(configs: List[Dict[str, int]], run: Callable[[Dict[str, int]], Any], tune: bool) -> Dict[str, int]:
+    """Time `run(config)` for each config (median ms) and return the fastest; the first if not tuning."""
+    if not tune or len(configs) == 1:
+        return configs[0]
+    best, best_ms = configs[0], float("inf")
+    for c in configs:
+        try:
+            ms = triton.testing.do_bench(lambda: run(c), warmup=10, rep=25, return_mode="median")
+        except Exception:  # a config that does not compile (too many registers) is skipped, not fatal
+            continue
+        if ms < best_ms:
+            best, best_ms = c, ms
+    return best

@@ -1,0 +1,244 @@
+"""Triton source for one fusion group: `emit(plan, signature)` -> a module with one `@triton.jit` kernel.
+
+Three shapes of kernel, all from the same Plan:
+- pointwise: one flat index over P, `XBLOCK` elements per program;
+- persistent reduction: `XBLOCK` rows per program, the whole reduced extent in one `[XBLOCK, RBLOCK]` tile held
+  in registers, so a softmax or a norm reads its input once;
+- looped reduction: for reduced extents too large for registers, one loop over `RBLOCK` chunks per reduction,
+  recomputing the cheap pointwise prologue instead of writing it to HBM.
+The signature says, per tensor, whether it is addressed as one contiguous run ("c") or through per-dim strides
+(the P dims whose stride is non-zero); sizes and strides are kernel arguments, so a new sequence length reuses the
+compiled kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import sympy
+
+from flashfx.codegen.lower import Plan, Value, nonunit, x_dims
+from flashfx.codegen.pointwise import HELPERS, TL_DTYPES
+
+Layout = Union[str, Tuple[int, ...]]  # "c" (contiguous run), "s" (a scalar), or the P dims with a stride
+
+IDENTITY = {"sum": "0", "max": "float('-inf')", "min": "float('inf')"}
+COMBINE = {"sum": "{a} + {b}", "max": "tl.maximum({a}, {b})", "min": "tl.minimum({a}, {b})"}
+TL_REDUCE = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}
+
+
+@dataclass(frozen=True)
+class Signature:
+    mode: str                     # "pointwise" | "persistent" | "looped"
+    inputs: Tuple[Layout, ...]
+    outputs: Tuple[Layout, ...]
+
+
+@dataclass
+class KernelSource:
+    name: str
+    source: str
+    params: List[str]             # runtime parameters in order (constexpr block sizes excluded)
+
+
+def size_expr(plan: Plan, d: int) -> sympy.Expr:
+    """Size of P's dim d in the kernel: a literal when static, the argument `ks{d}` when symbolic."""
+    s = plan.P[d]
+    return s if s.is_Integer else sympy.Symbol(f"ks{d}", integer=True, positive=True)
+
+
+def symbolic_dims(plan: Plan) -> List[int]:
+    return [d for d in nonunit(plan.P) if not plan.P[d].is_Integer]
+
+
+class _Emitter:
+    def __init__(self, plan: Plan, sig: Signature) -> None:
+        self.plan, self.sig = plan, sig
+        self.reduction = sig.mode != "pointwise"
+        self.xdims = x_dims(plan.P, plan.rdims) if self.reduction else nonunit(plan.P)
+        self.rdims = [d for d in nonunit(plan.P) if d in plan.rdims]
+        self.params: List[str] = []
+        self.top: List[str] = []
+
+    # ------------------------------------------------------------------------------------------- indexing
+    def dim_index(self, d: int) -> str:
+        space, base = (self.rdims, "rindex") if d in self.rdims else (self.xdims, "xindex")
+        pos = space.index(d)
+        inner = sympy.Mul(*[size_expr(self.plan, e) for e in space[pos + 1:]])
+        expr = base if inner == 1 else f"({base} // ({inner}))"
+        return f"{expr} % ({size_expr(self.plan, d)})" if pos > 0 else expr
+
+    def offset(self, prefix: str, layout: Layout, kind: str) -> str:
+        if layout == "c":
+            if not self.reduction or kind == "row":
+                return "xindex"
+            return str(sympy.Symbol("xindex") * sympy.Symbol("rnumel") + sympy.Symbol("rindex"))
+        terms = [sympy.Symbol(f"i{d}") * sympy.Symbol(f"{prefix}_s{d}") for d in layout]
+        return str(sympy.Add(*terms)) if terms else "0"
+
+    def strided_dims(self) -> Set[int]:
+        dims: Set[int] = set()
+        for layout in list(self.sig.inputs) + list(self.sig.outputs):
+            if layout not in ("c", "s"):
+                dims.update(layout)
+        return dims
+
+    def mask(self, kind: str) -> str:
+        return "xrmask" if kind == "full" and self.reduction else "xmask"
+
+    # -------------------------------------------------------------------------------------------- values
+    def line(self, v: Value) -> List[str]:
+        if v.op == "load":
+            t = self.plan.inputs[v.arg]
+            layout = self.sig.inputs[v.arg]
+            if layout == "s":
+                return [f"{v.name} = tl.load(in{v.arg}_ptr)  # {v.source}"]
+            off = self.offset(f"in{v.arg}", layout, t.kind)
+            return [f"{v.name} = tl.load(in{v.arg}_ptr + ({off}), mask={self.mask(t.kind)}, other=0)  # {v.source}"]
+        if v.op == "scalar":
+            return [f"{v.name} = sc{v.arg}  # {v.source}"]
+        if v.op == "compute":
+            return [f"{v.name} = {v.expr}  # {v.source}"]
+        raise AssertionError(v.op)
+
+    def reduce_persistent(self, v: Value) -> List[str]:
+        src = v.deps[0]
+        red = f"{TL_REDUCE[v.expr]}(tl.where(xrmask, {src}, {IDENTITY[v.expr]}), 1)[:, None]"
+        if v.mean:
+            red += " / rnumel"
+        return [f"{v.name} = {red}  # {v.source}"]
+
+    # ---------------------------------------------------------------------------------------------- stores
+    def store(self, k: int, indent: str) -> List[str]:
+        out = self.plan.outputs[k]
+        layout = self.sig.outputs[k]
+        v = self.plan.value(out.value)
+        expr = v.name
+        if out.kind != v.kind and out.kind != "scalar":
+            shape = "[XBLOCK, RBLOCK]" if (self.reduction and out.kind == "full") else \
+                ("[XBLOCK, 1]" if self.reduction else "[XBLOCK]")
+            expr = f"tl.broadcast_to({expr}, {shape})"
+        off = self.offset(f"out{k}", layout, out.kind) if layout != "s" else "0"
+        mask = self.mask(out.kind) if layout != "s" else "xmask"
+        return [f"{indent}tl.store(out{k}_ptr + ({off}), {expr}.to(out{k}_ptr.dtype.element_ty), mask={mask})"
+                f"  # {out.node.name}"]
+
+    # -------------------------------------------------------------------------------------------- regions
+    def emit_pointwise_or_persistent(self) -> List[str]:
+        body: List[str] = []
+        for v in self.plan.values:
+            body += self.reduce_persistent(v) if v.op == "reduce" else self.line(v)
+        for k in range(len(self.plan.outputs)):
+            body += self.store(k, "")
+        return body
+
+    def full_closure(self, names: Sequence[str]) -> Tuple[List[Value], List[str]]:
+        """The full-kind values `names` need (in plan order) and the non-full values those read."""
+        need: Set[str] = set()
+        outside: List[str] = []
+        stack = list(names)
+        while stack:
+            n = stack.pop()
+            v = self.plan.value(n)
+            if v.kind != "full" or v.op == "reduce":
+                if n not in outside:
+                    outside.append(n)
+                continue
+            if n in need:
+                continue
+            need.add(n)
+            stack.extend(v.deps)
+        return [v for v in self.plan.values if v.name in need], outside
+
+    def emit_looped(self) -> List[str]:
+        done: Set[str] = set()
+        body: List[str] = []
+
+        def ensure(n: str) -> None:
+            if n in done:
+                return
+            v = self.plan.value(n)
+            if v.op == "reduce":
+                loop(v.deps, reduce_into=v)
+            else:
+                for d in v.deps:
+                    ensure(d)
+                body.extend(self.line(v))
+            done.add(n)
+
+        def loop(targets: Sequence[str], reduce_into: Optional[Value] = None, stores: Sequence[int] = ()) -> None:
+            values, outside = self.full_closure(targets)
+            for n in outside:
+                ensure(n)
+            if reduce_into is not None:
+                r = reduce_into
+                body.append(f"acc_{r.name} = tl.full([XBLOCK, RBLOCK], {IDENTITY[r.expr]}, {TL_DTYPES[r.dtype]})")
+            body.append("for roffset in range(0, rnumel, RBLOCK):")
+            inner = ["rindex = roffset + rbase", "rmask = rindex < rnumel", "xrmask = xmask & rmask"]
+            inner += [f"i{d} = {self.dim_index(d)}" for d in self.rdims if d in self.strided_dims()]
+            for v in values:
+                inner += self.line(v)
+            if reduce_into is not None:
+                r = reduce_into
+                masked = f"tl.where(xrmask, {r.deps[0]}, {IDENTITY[r.expr]})"
+                inner.append(f"acc_{r.name} = " + COMBINE[r.expr].format(a=f"acc_{r.name}", b=masked))
+            for k in stores:
+                inner += self.store(k, "")
+            body.extend("    " + s for s in inner)
+            if reduce_into is not None:
+                r = reduce_into
+                red = f"{TL_REDUCE[r.expr]}(acc_{r.name}, 1)[:, None]" + (" / rnumel" if r.mean else "")
+                body.append(f"{r.name} = {red}  # {r.source}")
+
+        full_outs = [k for k, o in enumerate(self.plan.outputs) if o.kind == "full"]
+        for k, o in enumerate(self.plan.outputs):
+            if o.kind != "full":
+                ensure(o.value)
+                body.extend(self.store(k, ""))
+        if full_outs:
+            loop([self.plan.outputs[k].value for k in full_outs], stores=full_outs)
+        return body
+
+    # ---------------------------------------------------------------------------------------------- module
+    def source(self) -> KernelSource:
+        plan, sig = self.plan, self.sig
+        params = [f"in{k}_ptr" for k in range(len(plan.inputs))] + [f"out{k}_ptr" for k in range(len(plan.outputs))]
+        params += [f"sc{k}" for k in range(len(plan.scalars))]
+        params += ["xnumel"] + (["rnumel"] if self.reduction else [])
+        params += [f"ks{d}" for d in symbolic_dims(plan)]
+        for prefix, layouts in (("in", sig.inputs), ("out", sig.outputs)):
+            for k, layout in enumerate(layouts):
+                if layout not in ("c", "s"):
+                    params += [f"{prefix}{k}_s{d}" for d in layout]
+        strided = self.strided_dims()
+        if self.reduction:
+            head = ["xindex = (tl.program_id(0).to(tl.int64) * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
+                    "xmask = xindex < xnumel", "rbase = tl.arange(0, RBLOCK)[None, :]"]
+        else:
+            head = ["xindex = tl.program_id(0).to(tl.int64) * XBLOCK + tl.arange(0, XBLOCK)",
+                    "xmask = xindex < xnumel"]
+        head += [f"i{d} = {self.dim_index(d)}" for d in self.xdims if d in strided]
+        if sig.mode == "persistent":
+            head += ["rindex = rbase", "rmask = rindex < rnumel", "xrmask = xmask & rmask"]
+            head += [f"i{d} = {self.dim_index(d)}" for d in self.rdims if d in strided]
+        body = self.emit_looped() if sig.mode == "looped" else self.emit_pointwise_or_persistent()
+
+        consts = "XBLOCK: tl.constexpr" + (", RBLOCK: tl.constexpr" if self.reduction else "")
+        lines = [f"# {plan.name}: generated by flashfx ({sig.mode}; space {list(plan.P)}, reduced dims "
+                 f"{list(plan.rdims)})", "# FX nodes covered:"]
+        lines += [f"#   {c}" for c in plan.covered]
+        lines += ["# arguments:"]
+        lines += [f"#   in{k}: {t.node.name} {t.dtype} ({t.kind})" for k, t in enumerate(plan.inputs)]
+        lines += [f"#   out{k}: {t.node.name} {t.dtype} ({t.kind})" for k, t in enumerate(plan.outputs)]
+        lines += [f"#   sc{k}: {n.name}" for k, n in enumerate(plan.scalars)]
+        lines += ["import triton", "import triton.language as tl", ""]
+        for h in dict.fromkeys(plan.helpers):
+            lines += [HELPERS[h], ""]
+        lines += ["@triton.jit", f"def {plan.name}({', '.join(params + [consts])}):"]
+        lines += ["    " + s for s in head + body]
+        return KernelSource(plan.name, "\n".join(lines) + "\n", params)
+
+
+def emit(plan: Plan, sig: Signature) -> KernelSource:
+    """The Triton module source for `plan` under `sig`."""
+    return _Emitter(plan, sig).source()

@@ -1,0 +1,173 @@
+"""`FusedKernel`: the callable a fusion group becomes in the graph. It allocates the group's outputs with the
+strides the ATen graph promised, reads the symbolic sizes from its inputs, picks the kernel variant for the
+layouts it is given (contiguous run or strided, per tensor), and launches it with an autotuned config."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+import sympy
+import torch
+import triton
+
+from flashfx import _compat
+from flashfx.codegen import autotune, kernel_cache
+from flashfx.codegen.emit import KernelSource, Signature, Layout, emit, symbolic_dims
+from flashfx.codegen.lower import Plan, nonunit, shape_of, strides_of, x_dims
+
+_STATS = {"cache_hits": 0, "cache_misses": 0}
+
+
+def cache_stats() -> Dict[str, int]:
+    """Kernel modules this process found on disk (hits) or wrote (misses); the disk-cache test reads it."""
+    return dict(_STATS)
+
+
+def _layout(plan: Plan, spec: Any, strides: Dict[int, Any], sizes: Sequence[Any], mode: str) -> Layout:
+    """'s' for a scalar, 'c' when the tensor is one contiguous run in iteration order, else its strided P dims."""
+    if spec.kind == "scalar":
+        return "s"
+    space = nonunit(plan.P) if spec.kind == "full" else x_dims(plan.P, plan.rdims)
+    trailing_r = not plan.rdims or nonunit(plan.P) == x_dims(plan.P, plan.rdims) + [
+        d for d in nonunit(plan.P) if d in plan.rdims]
+    expected, contiguous = 1, spec.kind == "row" or mode == "pointwise" or trailing_r
+    for d in reversed(space):
+        if strides.get(d, 0) != expected:
+            contiguous = False
+        expected = expected * sizes[d]
+    if contiguous and all(d in strides for d in space):
+        return "c"
+    return tuple(d for d in sorted(strides) if strides[d] != 0)
+
+
+class FusedKernel:
+    """Runs one fusion group. Called as `kernel(*input_tensors, *scalars)`; returns a tuple of outputs."""
+
+    def __init__(self, plan: Plan, cache_dir: str, tune: bool) -> None:
+        self.plan = plan
+        self.__name__ = self.__qualname__ = plan.name
+        self.__module__ = __name__
+        self.cache_dir, self.tune = cache_dir, tune
+        self._variants: Dict[Signature, Tuple[KernelSource, Any]] = {}
+        self._configs: Dict[Tuple[Signature, str], Dict[str, int]] = {}
+        exprs = list(plan.P)
+        for o in plan.outputs:
+            exprs += list(shape_of(o.node)) + list(strides_of(o.node))
+        self._n_out = len(plan.outputs)
+        self._sizes_fn = sympy.lambdify(plan.symbols, exprs, modules="math") if plan.symbols else None
+        self._static = [int(e) for e in exprs] if not plan.symbols else None
+
+    def __repr__(self) -> str:
+        return f"FusedKernel({self.plan.name})"
+
+    def __deepcopy__(self, memo: Any) -> "FusedKernel":
+        return self  # stateless apart from caches; graph copies share it
+
+    # ------------------------------------------------------------------------------------------ variants
+    def meta_signature(self) -> Signature:
+        """The signature the ATen graph's own (fake) layouts call for; fusion emits it for the report."""
+        plan = self.plan
+        P = list(plan.P)
+        r = sympy.Mul(*[P[d] for d in plan.rdims]) if plan.rdims else 1
+        mode = "pointwise" if not plan.is_reduction else ("persistent" if not sympy.sympify(r).free_symbols
+                                                            and autotune.next_pow2(int(r))
+                                                            <= autotune.PERSISTENT_MAX_RBLOCK else "looped")
+        # a symbolic reduced extent assumes registers suffice (hidden sizes are static in practice)
+        if plan.is_reduction and sympy.sympify(r).free_symbols:
+            mode = "persistent"
+
+        def lay(spec: Any, shape: Sequence[Any], strides: Sequence[Any]) -> Layout:
+            st = {pd: strides[i] for i, pd in enumerate(spec.dmap) if pd is not None and shape[i] != 1}
+            return _layout(plan, spec, st, P, mode)
+
+        ins = tuple(lay(t, shape_of(t.node), strides_of(t.node)) for t in plan.inputs)
+        outs = tuple(lay(t, shape_of(t.node), strides_of(t.node)) for t in plan.outputs)
+        return Signature(mode, ins, outs)
+
+    def variant(self, sig: Signature) -> Tuple[KernelSource, Any]:
+        if sig not in self._variants:
+            src = emit(self.plan, sig)
+            module, hit = kernel_cache.load_module(self.plan.name, src.source, self.cache_dir)
+            _STATS["cache_hits" if hit else "cache_misses"] += 1
+            self._variants[sig] = (src, getattr(module, self.plan.name))
+        return self._variants[sig]
+
+    # ------------------------------------------------------------------------------------------- running
+    def _sizes(self, tensors: Sequence[torch.Tensor], scalars: Sequence[Any]) -> List[int]:
+        if self._static is not None:
+            return self._static
+        vals = [int(tensors[s[1]].shape[s[2]]) if s[0] == "tensor" else scalars[s[1]]
+                for s in self.plan.symbol_sources]
+        return [int(v) for v in self._sizes_fn(*vals)]
+
+    def __call__(self, *args: Any) -> Tuple[torch.Tensor, ...]:
+        plan = self.plan
+        n_in = len(plan.inputs)
+        tensors, scalars = args[:n_in], args[n_in:]
+        flat = self._sizes(tensors, scalars)
+        P, pos = flat[:len(plan.P)], len(plan.P)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        outs = []
+        for o in plan.outputs:
+            nd = len(shape_of(o.node))
+            shape, stride = flat[pos:pos + nd], flat[pos + nd:pos + 2 * nd]
+            pos += 2 * nd
+            outs.append(torch.empty_strided(shape, stride, dtype=o.dtype, device=device))
+        rnumel = 1
+        for d in plan.rdims:
+            rnumel *= P[d]
+        xnumel = 1
+        for d in (x_dims(plan.P, plan.rdims) if plan.is_reduction else nonunit(plan.P)):
+            xnumel *= P[d]
+        if xnumel == 0 or rnumel == 0:
+            return self._empty_result(outs, rnumel)
+        mode = autotune.choose_mode(plan.is_reduction, rnumel)
+
+        def strides_of_tensor(t: torch.Tensor, spec: Any) -> Dict[int, int]:
+            return {pd: t.stride(i) for i, pd in enumerate(spec.dmap) if pd is not None and t.shape[i] != 1}
+
+        in_st = [strides_of_tensor(t, s) for t, s in zip(tensors, plan.inputs)]
+        out_st = [strides_of_tensor(t, s) for t, s in zip(outs, plan.outputs)]
+        sig = Signature(mode, tuple(_layout(plan, s, st, P, mode) for s, st in zip(plan.inputs, in_st)),
+                        tuple(_layout(plan, s, st, P, mode) for s, st in zip(plan.outputs, out_st)))
+        src, fn = self.variant(sig)
+        values: Dict[str, Any] = {"xnumel": xnumel, "rnumel": rnumel}
+        for k, t in enumerate(tensors):
+            values[f"in{k}_ptr"] = t
+            for d, s in in_st[k].items():
+                values[f"in{k}_s{d}"] = s
+        for k, t in enumerate(outs):
+            values[f"out{k}_ptr"] = t
+            for d, s in out_st[k].items():
+                values[f"out{k}_s{d}"] = s
+        for k, s in enumerate(scalars):
+            values[f"sc{k}"] = s
+        for d in symbolic_dims(plan):
+            values[f"ks{d}"] = P[d]
+        call_args = [values[p] for p in src.params]
+
+        def launch(config: Dict[str, int]) -> None:
+            meta = {k: v for k, v in config.items() if k != "num_warps"}
+            grid = (triton.cdiv(xnumel, config["XBLOCK"]),)
+            fn[grid](*call_args, **meta, num_warps=config["num_warps"])
+
+        b = autotune.bucket(mode, xnumel, rnumel)
+        config = self._configs.get((sig, b))
+        if config is None:
+            key = kernel_cache.cache_key(src.source)
+            config = kernel_cache.load_choices(self.cache_dir, key).get(b)
+            with kernel_cache.triton_binaries_under(self.cache_dir):
+                if config is None:
+                    configs = autotune.candidates(mode, xnumel, rnumel, _compat.triton_interpreting())
+                    config = autotune.pick(configs, launch, self.tune and device.type == "cuda")
+                    kernel_cache.save_choice(self.cache_dir, key, b, config)
+                launch(config)  # compiles (or loads the cached binary) under cache_dir
+            self._configs[(sig, b)] = config
+        else:
+            launch(config)
+        return tuple(outs)
+
+    def _empty_result(self, outs: List[torch.Tensor], rnumel: int) -> Tuple[torch.Tensor, ...]:
+        """Zero-size groups: nothing to launch; a reduction over nothing is computed by the ATen reference."""
+        if rnumel == 0 and any(o.numel() for o in outs):
+            raise NotImplementedError(f"{self.plan.name}: reduction over an empty extent")
+        return tuple(outs)

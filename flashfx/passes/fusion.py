@@ -1,0 +1,389 @@
+"""The fusion pass: partition an ATen graph into groups one generated Triton kernel can run, with the
+intermediates kept in registers, and replace each group by a call of its kernel.
+
+A group is a set of pointwise ops and reductions over one iteration space (the shape of its largest values),
+reducing at most one set of dims: a pointwise chain, a softmax, a norm with its residual add and cast, a norm's
+backward. The rules the partitioner keeps:
+- it never fuses across a node it cannot generate (matmuls, random ops, anything outside the op table);
+- it never fuses across a mutation (a group lies between two mutating nodes) and never takes a mutating node;
+- views stay ATen calls unless they only add or drop size-1 dims of a value produced and consumed inside the
+  group, so a view that aliases a graph output always aliases a real tensor;
+- merging never creates a cycle (no path leaves the group and comes back);
+- a group is kept only when the cost model says it moves fewer HBM bytes than its nodes run one by one.
+"""
+from __future__ import annotations
+
+import heapq
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import sympy
+import torch
+import torch.fx as fx
+
+from flashfx import _compat
+from flashfx.rewriter import cost as cost_model
+from flashfx.rewriter.pass_manager import PassContext, PassResult
+
+aten = torch.ops.aten
+
+PASS = "fusion"
+
+
+@dataclass(eq=False)
+class _Group:
+    members: List[fx.Node]
+    P: Tuple[sympy.Expr, ...]        # iteration space, size-1 dims dropped
+    rdims: Tuple[int, ...]           # reduced dims of P
+    epoch: int
+    merged_into: Optional["_Group"] = None
+
+    def root(self) -> "_Group":
+        g = self
+        while g.merged_into is not None:
+            g = g.merged_into
+        return g
+
+
+def _is_mutating(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+class _Partitioner:
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        from flashfx.codegen import lower, pointwise
+
+        self.lower, self.pointwise = lower, pointwise
+        self.gm, self.ctx = gm, ctx
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.group_of: Dict[fx.Node, _Group] = {}
+
+    # ---------------------------------------------------------------------------------- classification
+    def tensor_ok(self, value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.dtype in self.pointwise.TL_DTYPES
+
+    def kind(self, node: fx.Node) -> Optional[str]:
+        """'pw', 'red', 'view' for what the generator can take, else None (the node stays ATen)."""
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            return None
+        value = node.meta.get("val")
+        if not self.tensor_ok(value):
+            return None
+        for a in node.all_input_nodes:
+            v = a.meta.get("val")
+            if isinstance(v, torch.Tensor) and not self.tensor_ok(v):
+                return None
+            if not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat, int, float)):
+                return None
+        packet = node.target.overloadpacket
+        if packet in self.lower.UNIT_VIEWS:
+            src = node.args[0]
+            if not isinstance(src, fx.Node) or not isinstance(src.meta.get("val"), torch.Tensor):
+                return None
+            same = [s for s in self.lower.shape_of(src) if s != 1] == [s for s in self.lower.shape_of(node) if s != 1]
+            return "view" if same or packet is aten.expand else None
+        if packet in self.lower.REDUCTIONS:
+            return "red" if node.target in (aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default,
+                                            aten.amax.default, aten.amin.default) else None
+        if self.pointwise.is_pointwise(node.target):
+            if packet is aten._to_copy and set(node.kwargs) - {"dtype", "memory_format", "layout", "device"}:
+                return None
+            if packet is aten._to_copy and "device" in node.kwargs and node.kwargs["device"] is not None and \
+                    torch.device(node.kwargs["device"]) != value.device:
+                return None
+            return "pw"
+        return None
+
+    def reduced_space(self, node: fx.Node) -> Optional[Tuple[Tuple[sympy.Expr, ...], Tuple[int, ...]]]:
+        """(P, rdims) a reduction node iterates over: its input's shape without size-1 dims."""
+        src = node.args[0]
+        shape = self.lower.shape_of(src)
+        dims = node.args[1] if len(node.args) > 1 and node.target not in (aten.sum.default, aten.mean.default) \
+            else node.kwargs.get("dim", [])
+        if isinstance(dims, int):
+            dims = [dims]
+        if not dims:
+            dims = list(range(len(shape)))
+        dims = {d % len(shape) for d in dims} if shape else set()
+        keep = [i for i, s in enumerate(shape) if s != 1]
+        P = tuple(shape[i] for i in keep)
+        rdims = tuple(j for j, i in enumerate(keep) if i in dims)
+        if not rdims:
+            return None
+        return P, rdims
+
+    # ---------------------------------------------------------------------------------------- merging
+    def merge_space(self, a: Tuple, b: Tuple) -> Optional[Tuple]:
+        """The space of a group holding both spaces, or None."""
+        (Pa, ra), (Pb, rb) = a, b
+        if ra and rb:
+            return a if (Pa, ra) == (Pb, rb) else None
+        if rb and not ra:
+            (Pa, ra), (Pb, rb) = b, a
+        if ra:  # b is pointwise: its values must be P's elements or P's rows
+            kind = self.lower.classify(Pb, Pa, ra)
+            return (Pa, ra) if kind in ("full", "row", "scalar") else None
+        return a if Pa == Pb else None
+
+    def creates_cycle(self, members: Set[fx.Node]) -> bool:
+        """Whether some path leaves `members` and comes back (the merged group could not be one kernel)."""
+        lo = min(self.index[m] for m in members)
+        seen: Set[fx.Node] = set()
+        for m in members:
+            stack = [a for a in m.all_input_nodes if a not in members]
+            while stack:
+                n = stack.pop()
+                if n in seen or self.index[n] < lo:
+                    continue
+                seen.add(n)
+                for a in n.all_input_nodes:
+                    if a in members:
+                        return True
+                    stack.append(a)
+        return False
+
+    def partition(self) -> List[_Group]:
+        epoch = 0
+        for node in self.nodes:
+            if _is_mutating(node):
+                epoch += 1
+                continue
+            kind = self.kind(node)
+            if kind is None:
+                continue
+            if kind == "view":
+                self.take_view(node, epoch)
+                continue
+            if kind == "red":
+                space = self.reduced_space(node)
+                if space is None:
+                    continue
+            else:
+                space = (tuple(s for s in self.lower.shape_of(node) if s != 1), ())
+            group = _Group([node], space[0], space[1], epoch)
+            self.group_of[node] = group
+            producers = {self.group_of[a].root() for a in node.all_input_nodes if a in self.group_of}
+            for g in sorted(producers, key=lambda g: -len(g.members)):
+                if g.epoch != epoch:
+                    continue
+                merged = self.merge_space((g.P, g.rdims), (group.P, group.rdims))
+                if merged is None or self.creates_cycle(set(g.members) | set(group.members)):
+                    continue
+                if kind == "red" and node.args[0] in g.members and \
+                        self.lower.classify(self.lower.shape_of(node.args[0]), merged[0], merged[1]) != "full":
+                    continue
+                g.members = sorted(g.members + group.members, key=self.index.get)
+                g.P, g.rdims = merged
+                group.merged_into = g
+                group = g
+            for m in group.members:
+                self.group_of[m] = group
+        roots = {id(g.root()): g.root() for g in self.group_of.values()}
+        for g in roots.values():
+            g.members.sort(key=self.index.get)
+        return sorted(roots.values(), key=lambda g: self.index[g.members[0]])
+
+    def take_view(self, node: fx.Node, epoch: int) -> None:
+        src = node.args[0]
+        g = self.group_of[src].root() if src in self.group_of else None
+        if g is None or g.epoch != epoch:
+            return
+        # only views consumed inside the group: one that escapes stays a real ATen view (it may alias an output)
+        if any(u.op == "output" or self.kind(u) not in ("pw", "red", "view") for u in node.users):
+            return
+        if self.lower.classify(self.lower.shape_of(node), g.P, g.rdims) is None:
+            return
+        g.members.append(node)
+        self.group_of[node] = g
+
+
+# ------------------------------------------------------------------------------------------------------ naming
+
+def _group_name(members: List[fx.Node], index: int) -> str:
+    origins = [m.meta.get("flashfx_origin") for m in members if m.meta.get("flashfx_origin")]
+    ops = [m.target.overloadpacket.__name__.strip("_") for m in members
+           if isinstance(m.target, torch._ops.OpOverload)]
+    opset = set(ops)
+    if origins:
+        pattern = origins[0]
+    elif {"amax", "exp", "sum"} <= opset:
+        pattern = "softmax"
+    elif "mean" in opset and "rsqrt" in opset:
+        pattern = "layernorm" if "sub" in opset else "rmsnorm"
+    else:
+        pattern = ""
+    words = [pattern] if pattern else []
+    for op in ops:
+        if op not in words and op not in ("view", "unsqueeze", "squeeze", "expand", "detach", "to_copy", "alias") \
+                and len(words) < 3:
+            words.append(op)
+    return "fused_" + "_".join(words or ["pointwise"]) + f"_{index}"
+
+
+# ------------------------------------------------------------------------------------------------------ the pass
+
+def _bytes(expr: Any, hints: Dict[sympy.Symbol, int]) -> float:
+    expr = sympy.sympify(expr)
+    try:
+        return float(expr.subs(hints))
+    except TypeError:
+        return float("nan")
+
+
+def _group_io(group: _Group, members: Set[fx.Node]) -> Tuple[Any, Any]:
+    """HBM bytes of the group's nodes run one by one, and of the fused kernel (inputs read once, outputs once)."""
+    before = sum((cost_model.node_cost(m).hbm_bytes for m in group.members), sympy.Integer(0))
+    inputs = {a for m in group.members for a in m.all_input_nodes if a not in members}
+    after = sum((cost_model.tensor_bytes(a.meta["val"]) for a in inputs
+                 if isinstance(a.meta.get("val"), torch.Tensor)), sympy.Integer(0))
+    after += sum((cost_model.tensor_bytes(m.meta["val"]) for m in group.members
+                  if any(u not in members for u in m.users)), sympy.Integer(0))
+    return before, after
+
+
+def _devices(gm: fx.GraphModule) -> Set[torch.device]:
+    devices = set()
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            devices.add(v.device)
+    return devices
+
+
+def _topological_sort(graph: fx.Graph) -> None:
+    """Reorder nodes so every node follows its inputs, keeping the original order wherever it is free."""
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    indeg = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [(index[n], n.name) for n in nodes if indeg[n] == 0]
+    by_name = {n.name: n for n in nodes}
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, name = heapq.heappop(ready)
+        n = by_name[name]
+        order.append(n)
+        for u in n.users:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(ready, (index[u], u.name))
+    assert len(order) == len(nodes), "fusion created a cycle"
+    if order != nodes:
+        for a, b in zip(order, order[1:]):
+            a.append(b)
+
+
+def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Fuse pointwise / reduction groups of an ATen graph into generated Triton kernels.
+
+    Counts `fusion.groups`, `fusion.nodes_fused`, `fusion.decomposed`; declines each node a group stops at
+    because it has no codegen; puts `[(kernel_name, source), ...]` in `ctx.artifacts["kernels"]`.
+    """
+    if not ctx.config.fusion:
+        return PassResult(gm, False)
+    devices = _devices(gm)
+    bad = sorted(str(d) for d in devices if not _compat.triton_runs_on(d))
+    if bad or not devices:
+        why = f"Triton cannot run on {', '.join(bad)}" if bad else "the graph has no tensors"
+        ctx.notes.append(f"fusion: {why} (CUDA, or the CPU with TRITON_INTERPRET=1); the graph stays ATen")
+        return PassResult(gm, False)
+    from flashfx.codegen import decompose
+    from flashfx.codegen.kernel import FusedKernel
+    from flashfx.codegen.lower import LoweringError, lower_group
+
+    probe = _Partitioner(gm, ctx)
+    decomposed = decompose.decompose(
+        gm, lambda n: all(probe.tensor_ok(a.meta.get("val")) for a in n.all_input_nodes
+                          if isinstance(a.meta.get("val"), torch.Tensor)))
+    ctx.count("fusion.decomposed", decomposed)
+    part = _Partitioner(gm, ctx)
+    groups = part.partition()
+    hints = cost_model.graph_cost(gm).hints
+    placeholders = {sympy.sympify(n.meta["val"].node.expr): n for n in gm.graph.nodes
+                    if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.SymInt)}
+    kernels: List[Tuple[str, str]] = ctx.artifacts.setdefault("kernels", [])
+    fused: Set[fx.Node] = set()
+    modified = decomposed > 0
+    index = 0
+    for group in groups:
+        members = set(group.members)
+        compute = [m for m in group.members if part.kind(m) in ("pw", "red")]
+        if len(compute) < 2:
+            continue
+        before, after = _group_io(group, members)
+        saved = _bytes(before - after, hints)
+        if not saved > 0:
+            ctx.notes.append(f"fusion: group at {group.members[0].name} saves no HBM bytes ({before} -> {after})")
+            continue
+        name = _group_name(group.members, index)
+        try:
+            plan = lower_group(name, group.members, group.P, group.rdims, placeholders.get)
+            kernel = FusedKernel(plan, str(ctx.config.cache_dir), ctx.config.autotune)
+            src, _ = kernel.variant(kernel.meta_signature())
+        except LoweringError as e:
+            ctx.decline(PASS, group.members[0], f"group of {len(members)} nodes not generated: {e}")
+            continue
+        index += 1
+        _replace(gm, group.members, plan, kernel)
+        _register_cost(kernel, before, after, group.members)
+        kernels.append((name, src.source))
+        fused |= members
+        ctx.count("fusion.groups")
+        ctx.count("fusion.nodes_fused", len(compute))
+        ctx.count("fusion.bytes_saved", int(saved) if saved == saved else 0)
+        modified = True
+    _decline_neighbours(gm, part, fused, ctx)
+    if modified:
+        _topological_sort(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)
+
+
+def _replace(gm: fx.GraphModule, members: List[fx.Node], plan: Any, kernel: Any) -> None:
+    graph = gm.graph
+    args = tuple(t.node for t in plan.inputs) + tuple(plan.scalars)
+    with graph.inserting_after(members[-1]):
+        call = graph.call_function(kernel, args)
+    call.meta["val"] = tuple(o.node.meta["val"] for o in plan.outputs)
+    prev = call
+    for i, o in enumerate(plan.outputs):
+        with graph.inserting_after(prev):
+            item = graph.call_function(operator.getitem, (call, i))
+        item.meta["val"] = o.node.meta["val"]
+        o.node.replace_all_uses_with(item, delete_user_cb=lambda u: u is not item)
+        prev = item
+    for m in reversed(members):
+        graph.erase_node(m)
+
+
+def _register_cost(kernel: Any, before: Any, after: Any, members: List[fx.Node]) -> None:
+    flops = sum((cost_model.node_cost(m).flops for m in members), sympy.Integer(0))
+
+    @cost_model.register_cost(kernel)
+    def _cost(node: fx.Node, inputs: List[Any], output: Any) -> cost_model.NodeCost:
+        read = sum((cost_model.tensor_bytes(t) for v in inputs for t in cost_model._tensors(v)), sympy.Integer(0))
+        write = sum((cost_model.tensor_bytes(t) for t in cost_model._tensors(output)), sympy.Integer(0))
+        return cost_model.NodeCost(flops, read, write)
+
+
+def _decline_neighbours(gm: fx.GraphModule, part: _Partitioner, fused: Set[fx.Node], ctx: PassContext) -> None:
+    """Say why each node next to a fused kernel stayed an ATen call."""
+    kernels = {n for n in gm.graph.nodes if n.op == "call_function" and type(n.target).__name__ == "FusedKernel"}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node in kernels or node.target is operator.getitem:
+            continue
+        near = any(a.op == "call_function" and a.target is operator.getitem and a.args[0] in kernels
+                   for a in node.all_input_nodes) or any(u in kernels for u in node.users)
+        if not near:
+            continue
+        name = cost_model.op_name(node)
+        if name in cost_model.VIEW_OPS:
+            continue
+        if _is_mutating(node):
+            ctx.decline(PASS, node, f"{node.target} mutates its input; groups never span a mutation")
+        elif part.kind(node) is None:
+            ctx.decline(PASS, node, f"no Triton codegen for {node.target}; the group stops here")

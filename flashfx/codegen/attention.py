@@ -181,14 +181,15 @@ def _reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Opt
 
 # ------------------------------------------------------------------------------------------------- launchers
 
+# The search spaces are small on purpose: each config costs seconds of compilation per (head dim, causal, mask).
 def _fwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
-    # query tile a multiple of the key tile (the causal diagonal is whole key blocks); 8 warps only for big tiles
-    return bm % bn == 0 and (warps == 8) == (bm * bn >= 128 * 128) and stages <= 4
+    # query tile a multiple of the key tile (the causal diagonal is whole key blocks); 8 warps for 128 x 128
+    return bm % bn == 0 and (warps == 8) == (bn == 128) and stages in (3, 4)
 
 
 def _bwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
-    # dK/dV: the key tile a multiple of the query tile; deep pipelines only for the small tiles
-    return bn % bm == 0 and bm < bn and (warps == 8) <= (bm * bn >= 64 * 128) and (stages <= 3 or bm * bn <= 4096)
+    # dK/dV: the key tile a multiple of the query tile (bm < bn); deep pipelines for the thin tiles
+    return bn % bm == 0 and bm < bn and (warps == 8) == (bm == 64) and stages in ((3, 5) if bm == 32 else (2, 3))
 
 
 def _prune_for_head_dim(configs: List[Any], named_args: dict, **kwargs: Any) -> List[Any]:
@@ -209,12 +210,15 @@ def _autotune_kwargs() -> dict:
 
 
 def _kernels() -> Any:
-    # FLASHFX_ATTENTION_TUNE=0: one default config per kernel (no autotuning: quick correctness runs)
-    return _build_kernels(os.environ.get("FLASHFX_ATTENTION_TUNE", "1") != "0")
+    # FLASHFX_ATTENTION_TUNE=0: one default config per kernel (no autotuning: quick correctness runs).
+    # FLASHFX_ATTENTION_CONFIG=i: only the i-th config of each kernel (to fill Triton's compile cache from
+    # several processes at once before autotuning; see bench/attention.py).
+    only = os.environ.get("FLASHFX_ATTENTION_CONFIG")
+    return _build_kernels(os.environ.get("FLASHFX_ATTENTION_TUNE", "1") != "0", int(only) if only else None)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_kernels(tune: bool) -> Any:
+def _build_kernels(tune: bool, only: Optional[int] = None) -> Any:
     """The autotuned kernels, built on first use (importing flashfx never imports Triton)."""
     import triton
 
@@ -227,8 +231,9 @@ def _build_kernels(tune: bool) -> Any:
         if not tune:
             m, n, w, st = default
             return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m in ms for n in ns for w in (4, 8) for st in (2, 3, 4, 5) if keep(m, n, w, st)]
+        space = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                 for m in ms for n in ns for w in (4, 8) for st in (2, 3, 4, 5) if keep(m, n, w, st)]
+        return space if only is None else [space[only % len(space)]]
 
     key = ["D_PAD", "IS_CAUSAL", "BIAS_KIND", "DROPOUT", "L_BUCKET", "S_BUCKET"]
     prune = {"early_config_prune": _prune_for_head_dim}

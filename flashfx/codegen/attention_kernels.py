@@ -16,8 +16,8 @@ the same counters in forward and backward, so the backward regenerates the forwa
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ------------------------------------------------------------------------------------------------- helpers

@@ -592,7 +592,8 @@ def build_hf(arch: str, batch: Optional[int] = None, seq: Optional[int] = None,
     vocab = fields.get("vocab_size", getattr(base, "vocab_size", None))
     for token in ("bos_token_id", "eos_token_id", "pad_token_id"):
         # GPT-2's 50256 is outside a small vocabulary; these ids only matter to generate().
-        if token not in sizes and isinstance(getattr(base, token, None), int) and vocab and getattr(base, token) >= vocab:
+        value = getattr(base, token, None)
+        if token not in sizes and isinstance(value, int) and vocab and value >= vocab:
             fields[token] = None
     if attn_implementation is not None:
         fields["attn_implementation"] = attn_implementation
@@ -771,12 +772,14 @@ def _as_kwargs(model: nn.Module, inputs: Any, where: str) -> Inputs:
         return dict(inputs)
     args = (inputs,) if torch.is_tensor(inputs) else inputs
     if isinstance(args, (tuple, list)):
+        signature = inspect.signature(model.forward)
         try:
-            bound = inspect.signature(model.forward).bind(*args)
+            bound = signature.bind(*args)
         except TypeError as e:
             raise ValueError(f"the inputs {where} returned do not fit {type(model).__name__}.forward ({e}); "
                              f"return a dict of keyword arguments") from None
-        if not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
+        # *args cannot be passed by keyword: such inputs must come as a dict already.
+        if not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
             return dict(bound.arguments)
     raise ValueError(f"{where} returned inputs of type {type(inputs).__name__}; return a dict of keyword "
                      f"arguments for model(**inputs)")

@@ -1,6 +1,6 @@
 """Small models and their inputs for tests: Hugging Face architectures and the flashfx zoo, seeded, no network.
 
-    from tests.models import hf_model, zoo_model
+    from models import hf_model, zoo_model      # in any test under tests/ (conftest.py puts tests/ on sys.path)
     model, inputs = hf_model("LlamaForCausalLM", attn_implementation="sdpa")
     out = model(**inputs).logits
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from flashfx import zoo
 from flashfx.rewriter.capture import capture
-from tests.models import HF_ARCHS, TINY_ZOO, hf_model
+from models import HF_ARCHS, TINY_ZOO, hf_model  # tests/models.py (tests/ is on sys.path via conftest.py)
 
 transformers = pytest.importorskip("transformers")
 
@@ -146,9 +146,10 @@ def _hf_twin(name, model):
                                             intermediate_size=c.intermediate_size,
                                             num_hidden_layers=c.num_hidden_layers,
                                             num_attention_heads=c.num_attention_heads, attn_implementation="eager"))
-        names = {"word_embeddings": "bert.embeddings.word_embeddings", "position_embeddings":
-                 "bert.embeddings.position_embeddings", "token_type_embeddings": "bert.embeddings.token_type_embeddings",
-                 "embed_norm": "bert.embeddings.LayerNorm", "head_transform": "cls.predictions.transform.dense",
+        emb = "bert.embeddings."
+        names = {"word_embeddings": emb + "word_embeddings", "position_embeddings": emb + "position_embeddings",
+                 "token_type_embeddings": emb + "token_type_embeddings", "embed_norm": emb + "LayerNorm",
+                 "head_transform": "cls.predictions.transform.dense",
                  "head_norm": "cls.predictions.transform.LayerNorm", "decoder": "cls.predictions.decoder",
                  "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
                  "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",

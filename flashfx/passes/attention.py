@@ -395,6 +395,18 @@ def _reaches_matmul(node: Any, depth: int = 0) -> bool:
     return False
 
 
+def _check_single_use(node: fx.Node, successor: fx.Node, softmax: fx.Node) -> None:
+    """Scores feed only the next score op; say which rule a second user breaks."""
+    others = [u for u in node.users if u is not successor]
+    if not others:
+        return
+    if any(depends_on(softmax, u) for u in others):
+        raise Decline(node, f"a mask computed from the scores ({', '.join(u.name for u in others)}) feeds the "
+                            "softmax")
+    raise Decline(node, f"the scores are also used by {', '.join(u.name for u in others)}; the fused op never "
+                        "materialises them")
+
+
 def _match_explicit(softmax: fx.Node) -> Optional[Site]:
     chain = _find_pv(softmax)
     if chain is None:
@@ -424,12 +436,11 @@ def _match_explicit(softmax: fx.Node) -> Optional[Site]:
                               "stream, so results match the model only in distribution)")
 
     walk = _Walk()
-    node = x
+    node, prev = x, softmax
     while not _is_matmul(node):
-        if not isinstance(node, fx.Node) or len(node.users) != 1:
-            users = ", ".join(u.name for u in node.users) if isinstance(node, fx.Node) else ""
-            raise Decline(node if isinstance(node, fx.Node) else softmax,
-                          f"the scores are also used by {users}; the fused op never materialises them")
+        if not isinstance(node, fx.Node):
+            raise Decline(softmax, f"the softmax input {node!r} is not a graph value")
+        _check_single_use(node, prev, softmax)
         walk.nodes.append(node)
         nxt = None
         for handler in SCORE_OPS.values():
@@ -438,10 +449,9 @@ def _match_explicit(softmax: fx.Node) -> Optional[Site]:
                 break
         if nxt is None:
             raise Decline(node, f"unsupported op {node.format_node()} between the scores matmul and the softmax")
-        node = nxt
+        node, prev = nxt, node
     scores = node
-    if len(scores.users) != 1:
-        raise Decline(scores, "the scores q @ kᵀ are also used elsewhere")
+    _check_single_use(scores, prev, softmax)
     site.nodes += walk.nodes + [scores]
     site.scale = walk.scale
     for kind, mask, at, fill in walk.masks:
@@ -561,13 +571,11 @@ def _emit_mha(graph: fx.Graph, node: fx.Node, a: Dict[str, Any], op: Any) -> Tup
             w = call(operator.getitem, w_chunks, i)
             b = call(operator.getitem, b_chunks, i) if b_chunks is not None else None
             proj = call(torch._C._nn.linear, x, w, b)  # [T, N, E]
-            T, N = tensor(x).shape[0], tensor(x).shape[1]
-            split = call("view", proj, T, N, H, hd, method=True)  # [T, N, H, hd]
+            split = call(torch.unflatten, proj, -1, (H, hd))  # [T, N, H, hd]; no symbolic sizes in the graph
             heads.append(call(torch.permute, split, (1, 2, 0, 3)))  # [N, H, T, hd]
         q, k, v = heads
         out = call(op, q, k, v, None, False, None, dropout_p)  # [N, H, L, hd]
-        L, N = tensor(a["query"]).shape[0], tensor(a["query"]).shape[1]
-        merged = call("reshape", call(torch.permute, out, (2, 0, 1, 3)), L, N, E, method=True)
+        merged = call(torch.flatten, call(torch.permute, out, (2, 0, 1, 3)), 2)  # [L, N, E]
         result = call(torch._C._nn.linear, merged, a["out_proj_weight"], a["out_proj_bias"])
     site = Site("mha", node, q, k, v, dropout_p=dropout_p, nodes=[node])
     if dropout_p:

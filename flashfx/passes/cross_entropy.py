@@ -40,7 +40,7 @@ NAME = "cross_entropy"
 CE_FUNCTIONS = (F.cross_entropy,)
 LINEAR_FUNCTIONS = (torch._C._nn.linear, F.linear)
 MATMUL_FUNCTIONS = (torch.matmul, operator.matmul)
-UPCAST_METHODS = ("float", "to", "type")
+CAST_METHODS = ("float", "to", "type", "half", "bfloat16", "double")
 VIEW_FUNCTIONS = (torch.reshape, torch.flatten)
 VIEW_METHODS = ("view", "reshape", "flatten")
 CONTIGUOUS_METHODS = ("contiguous",)
@@ -138,6 +138,8 @@ def _match(ce: fx.Node) -> _Site:
 def _walk_chain(x: fx.Node, site: _Site) -> fx.Node:
     """From the loss input up to the linear: record slices, check casts and views; every link has one user."""
     node = x
+    if len(x.users) != 1:
+        raise _Decline(_other_users_reason(x))
     sliced = False
     while True:
         producer = _single_input(node)
@@ -164,7 +166,7 @@ def _single_input(node: fx.Node) -> Optional[fx.Node]:
     sv, ov = tensor(src), tensor(node)
     if sv is None or ov is None:
         return None
-    if is_call(node, methods=UPCAST_METHODS):
+    if is_call(node, methods=CAST_METHODS):
         if ov.dtype == sv.dtype or ov.dtype == torch.float32 and sv.dtype in (torch.float16, torch.bfloat16):
             if ov.device == sv.device and tuple(ov.shape) == tuple(sv.shape):
                 return src
@@ -232,10 +234,12 @@ def _match_linear(logits: fx.Node, site: _Site) -> None:
         else:
             site.weight, site.weight_is_transposed = rhs, True
     else:
-        what = "a graph input" if node.op == "placeholder" else f"{node.format_node()}"
-        raise _Decline(f"the loss's logits are not produced by a linear in this graph (they come from {what}; a graph "
-                       f"break between the lm_head and the loss does this — e.g. Hugging Face GPT2 logs a warning "
-                       f"there unless model.loss_type = 'ForCausalLM' is set)")
+        if node.op == "placeholder":
+            raise _Decline("the loss's logits are an input of this graph: a graph break between the lm_head and the "
+                           "loss (e.g. Hugging Face GPT2LMHeadModel logs a warning there unless "
+                           "model.loss_type = 'ForCausalLM' is set)")
+        raise _Decline(f"the loss's logits are not produced by a linear (they come from {node.name}: "
+                       f"{getattr(node.target, '__name__', node.target)})")
     if not isinstance(site.h, fx.Node) or not isinstance(site.weight, fx.Node):
         raise _Decline("the linear's input or weight is a constant")
     wv, hv = tensor(site.weight), tensor(site.h)
@@ -286,16 +290,28 @@ def _rewrite(graph: fx.Graph, ce: fx.Node, site: _Site) -> None:
     with graph.inserting_before(ce):
         h = site.h
         for index in reversed([n.args[1] for n in site.chain if n.target is operator.getitem]):
-            h = insert_node(graph, "call_function", operator.getitem, (h, index), meta_from=ce)
-        h = insert_node(graph, "call_method", "reshape", (h, -1, tensor(site.h).shape[-1]), meta_from=ce)
+            h = _insert(graph, ce, operator.getitem, (h, index))
+        h = _insert(graph, ce, "reshape", (h, -1, tensor(site.h).shape[-1]))
         weight = site.weight
         if site.weight_is_transposed:
-            weight = insert_node(graph, "call_function", torch.permute, (weight, (1, 0)), meta_from=ce)
-        loss = insert_node(graph, "call_function", torch.ops.flashfx.linear_cross_entropy.default,
-                           (h, weight, site.bias, site.target, site.ignore_index, site.smoothing, site.reduction, 0.0),
-                           meta_from=ce)
+            weight = _insert(graph, ce, torch.permute, (weight, (1, 0)))
+        loss = _insert(graph, ce, torch.ops.flashfx.linear_cross_entropy.default,
+                       (h, weight, site.bias, site.target, site.ignore_index, site.smoothing, site.reduction, 0.0))
         want = tensor(ce)
         if want is not None and tensor(loss) is not None and tensor(loss).dtype != want.dtype:
-            loss = insert_node(graph, "call_method", "to", (loss, want.dtype), meta_from=ce)
+            loss = _insert(graph, ce, "to", (loss, want.dtype))
     ce.replace_all_uses_with(loss)
     erase_dead(graph, [ce])
+
+
+def _insert(graph: fx.Graph, ce: fx.Node, target: Any, args: tuple) -> fx.Node:
+    """A new node with its fake value computed in the fake mode of its inputs' values. (Inside a torch.compile
+    backend the active TracingContext may hold another fake mode than the one Dynamo's node values live in.)"""
+    op = "call_method" if isinstance(target, str) else "call_function"
+    fake_args = fx.node.map_arg(args, lambda n: tensor(n))
+    modes = [t.fake_mode for t in torch.utils._pytree.tree_leaves(fake_args) if hasattr(t, "fake_mode")]
+    val = None
+    if modes:
+        with modes[0]:
+            val = getattr(fake_args[0], target)(*fake_args[1:]) if op == "call_method" else target(*fake_args)
+    return insert_node(graph, op, target, args, meta_from=ce, val=val)

@@ -146,22 +146,25 @@ def _rows_reference(logits: Tensor, target: Tensor, loss: Tensor, scale: Tensor,
 
 
 def chunk_rows_for(n_rows: int, vocab: int, element_size: int, budget: Optional[int] = None) -> int:
-    """Rows per chunk: as many as fit `budget` (default: the module's CHUNK_BYTES) bytes of logits, a multiple of
-    16 (matmul tiles), at least 16."""
+    """Rows per chunk: as many as fit `budget` (default: the module's CHUNK_BYTES) bytes of logits, rounded down to
+    a multiple of 128 (cuBLAS tile rows) when that many fit, else of 16; at least 16."""
     budget = CHUNK_BYTES if budget is None else budget
-    rows = max(16, budget // max(1, vocab * element_size) // 16 * 16)
+    fit = budget // max(1, vocab * element_size)
+    rows = fit // 128 * 128 if fit >= 128 else max(16, fit // 16 * 16)
     return max(1, min(rows, n_rows))
 
 
-def _accumulate_wgrad(acc: Tensor, dlogits: Tensor, x: Tensor) -> None:
-    """acc [V, H] fp32 += dlogits.T @ x, with the product accumulated in fp32 (no 16-bit rounding across chunks)."""
+def _accumulate_wgrad(acc: Tensor, dlogits: Tensor, x: Tensor, first: bool) -> None:
+    """acc [V, H] fp32 (+)= dlogits.T @ x, the product accumulated in fp32 (no 16-bit rounding across chunks).
+    The first chunk writes without reading (beta=0), so `acc` may start uninitialised."""
+    beta = 0.0 if first else 1.0
     if dlogits.dtype == torch.float32:
-        acc.addmm_(dlogits.t(), x)
+        torch.addmm(acc, dlogits.t(), x, beta=beta, out=acc)
     elif acc.is_cuda:
-        # cuBLAS with a float32 C/D and 16-bit A/B: one pass, beta=1 reads the accumulator in its epilogue
-        torch.addmm(acc, dlogits.t(), x, out_dtype=torch.float32, out=acc)
+        # cuBLAS with a float32 C/D and 16-bit A/B: one pass; beta=1 reads the accumulator in the epilogue
+        torch.addmm(acc, dlogits.t(), x, out_dtype=torch.float32, beta=beta, out=acc)
     else:
-        acc.addmm_(dlogits.t().float(), x.float())
+        torch.addmm(acc, dlogits.t().float(), x.float(), beta=beta, out=acc)
 
 
 def chunked_loss_and_grads(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
@@ -183,7 +186,7 @@ def chunked_loss_and_grads(x: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     dx = dw = db = None
     if want_grads:
         dx = torch.empty_like(x)
-        dw = torch.zeros((V, H), dtype=torch.float32, device=x.device)
+        dw = torch.empty((V, H), dtype=torch.float32, device=x.device)
         db = torch.zeros(V, dtype=torch.float32, device=x.device) if bias is not None else None
         if scale is None:
             raise AssertionError("gradients need a scale")
@@ -201,10 +204,12 @@ def chunked_loss_and_grads(x: Tensor, weight: Tensor, bias: Optional[Tensor], ta
         rows_fn(logits, target[start:end], loss[start:end], sc, ignore_index, smoothing, z_loss, want_grads)
         if want_grads:
             torch.mm(logits, weight, out=dx[start:end])
-            _accumulate_wgrad(dw, logits, xc)
+            _accumulate_wgrad(dw, logits, xc, first=start == 0)
             if db is not None:
                 db += logits.sum(0, dtype=torch.float32)
     if want_grads:
+        if N == 0:
+            dw.zero_()
         dw = dw.to(weight.dtype)
         db = db.to(bias.dtype) if db is not None else None
     return loss, dx, dw, db

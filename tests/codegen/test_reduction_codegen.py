@@ -1,0 +1,128 @@
+"""Reductions with their prologue and epilogue in one generated kernel: softmax / log-softmax, LayerNorm and
+RMSNorm forward and backward through AOTAutograd, residual + norm, reductions over any dim, the looped variant
+for rows too long for registers, and dynamic sizes that do not recompile."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flashfx.codegen import autotune
+from flashfx.codegen.kernel import FusedKernel
+from fusion_helpers import AOTFusion, assert_close, check_fwd_bwd, fuse_function, kernel_nodes
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class ResidualNorms(nn.Module):
+    """Zoo-style block pieces around the matmuls: RMSNorm, residual add + LayerNorm, softmax, log-softmax."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.rms = RMSNorm(d)
+        self.ln = nn.LayerNorm(d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.ln(self.proj(self.rms(x)) + x)
+        return torch.softmax(h, -1) * 2.0 + torch.log_softmax(h * 0.5, -1)
+
+
+class MLPBlock(nn.Module):
+    """Llama-style: RMSNorm -> SwiGLU MLP -> residual, GELU(tanh) head."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = RMSNorm(d)
+        self.gate, self.up, self.down = nn.Linear(d, 3 * d), nn.Linear(d, 3 * d), nn.Linear(3 * d, d)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return F.gelu(self.down(F.silu(self.gate(h)) * self.up(h)) + x, approximate="tanh")
+
+
+@pytest.mark.parametrize("module_cls", [ResidualNorms, MLPBlock])
+def test_blocks_forward_backward_through_aot(tmp_path, module_cls):
+    torch.manual_seed(1)
+    module = module_cls(41)
+    backend = check_fwd_bwd(module, torch.randn(3, 5, 41), tmp_path)
+    assert backend.counter("forward", "fusion.groups") >= 2
+    assert backend.counter("backward", "fusion.groups") >= 2
+
+
+def test_norm_groups_are_single_kernels(tmp_path):
+    def fn(x, r, w, b):
+        h = x + r  # residual add fuses into the norm's kernel
+        return F.layer_norm(h, (h.shape[-1],), w, b, 1e-5), h
+
+    xs = [torch.randn(4, 7, 33), torch.randn(4, 7, 33), torch.randn(33), torch.randn(33)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.decomposed"] == 1
+    assert ctx.counters["fusion.groups"] == 1
+    [(name, source)] = ctx.artifacts["kernels"]
+    assert name.startswith("fused_layernorm") and "persistent" in source
+    assert_close(gm(*xs), fn(*xs))
+
+
+def test_fp16_softmax_and_rmsnorm(tmp_path):
+    def fn(x, w):
+        y = torch.softmax(x.float(), -1).half()
+        z = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).half() * w
+        return y, z
+
+    xs = [torch.randn(6, 70, dtype=torch.float16) * 3, torch.randn(70, dtype=torch.float16)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.groups"] == 2  # siblings reading the same x are not merged (no horizontal fusion)
+    assert_close(gm(*xs), fn(*xs))
+
+
+@pytest.mark.parametrize("dims,keepdim", [((0,), False), ((1,), True), ((0, 2), False), ((2,), False)])
+def test_reduction_over_any_dims(tmp_path, dims, keepdim):
+    def fn(x, y):
+        s = (x * y).sum(dims, keepdim=keepdim)
+        return s * 2.0 + 1.0, torch.amax(torch.exp(x), dims, keepdim=True) - 0.5
+
+    xs = [torch.randn(5, 6, 9), torch.randn(6, 9)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.groups"] >= 1
+    assert_close(gm(*xs), fn(*xs))
+
+
+def test_looped_variant_for_long_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "PERSISTENT_MAX_RBLOCK", 32)  # rows of 100 no longer fit "registers"
+
+    def fn(x, w, b):
+        return torch.softmax(x, -1), F.layer_norm(x, (100,), w, b), torch.log_softmax(x, -1).sum(-1)
+
+    xs = [torch.randn(9, 100), torch.randn(100), torch.randn(100)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert_close(gm(*xs), fn(*xs))
+    kernels = [n.target for n in kernel_nodes(gm)]
+    assert len(kernels) == 3  # softmax, layer norm, log-softmax + sum: independent groups
+    assert all(sig.mode == "looped" for k in kernels for sig in k._variants if sig.mode != "persistent")
+    assert all(any(sig.mode == "looped" for sig in k._variants) for k in kernels)
+
+
+def test_dynamic_sequence_length_reuses_the_kernel(tmp_path):
+    torch.manual_seed(2)
+    module = RMSNorm(24)
+    backend = AOTFusion(tmp_path)
+    compiled = torch.compile(module, backend=backend, dynamic=True)
+    for seq in (9, 5, 17):
+        x = torch.randn(2, seq, 24, requires_grad=True)
+        out = compiled(x)
+        out.backward(torch.ones_like(out))
+        x2 = x.detach().clone().requires_grad_()
+        ref = module(x2)
+        ref.backward(torch.ones_like(ref))
+        assert_close(out.detach(), ref.detach())
+        assert_close(x.grad, x2.grad)
+    assert [c.stage for c in backend.contexts] == ["forward", "backward"]  # compiled once for every length
+    kernels = [s for c in backend.contexts for _, s in c.artifacts["kernels"]]
+    assert kernels and all("xnumel" in s for s in kernels)

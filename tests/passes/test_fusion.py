@@ -1,0 +1,113 @@
+"""The fusion partitioner: exact group counts, and a negative test for each barrier (mutation, an aliasing view,
+an op without codegen, a path through an unfusable node, a device Triton cannot run on)."""
+import operator
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "codegen"))
+from fusion_helpers import assert_close, fuse_function, kernel_nodes, run_fusion  # noqa: E402
+
+from flashfx import _compat  # noqa: E402
+
+
+def _aten_targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target is not operator.getitem
+            and type(n.target).__name__ != "FusedKernel"]
+
+
+def test_softmax_is_one_group(tmp_path):
+    xs = [torch.randn(5, 19)]
+    gm, ctx = fuse_function(lambda x: torch.softmax(x * 0.5, -1), xs, tmp_path)
+    assert ctx.counters["fusion.decomposed"] == 1
+    assert ctx.counters["fusion.groups"] == 1
+    assert ctx.counters["fusion.nodes_fused"] == 6  # mul, amax, sub, exp, sum, div
+    assert _aten_targets(gm) == []
+    assert_close(gm(*xs), torch.softmax(xs[0] * 0.5, -1))
+
+
+def test_no_fusion_across_a_mutation(tmp_path):
+    def fn(x, y):
+        a = x * 2.0
+        b = a + 1.0
+        x.add_(y)  # in-place: what x holds changes here
+        c = x * 3.0
+        return b, c + 1.0
+
+    xs = [torch.randn(4, 6), torch.randn(4, 6)]
+    gm, ctx = fuse_function(fn, [t.clone() for t in xs], tmp_path, tracing_mode="real")
+    assert ctx.counters["fusion.groups"] == 2  # one group on each side of add_
+    assert torch.ops.aten.add_.Tensor in _aten_targets(gm)
+    assert any("mutates" in d.reason for d in ctx.declined)
+    a, b = [t.clone() for t in xs], [t.clone() for t in xs]
+    assert_close(gm(*a), fn(*b))
+    assert_close(a[0], b[0])  # the mutation itself still happens
+
+
+def test_view_aliasing_an_output_stays_a_view(tmp_path):
+    def fn(x):
+        a = torch.exp(x) * 2.0
+        return a.unsqueeze(0), a + 1.0  # output 0 aliases a
+
+    xs = [torch.randn(3, 7)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.groups"] == 1
+    assert torch.ops.aten.unsqueeze.default in _aten_targets(gm)
+    v, _ = gm(*xs)
+    assert v._base is not None  # still a view of the kernel's output, not a copy
+    assert_close(gm(*xs), fn(*xs))
+
+
+def test_op_without_codegen_splits_the_group(tmp_path):
+    def fn(x):
+        a = torch.sigmoid(x) * 2.0
+        c = torch.cumsum(a, -1)  # no generator for scans
+        return torch.tanh(c) + 1.0
+
+    xs = [torch.randn(4, 9)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.groups"] == 2
+    assert torch.ops.aten.cumsum.default in _aten_targets(gm)
+    assert any("no Triton codegen for aten.cumsum" in d.reason for d in ctx.declined)
+    assert_close(gm(*xs), fn(*xs))
+
+
+def test_no_group_through_an_outside_path(tmp_path):
+    def fn(x, w):
+        a = x * 2.0
+        m = a @ w  # a -> mm -> b and a -> b: one kernel for a and b would need mm inside it
+        return (a + m).relu()
+
+    xs = [torch.randn(6, 6), torch.randn(6, 6)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert torch.ops.aten.mm.default in _aten_targets(gm)
+    assert len(kernel_nodes(gm)) == ctx.counters.get("fusion.groups", 0) <= 1
+    assert_close(gm(*xs), fn(*xs))
+
+
+def test_single_ops_are_left_alone(tmp_path):
+    xs = [torch.randn(4, 4)]
+    gm, ctx = fuse_function(lambda x: torch.exp(x), xs, tmp_path)
+    assert ctx.counters.get("fusion.groups", 0) == 0
+    assert _aten_targets(gm) == [torch.ops.aten.exp.default]
+
+
+def test_device_triton_cannot_run_on_leaves_the_graph(tmp_path, monkeypatch):
+    monkeypatch.setattr(_compat, "triton_runs_on", lambda device: False)
+    xs = [torch.randn(4, 4)]
+    gm, ctx = fuse_function(lambda x: torch.exp(x) * 2.0 + 1.0, xs, tmp_path)
+    assert ctx.counters.get("fusion.groups", 0) == 0
+    assert any("Triton cannot run on cpu" in n for n in ctx.notes)
+    assert len(_aten_targets(gm)) == 3
+
+
+def test_fusion_off_does_nothing(tmp_path):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda x: torch.exp(x) * 2.0, tracing_mode="fake")(torch.randn(3))
+    code = gm.code
+    gm, ctx = run_fusion(gm, tmp_path, fusion=False)
+    assert gm.code == code and not ctx.counters

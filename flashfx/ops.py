@@ -5,3 +5,4 @@ its fake implementation and ATen reference); importing this module registers the
 exists whenever flashfx is imported.
 """
 from flashfx.codegen import attention as _attention  # noqa: F401
+from flashfx.codegen import cross_entropy as _cross_entropy  # noqa: F401

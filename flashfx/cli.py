@@ -279,7 +279,7 @@ def _dump_json(graphs: List[Any], report: Any, args: argparse.Namespace) -> Dict
         doc["graphs"] = []
         for g in graphs:
             c = cost_model.graph_cost(g.captured)
-            readable = {k: str(v) for k, v in g.symbol_names.items()}
+            readable = {str(k): str(v) for k, v in g.symbol_names.items()}
             doc["graphs"].append({
                 "index": g.index, "symbols": readable, "code": g.captured.code.strip(),
                 "flops": c.flops_value, "hbm_bytes": c.bytes_value,

@@ -1,0 +1,361 @@
+"""remat: the partitioner never changes results, respects its budget, finds the brute-force optimum on small
+graphs, never recomputes random ops, and declines what it does not understand."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+from torch._functorch.partitioners import default_partition
+
+from flashfx.config import Config
+from flashfx.passes import remat, remat_plan
+from flashfx.passes.remat_plan import Problem, evaluate, normalise, solve
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+class MLP(nn.Module):
+    def __init__(self, d: int = 32, hidden: int = 64, p: float = 0.0) -> None:
+        super().__init__()
+        self.up, self.norm, self.down, self.p = nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.Linear(hidden, d), p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(self.norm(F.gelu(self.up(x))), self.p, self.training)
+        return torch.tanh(self.down(h) * 2.0) + x
+
+
+class Block(nn.Module):
+    """Pre-norm causal transformer block with attention written out (so softmax and the masks are ATen ops)."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.qkv, self.proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ln2, self.fc, self.out = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5
+        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        attn = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        h = x + self.proj((attn @ v).transpose(1, 2).reshape(b, s, d))
+        return h + self.out(F.gelu(self.fc(self.ln2(h))))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = MLP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.mlp, x, use_reentrant=False)
+
+
+def _inputs(shape=(2, 16, 32)) -> torch.Tensor:
+    return torch.randn(*shape, requires_grad=True)
+
+
+# ------------------------------------------------------------------------------------------------- harness
+
+def _compile(model: nn.Module, config: Config | None, dynamic: bool = False):
+    """torch.compile through AOTAutograd with flashfx's partitioner (or the default one when config is None);
+    returns the compiled model, the plan records and the last forward/backward graphs."""
+    records: list = []
+    graphs: dict = {}
+    partition = remat.make_partition_fn(config, records) if config is not None else default_partition
+
+    def keep(stage):
+        def compile_stage(gm, _inputs):
+            graphs[stage] = gm
+            return make_boxed_func(gm)
+        return compile_stage
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                                     partition_fn=partition)
+
+    return torch.compile(model, backend=backend, dynamic=dynamic), records, graphs
+
+
+def _step(fn, model: nn.Module, x: torch.Tensor, seed: int = 1):
+    """Output and every gradient (parameters, then the input) of one forward + backward."""
+    for p in model.parameters():
+        p.grad = None
+    x.grad = None
+    torch.manual_seed(seed)
+    out = fn(x)
+    weights = torch.linspace(-1.0, 1.0, out.numel()).view_as(out)  # a non-uniform upstream gradient
+    (out * weights).sum().backward()
+    return [out.detach().clone()] + [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+
+def _assert_same(got, want, rtol=1e-5, atol=1e-6):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"tensor {i}: {m}")
+
+
+def _saved_activation_bytes(fw: torch.fx.GraphModule, num_user_outputs: int = 1) -> int:
+    """What the forward graph really returns for the backward, graph inputs (primals) excluded."""
+    outs = list(fw.graph.find_nodes(op="output")[0].args[0])[num_user_outputs:]
+    return sum(remat._bytes_of(o) for o in outs if isinstance(o, torch.fx.Node) and o.op != "placeholder"
+               and isinstance(o.meta.get("val"), torch.Tensor))
+
+
+def _analysis_of(model: nn.Module, x: torch.Tensor, compress=None) -> "remat._Analysis":
+    found = []
+
+    def partition(joint, joint_inputs, *, num_fwd_outputs, **kwargs):
+        found.append(remat._analyse(joint, num_fwd_outputs, compress))
+        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+
+    def backend(gm, example_inputs):
+        boxed = lambda g, _inputs: make_boxed_func(g)  # noqa: E731
+        return aot_module_simplified(gm, example_inputs, fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition)
+
+    torch.compile(model, backend=backend)(x).sum().backward()
+    assert len(found) == 1
+    return found[0]
+
+
+def brute_force(p: Problem, budget: float):
+    """The cheapest plan within `budget` by enumerating every choice of the free values."""
+    free = p.free_variables()
+    assert len(free) <= 16, f"{len(free)} free values is too many to enumerate"
+    best = None
+    for mask in range(1 << len(free)):
+        x = [False] * len(p)
+        for k, v in enumerate(free):
+            x[v] = bool(mask >> k & 1)
+        ev = evaluate(p, normalise(p, x))
+        if ev.nbytes <= budget and (best is None or ev.cost < best.cost):
+            best = ev
+    return best
+
+
+# ------------------------------------------------------------------------------------------------- numerics
+
+BUDGETS = [1.0, 0.5, 0.1, 1e-6, 4096, "auto"]
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=[str(b) for b in BUDGETS])
+@pytest.mark.parametrize("make", [MLP, Block], ids=["mlp", "block"])
+def test_remat_never_changes_results(make, budget):
+    model, x = make(), _inputs()
+    want = _step(model, model, x)
+    compiled, records, graphs = _compile(model, Config(remat=budget))
+    got = _step(compiled, model, x)
+    _assert_same(got, want)
+    (plan,) = records
+    assert plan.status == "applied", plan.reason
+    assert plan.activation_bytes <= plan.budget_bytes
+    assert plan.activation_bytes <= plan.activation_bytes_no_remat
+    # The prediction is what the forward graph really hands to the backward.
+    assert _saved_activation_bytes(graphs["forward"]) == plan.activation_bytes
+    if budget in (1.0, "auto"):  # CPU: "auto" has no free-memory query and keeps everything
+        assert plan.recomputed == [] and plan.extra_flops == 0
+        assert plan.activation_bytes == plan.activation_bytes_no_remat
+    if budget == 1e-6:
+        assert plan.activation_bytes == plan.min_activation_bytes == 0  # everything recomputed from the inputs
+        assert plan.extra_flops > 0
+    assert plan.solver["optimal"]
+    assert set(plan.as_dict()) >= {"saved", "recomputed", "activation_bytes", "activation_bytes_no_remat",
+                                   "budget_bytes", "extra_flops", "peak_bytes"}
+    assert "saves" in plan.text()
+
+
+def test_smaller_budgets_save_less_and_recompute_more():
+    x = _inputs()
+    plans = []
+    for budget in (1.0, 0.6, 0.3, 1e-6):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Block()
+        compiled, records, _ = _compile(model, Config(remat=budget))
+        _step(compiled, model, x)
+        plans.append(records[0])
+    saved = [p.activation_bytes for p in plans]
+    flops = [p.extra_flops for p in plans]
+    assert saved == sorted(saved, reverse=True) and saved[0] > saved[-1]
+    assert flops == sorted(flops) and flops[0] == 0 < flops[-1]
+
+
+def test_cheap_pointwise_values_are_recomputed_before_matmuls():
+    # Realistic sizes (a GPT-2-medium-wide block, 2048 tokens) on the meta device: only the plan is computed.
+    model = Block(d=1024, heads=8).to("meta")
+    a = _analysis_of(model, torch.randn(4, 512, 1024, device="meta", requires_grad=True))
+    p = a.problem
+    baseline = evaluate(a.raw, normalise(a.raw, [v not in a.fwd_required for v in range(len(p))]))
+    plan = solve(p, 0.8 * baseline.nbytes).plan
+    recomputed = {p.names[v] for v in range(len(p)) if plan.recompute[v] and p.cost[v] > 0}
+    assert recomputed == {"gelu"}  # 20% of the bytes: the MLP activation, recomputed from the saved fc output
+    everything = solve(p, 0.0).plan
+    assert {"addmm", "bmm", "_softmax"} <= {p.names[v] for v in range(len(p)) if everything.recompute[v]}
+
+
+def test_dynamic_sizes():
+    model, x = MLP(), _inputs()
+    want = _step(model, model, x)
+    compiled, records, _ = _compile(model, Config(remat=0.3), dynamic=True)
+    _assert_same(_step(compiled, model, x), want)
+    x2 = _inputs((3, 5, 32))
+    _assert_same(_step(compiled, model, x2), _step(model, model, x2))
+    assert records and all(p.status == "applied" for p in records)
+    assert records[0].extra_flops > 0
+
+
+# ------------------------------------------------------------------------------------------------- the solver
+
+@pytest.mark.parametrize("make", [MLP, lambda: MLP(p=0.3)], ids=["mlp", "mlp_dropout"])
+def test_plan_is_the_brute_force_optimum_on_model_graphs(make):
+    model = make()
+    a = _analysis_of(model, _inputs())
+    p = a.problem
+    fastest = solve(p, math.inf).plan
+    smallest = solve(p, 0.0).smallest
+    for f in (0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0):
+        budget = smallest.nbytes + f * (fastest.nbytes - smallest.nbytes)
+        got = solve(p, budget)
+        want = brute_force(p, budget)
+        assert got.plan.nbytes <= budget
+        assert got.plan.cost == pytest.approx(want.cost, rel=1e-9, abs=1e-15), (f, got.plan, want)
+        assert got.optimal
+
+
+def _random_problem(rng: random.Random, n: int) -> Problem:
+    inputs = [sorted(rng.sample(range(v), min(v, rng.choice([0, 1, 1, 2, 3])))) for v in range(n)]
+    cost = [0.0 if rng.random() < 0.2 else rng.uniform(0.1, 10.0) for _ in range(n)]
+    pinned = [rng.random() < 0.1 for _ in range(n)]
+    nbytes = [math.inf if rng.random() < 0.15 and not pinned[v] else float(rng.randint(1, 100)) for v in range(n)]
+    bw_used = [rng.random() < 0.4 for _ in range(n)]
+    return Problem([f"v{v}" for v in range(n)], cost, [1] * n, nbytes, inputs, bw_used, pinned)
+
+
+def test_plan_is_the_brute_force_optimum_on_random_graphs():
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(60):
+        p = _random_problem(rng, rng.randint(4, 11))
+        try:
+            top = solve(p, math.inf)
+        except ValueError:
+            continue  # a needed value that is both pinned-out and unsaveable: no plan exists
+        lo, hi = top.smallest.nbytes, top.fastest.nbytes
+        for f in (0.0, 0.3, 0.7):
+            budget = lo + f * (hi - lo)
+            got, want = solve(p, budget), brute_force(p, budget)
+            assert remat_plan.valid(p, got.plan.recompute)
+            assert got.plan.nbytes <= budget
+            assert got.plan.cost == pytest.approx(want.cost, rel=1e-9, abs=1e-12)
+            assert got.optimal and got.lower_bound <= want.cost + 1e-9
+            checked += 1
+    assert checked > 100
+
+
+def test_infeasible_budget_returns_the_smallest_plan():
+    # v0 (pinned, 50 B) feeds v1 which the backward reads: v0 must be saved whatever the budget.
+    p = Problem(["v0", "v1"], [1.0, 1.0], [1, 1], [50.0, 80.0], [[], [0]], [False, True], [True, False])
+    s = solve(p, 10.0)
+    assert not s.feasible and s.plan.nbytes == 50.0 and s.plan.recompute == [False, True]
+
+
+# ------------------------------------------------------------------------------------------------- safety
+
+def test_dropout_is_never_recomputed():
+    model, x = MLP(p=0.5), _inputs()
+    reference, _, _ = _compile(model, None)
+    want = _step(reference, model, x, seed=3)
+    torch._dynamo.reset()
+    compiled, records, graphs = _compile(model, Config(remat=1e-6))
+    got = _step(compiled, model, x, seed=3)
+    _assert_same(got, want)
+    (plan,) = records
+    assert plan.status == "over_budget"
+    assert "native_dropout" in plan.reason and "cannot be recomputed" in plan.reason
+    random_ops = [n for n in graphs["backward"].graph.nodes
+                  if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags]
+    assert random_ops == []
+    assert plan.activation_bytes == plan.min_activation_bytes > 0
+    assert any(n.startswith("getitem") for n, _ in plan.saved)  # the dropout output and mask
+    assert plan.extra_flops > 0  # everything else is recomputed
+
+
+def test_activation_checkpoint_tags_decline_to_the_default_partition():
+    model, x = Checkpointed(), _inputs()
+    want = _step(model, model, x)
+    compiled, records, _ = _compile(model, Config(remat=0.5))
+    _assert_same(_step(compiled, model, x), want)
+    (plan,) = records
+    assert plan.status == "declined" and "checkpoint" in plan.reason
+    assert "declined" in plan.text()
+
+
+def test_full_recompute_lowers_the_predicted_peak():
+    model, x = MLP(d=64, hidden=256), _inputs((4, 32, 64))
+    compiled, records, _ = _compile(model, Config(remat=1e-6))
+    _step(compiled, model, x)
+    (plan,) = records
+    assert 0 < plan.peak_bytes < plan.peak_bytes_no_remat
+
+
+def test_recomputed_values_move_next_to_their_first_use():
+    graph = torch.fx.Graph()
+    a = graph.placeholder("primals_1")
+    tangent = graph.placeholder("tangents_1")
+    recomputed = graph.call_function(torch.ops.aten.relu.default, (a,))
+    g1 = graph.call_function(torch.ops.aten.mul.Tensor, (tangent, 2.0))
+    g2 = graph.call_function(torch.ops.aten.mul.Tensor, (g1, recomputed))
+    graph.output((g2,))
+    bw = torch.fx.GraphModule(torch.nn.Module(), graph)
+    remat._schedule_recompute_late(bw)
+    assert [n.name for n in bw.graph.nodes if n.op == "call_function"] == [g1.name, recomputed.name, g2.name]
+    t = torch.randn(5)
+    torch.testing.assert_close(bw(t, t)[0], t * 2.0 * t.relu())
+
+
+def test_make_partition_fn_needs_a_budget():
+    with pytest.raises(ValueError, match="remat"):
+        remat.make_partition_fn(Config(), [])
+
+
+# ------------------------------------------------------------------------------------------------- fp8
+
+@pytest.mark.skipif(getattr(torch, "float8_e4m3fn", None) is None, reason="no float8_e4m3fn in this torch")
+def test_fp8_saved_activations():
+    model, x = MLP(d=64, hidden=128), _inputs((2, 32, 64))
+    want = _step(model, model, x)
+    compiled, records, graphs = _compile(model, Config(remat=1.0, remat_compress="fp8"))
+    got = _step(compiled, model, x)
+    (plan,) = records
+    assert plan.compressed and plan.compress == "fp8"
+    assert any("fp8" in note for note in plan.notes)
+    assert plan.activation_bytes < plan.activation_bytes_no_remat / 2  # 1 byte per element instead of 4
+    saved_dtypes = {o.meta["val"].dtype for o in graphs["forward"].graph.find_nodes(op="output")[0].args[0][1:]
+                    if isinstance(o.meta.get("val"), torch.Tensor)}
+    assert torch.float8_e4m3fn in saved_dtypes
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)  # the forward is exact
+    for g, w in zip(got[1:], want[1:]):  # gradients see fp8 activations: close, not equal
+        rel = ((g - w).norm() / w.norm()).item()
+        assert rel < 0.1, rel
+    assert any(not torch.equal(g, w) for g, w in zip(got[1:], want[1:]))
+
+
+# ------------------------------------------------------------------------------------------------- the compiler
+
+def test_through_the_flashfx_backend():
+    from flashfx.compiler import Compiler
+
+    model, x = Block(), _inputs()
+    want = _step(model, model, x)
+    backend = Compiler(Config(remat=0.3, fusion=False, attention="off", cross_entropy=False))
+    compiled = torch.compile(model, backend=backend)
+    _assert_same(_step(compiled, model, x), want)
+    plans = [p for report in backend.reports for p in report.remat]
+    assert len(plans) == 1 and plans[0].status == "applied" and plans[0].extra_flops > 0

@@ -35,6 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from flashfx.rewriter import cost as cost_model
+from flashfx.rewriter.capture import name_symbols
 from flashfx.rewriter.matcher import (arg, depends_on, erase_dead, insert_node, is_call, is_dtype_cast, is_number,
                                       normalize_dim, same_shape, same_size, single_user, tensor)
 from flashfx.rewriter.pass_manager import PassContext, PassResult
@@ -476,6 +477,8 @@ def _match_explicit(softmax: fx.Node) -> Optional[Site]:
                 q = folded[0]
             else:
                 k_t = folded[0]
+    if depends_on(site.v, scores):
+        raise Decline(pv, "v is computed from the scores")
     site.q, site.k = q, ("swap_last", k_t)
     return site
 
@@ -728,8 +731,9 @@ def _combine_masks(site: Site, call: Callable[..., fx.Node]) -> Optional[fx.Node
     terms = []
     for kind, mask in site.masks:
         kind = kind.replace("_finite", "")
-        if kind == "masked":
-            mask = call(torch.logical_not, mask)
+        if kind == "masked":  # the op wants True = attend: undo a `~m` instead of adding a second negation
+            negated = is_call(mask, (torch.logical_not, operator.invert), ("logical_not", "__invert__"))
+            mask = mask.args[0] if negated and tensor(mask.args[0]).dtype == torch.bool else call(torch.logical_not, mask)
             kind = "attend"
         terms.append((kind, mask))
     if not terms:
@@ -773,31 +777,48 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if op is None:
                 raise Decline(node, "torch.ops.flashfx.attention is not registered (flashfx.ops failed to import)")
             before = _bytes(gm, site.nodes if isinstance(site, Site) else [node])
-            if isinstance(site, dict):  # nn.MultiheadAttention: built from its arguments
-                new, site_obj = _emit_mha(graph, node, site, op)
+            if isinstance(site, Site):
+                _check_and_prepare(site)
+            existing = set(graph.nodes)
+            try:
+                if isinstance(site, dict):  # nn.MultiheadAttention: rebuilt from its arguments
+                    new, site = _emit_mha(graph, node, site, op)
+                else:
+                    new = _emit(graph, site, op)
+            except Exception:
+                _erase_new(graph, existing)  # leave the graph exactly as it was
+                raise
+            if site.form == "mha":
                 for user in list(node.users):
                     if user.args[1] == 0:
                         user.replace_all_uses_with(new)
                     graph.erase_node(user)
-                site = site_obj
             else:
-                _check_and_prepare(site)
-                new = _emit(graph, site, op)
                 site.out.replace_all_uses_with(new)
         except Decline as d:
             ctx.decline(PASS, d.node if isinstance(d.node, fx.Node) else node, d.reason)
+            continue
+        except Exception as e:  # a graph the matcher does not understand: never crash the compile
+            ctx.decline(PASS, node, f"could not rewrite ({type(e).__name__}: {e})")
             continue
         erase_dead(graph, [site.out, *site.nodes])
         changed = True
         ctx.count(f"{PASS}.replaced")
         ctx.count(f"{PASS}.{site.form}")
         after = _bytes(gm, [new])
+        names = name_symbols(gm)
         ctx.notes.append(f"{new.name} ({site.form}{', causal' if site.is_causal else ''}): HBM bytes "
-                         f"{before} -> {after}" + "".join(f"; {n}" for n in site.notes))
+                         f"{before.subs(names)} -> {after.subs(names)}" + "".join(f"; {n}" for n in site.notes))
     if changed:
         graph.lint()
         gm.recompile()
     return PassResult(gm, changed)
+
+
+def _erase_new(graph: fx.Graph, existing: set) -> None:
+    for n in reversed(list(graph.nodes)):
+        if n not in existing and not n.users:
+            graph.erase_node(n)
 
 
 def _bytes(gm: fx.GraphModule, nodes: List[fx.Node]) -> Any:

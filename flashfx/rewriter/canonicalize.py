@@ -138,7 +138,7 @@ def _permute(node: fx.Node) -> Optional[Call]:
     inner = _permute_dims(x) if isinstance(x, fx.Node) and _is_canonical_permute(x) else None
     if inner is not None:  # permute(permute(y, a), b) == permute(y, a[b])
         x, dims = inner[0], tuple(inner[1][d] for d in dims)
-    if _is_canonical_permute(node) and x is node.args[0]:
+    if _is_canonical_permute(node) and x is node.args[0] and node.args[1:] == (dims,) and not node.kwargs:
         return None
     return ("call_function", torch.permute, (x, dims), {})
 

@@ -1,0 +1,562 @@
+"""`flashfx bench`: run one workload or all, write JSON lines, regenerate docs/benchmarks.md and its plots.
+
+    python bench/run.py                          # every workload, every provider (long)
+    python bench/run.py --quick                  # the suite in one ~10-minute GPU call
+    python bench/run.py llama-train --providers eager,compile,flashfx
+    python bench/run.py --device cpu --tiny      # smoke test of the harness on tiny models (numbers meaningless)
+    python bench/run.py --render bench/results/*.jsonl   # regenerate the doc from measured results only
+
+On a GPU each workload runs in its own child process (providers side by side inside it), so a provider that
+kills its CUDA context or the process costs only itself: the parent records it and restarts the child for the
+providers left. Exit codes: 0 done (failed providers are results, not errors), 2 usage error or no CUDA GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a file: make `bench` importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKLOAD_MODULES = ("bench.train_step", "bench.prefill", "bench.encoders", "bench.decode")
+# Other engineers' scripts: run as they are, in a subprocess, when present (`all` in full mode only).
+EXTERNAL = {"attention": "bench/attention.py", "fusion": "bench/fusion.py", "cross-entropy": "bench/cross_entropy.py"}
+DOC_BEGIN = "<!-- BEGIN GENERATED: bench/run.py suite (do not edit by hand) -->"
+DOC_END = "<!-- END GENERATED: bench/run.py suite -->"
+QUICK_BUDGET_S = 540.0
+# Quick mode re-compiles with warm caches only for these (a warm re-compile of every provider would double it).
+QUICK_WARM_COMPILE = ("compile", "flashfx")
+
+
+def workloads() -> Dict[str, common.Workload]:
+    found: Dict[str, common.Workload] = {}
+    for name in WORKLOAD_MODULES:
+        found.update(importlib.import_module(name).WORKLOADS)
+    return found
+
+
+# ----------------------------------------------------------------------------------------- arguments
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    known = list(workloads()) + list(EXTERNAL)
+    ap = argparse.ArgumentParser(prog="flashfx bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workloads", nargs="*", default=["all"], metavar="WORKLOAD",
+                    help=f"one or more of: {', '.join(known)}, or 'all' (default)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and providers; fits one 10-minute call")
+    ap.add_argument("--providers", help=f"comma list (default: the workload's own); known: "
+                                        f"{', '.join(common.PROVIDERS)}")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="tiny model sizes: tests the harness, not the speed")
+    ap.add_argument("--out", help="JSON-lines file to append to (default bench/results/suite-<date>[-quick].jsonl)")
+    ap.add_argument("--docs", default=os.path.join(REPO, "docs", "benchmarks.md"), help="markdown file to update")
+    ap.add_argument("--img-dir", default=os.path.join(REPO, "docs", "img"), help="where the PNG plots go")
+    ap.add_argument("--no-docs", action="store_true", help="write JSON lines only")
+    ap.add_argument("--render", nargs="+", metavar="JSONL", help="regenerate the docs from these files; run nothing")
+    ap.add_argument("--budget-s", type=float, help=f"total wall-time budget (default {QUICK_BUDGET_S:.0f} with "
+                                                   "--quick): providers that cannot fit are recorded as skipped")
+    ap.add_argument("--warmup", type=int, help="warm-up calls per provider (default by workload and mode)")
+    ap.add_argument("--repeat", type=int, help="timed calls per provider (default by workload and mode)")
+    ap.add_argument("--no-warm-compile", action="store_true", help="skip the re-compile with warm caches")
+    ap.add_argument("--no-isolate", action="store_true", help="run workloads in this process (default off CUDA)")
+    ap.add_argument("--isolate", action="store_true", help="one child process per workload (default on CUDA)")
+    ap.add_argument("--list", action="store_true", help="list workloads and providers, run nothing")
+    # Internal: the parent starts children with these.
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--run-id", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--ceilings", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    for w in args.workloads:
+        if w != "all" and w not in known:
+            raise common.BenchError(f"unknown workload {w!r}; choose from: {', '.join(known)}, all")
+    for n, v in (("--warmup", args.warmup), ("--repeat", args.repeat)):
+        if v is not None and v < (0 if n == "--warmup" else 1):
+            raise common.BenchError(f"{n} {v} is too small; use {n} {'0' if n == '--warmup' else '1'} or more")
+    return args
+
+
+def selected(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
+    """(own workloads, external scripts) to run, in the order given."""
+    names = args.workloads
+    own = list(workloads())
+    if "all" in names:
+        present = [n for n, path in EXTERNAL.items() if os.path.exists(os.path.join(REPO, path))]
+        return own, ([] if args.quick or args.tiny else present)
+    return [n for n in names if n in own], [n for n in names if n in EXTERNAL]
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.list:
+            return _list()
+        if args.render:
+            records = [r for path in args.render for r in common.read_jsonl(path)]
+            return _render(records, args)
+        device = common.require_device(args.device)
+        if args.child:
+            return _child(args, device)
+        return _parent(args, device)
+    except common.BenchError as e:
+        print(f"flashfx bench: {e}", file=sys.stderr)
+        return common.EXIT_NO_CUDA
+
+
+def _list() -> int:
+    for name, wl in workloads().items():
+        print(f"{name:15s} {wl.describe}\n{'':15s} providers: {', '.join(wl.providers)}\n"
+              f"{'':15s} --quick:   {', '.join(wl.quick_providers)}")
+    for name, path in EXTERNAL.items():
+        print(f"{name:15s} {path} ({'present' if os.path.exists(os.path.join(REPO, path)) else 'absent'})")
+    print("\nproviders:")
+    for p in common.PROVIDERS.values():
+        print(f"  {p.name:22s} {p.describe}")
+    return 0
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    tag = "-tiny" if args.tiny else ("-quick" if args.quick else "")
+    return os.path.join(REPO, "bench", "results", f"suite-{common.today()}{tag}.jsonl")
+
+
+def _parent(args: argparse.Namespace, device: Any) -> int:
+    out = args.out or _default_out(args)
+    run_id = args.run_id or datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    own, external = selected(args)
+    budget = args.budget_s if args.budget_s is not None else (QUICK_BUDGET_S if args.quick else None)
+    start = time.time()
+    progress = common.Progress()
+    meta = {"type": "run", "run_id": run_id, "device": common.device_name(device), "date": common.today(),
+            "versions": common.versions(), "quick": args.quick, "tiny": args.tiny, "argv": list(sys.argv[1:]),
+            "budget_s": budget}
+    common.append_jsonl(out, meta)
+    progress.update("measuring the card's ceilings (bf16 matmul, device copy)")
+    ceilings = common.measure_ceilings(device, quick=args.quick)
+    common.append_jsonl(out, {"type": "ceilings", "run_id": run_id, **ceilings})
+    isolate = args.isolate or (device.type == "cuda" and not args.no_isolate)
+    table = workloads()
+    shares = {n: table[n].share for n in own}
+    for i, name in enumerate(own):
+        deadline = None
+        if budget is not None:
+            left = budget - (time.time() - start)
+            deadline = time.time() + left * shares[name] / sum(shares[n] for n in own[i:])
+        providers = [p for p in common.parse_providers(args.providers, _default_providers(table[name], args))]
+        progress.update(f"{name}: {len(providers)} providers")
+        if isolate:
+            _run_isolated(name, providers, args, out, run_id, deadline, ceilings)
+        else:
+            _run_in_process(name, providers, args, device, out, run_id, deadline, ceilings, progress)
+    for name in external:
+        _run_external(name, out, run_id, progress)
+    progress.done()
+    if not args.no_docs:
+        records = [r for r in common.read_jsonl(out) if r.get("run_id") == run_id]
+        _render(records, args)
+    print(summary_text([r for r in common.read_jsonl(out) if r.get("run_id") == run_id]))
+    print(f"results: {out}", file=sys.stderr)
+    return 0
+
+
+def _default_providers(wl: common.Workload, args: argparse.Namespace) -> Sequence[str]:
+    if args.tiny and args.device == "cpu":
+        # On a CPU smoke test Inductor needs a C++ toolchain and minutes: the harness is what is tested.
+        return [p for p in wl.quick_providers if not common.PROVIDERS[p].name.startswith("compile")]
+    return wl.quick_providers if args.quick else wl.providers
+
+
+def _options(args: argparse.Namespace, device: Any, deadline: Optional[float], name: str) -> common.Options:
+    return common.Options(device=device, quick=args.quick, tiny=args.tiny, warmup=args.warmup, repeat=args.repeat,
+                          warm_compile=not args.no_warm_compile,
+                          warm_compile_only=QUICK_WARM_COMPILE if args.quick else None,
+                          deadline=deadline, est_scale=workloads()[name].est_scale, progress=common.Progress())
+
+
+def _run_in_process(name: str, providers: Sequence[str], args: argparse.Namespace, device: Any, out: str,
+                    run_id: str, deadline: Optional[float], ceilings: Dict[str, float],
+                    progress: common.Progress) -> None:
+    def emit(record: Dict[str, Any]) -> None:
+        common.append_jsonl(out, {"type": "result" if record.get("status") != "started" else "event",
+                                  "run_id": run_id, **record})
+    opts = _options(args, device, deadline, name)
+    progress.update(f"{name}: building the model")
+    try:
+        case = workloads()[name].build(opts)
+    except Exception as exc:  # noqa: BLE001  (a workload that cannot build is a result for every provider)
+        for p in providers:
+            emit({"workload": name, "provider": p, "status": "failed", "error": f"build: {common.one_line(exc)}"})
+        return
+    emit({"workload": name, "provider": "-", "status": "started", "describe": case.describe,
+          "flops": case.flops, "bytes": case.bytes, "tokens": case.tokens, "items": case.items})
+    common.run_case(case, providers, opts, ceilings, emit)
+    del case
+    common.free_memory(device)
+
+
+def _child(args: argparse.Namespace, device: Any) -> int:
+    ceilings = json.loads(args.ceilings) if args.ceilings else {}
+    providers = common.parse_providers(args.providers, [])
+    for name in args.workloads:
+        _run_in_process(name, providers, args, device, args.out, args.run_id, args.deadline, ceilings,
+                        common.Progress())
+    return 0
+
+
+def _run_isolated(name: str, providers: Sequence[str], args: argparse.Namespace, out: str, run_id: str,
+                  deadline: Optional[float], ceilings: Dict[str, float]) -> None:
+    """The workload in child processes; a child that dies costs the provider it was running, then the rest
+    go on in a fresh child."""
+    remaining = list(providers)
+    for _attempt in range(len(providers) + 1):
+        if not remaining:
+            return
+        cmd = [sys.executable, os.path.join(REPO, "bench", "run.py"), name, "--child", "--out", out,
+               "--run-id", run_id, "--providers", ",".join(remaining), "--device", args.device,
+               "--ceilings", json.dumps(common.jsonable(ceilings))]
+        cmd += ["--quick"] if args.quick else []
+        cmd += ["--tiny"] if args.tiny else []
+        cmd += ["--no-warm-compile"] if args.no_warm_compile else []
+        cmd += ["--deadline", repr(deadline)] if deadline is not None else []
+        cmd += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+        cmd += ["--repeat", str(args.repeat)] if args.repeat is not None else []
+        timeout = None if deadline is None else max(deadline - time.time(), 0) + 60  # grace: the last provider
+        rc, tail, timed_out = _spawn(cmd, timeout)
+        records = [r for r in common.read_jsonl(out) if r.get("run_id") == run_id and r.get("workload") == name]
+        finished = {r["provider"] for r in records if r.get("type") == "result"}
+        started = [r["provider"] for r in records if r.get("type") == "event" and r.get("provider") in remaining]
+        crashed = [p for p in started if p not in finished]
+        for p in crashed[-1:]:
+            why = "killed at the time budget" if timed_out else f"process died (exit {rc})"
+            last = next((line.strip() for line in reversed(tail) if line.strip()), "")
+            common.append_jsonl(out, {"type": "result", "run_id": run_id, "workload": name, "provider": p,
+                                      "status": "failed", "describe": common.PROVIDERS[p].describe,
+                                      "error": f"{why}: {last[:160]}"})
+            finished.add(p)
+        remaining = [p for p in remaining if p not in finished]
+        if timed_out or (rc == 0 and remaining and not crashed):
+            for p in remaining:
+                common.append_jsonl(out, {"type": "result", "run_id": run_id, "workload": name, "provider": p,
+                                          "status": "skipped", "describe": common.PROVIDERS[p].describe,
+                                          "error": "time budget spent" if timed_out else "not run"})
+            return
+
+
+def _spawn(cmd: List[str], timeout: Optional[float]) -> Tuple[int, List[str], bool]:
+    """Run a child, echo its stderr, keep the last lines; kill it at `timeout` seconds."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        proc.kill()
+    timer = threading.Timer(timeout, kill) if timeout is not None else None
+    if timer:
+        timer.start()
+    tail: collections.deque = collections.deque(maxlen=30)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        tail.append(line)
+    rc = proc.wait()
+    if timer:
+        timer.cancel()
+    return rc, list(tail), killed.is_set()
+
+
+def _run_external(name: str, out: str, run_id: str, progress: common.Progress) -> None:
+    """Another engineer's script, as its author runs it (it writes its own results and doc section)."""
+    path = os.path.join(REPO, EXTERNAL[name])
+    progress.update(f"{name}: {EXTERNAL[name]}")
+    env = {**os.environ, "OUT": os.path.dirname(os.path.abspath(out))}
+    rc = subprocess.call([sys.executable, path], cwd=REPO, env=env)
+    common.append_jsonl(out, {"type": "external", "run_id": run_id, "workload": name, "script": EXTERNAL[name],
+                              "exit_code": rc})
+
+
+# ----------------------------------------------------------------------------------------- results → text
+
+def latest(records: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Any], Dict[str, float],
+                                                       Dict[str, Dict[str, Dict[str, Any]]],
+                                                       Dict[str, Dict[str, Any]]]:
+    """(run meta, ceilings, {workload: {provider: result}}, {workload: case info}); later records win."""
+    meta: Dict[str, Any] = {}
+    ceilings: Dict[str, float] = {}
+    results: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    cases: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        kind = r.get("type")
+        if kind == "run":
+            meta = r
+        elif kind == "ceilings":
+            ceilings = r
+        elif kind == "event" and r.get("provider") == "-":
+            cases[r["workload"]] = r
+        elif kind == "result":
+            results.setdefault(r["workload"], {})[r["provider"]] = r
+    return meta, ceilings, results, cases
+
+
+def _is_flashfx(provider: str) -> bool:
+    return provider.startswith("flashfx")
+
+
+def workload_table(workload: str, rows: Dict[str, Dict[str, Any]]) -> str:
+    """One markdown table: a row per provider, fastest time and lowest peak in bold, failures in one line."""
+    ok = {p: r for p, r in rows.items() if r.get("status") == "ok"}
+    fastest = min(ok, key=lambda p: ok[p]["ms"]) if ok else None
+    peaks = {p: r["peak_gb"] for p, r in ok.items() if r.get("peak_gb") is not None}
+    leanest = min(peaks, key=peaks.get) if peaks else None
+    training = any("loss" in r for r in ok.values())
+    rate = "tok/s" if any("tokens_per_s" in r for r in ok.values()) else "img/s"
+    bandwidth = any("gbps" in r for r in ok.values())
+    headers = ["provider", "ms (p20–p80)", rate, "TFLOP/s (MFU)"] + (["GB/s (of copy)"] if bandwidth else []) + [
+        "peak GB", "compile s cold / warm", "loss (rel err) / grad rel err" if training else "max rel err vs eager"]
+    body = []
+    for p, r in rows.items():
+        if r.get("status") != "ok":
+            cells = [p, f"{r.get('status')}: {r.get('error', '')}"] + [""] * (len(headers) - 2)
+            body.append(cells)
+            continue
+        ms = f"{r['ms']:.2f} ({r['ms_p20']:.2f}–{r['ms_p80']:.2f})"
+        ms = f"**{ms}**" if p == fastest else ms
+        tput = r.get("tokens_per_s") if rate == "tok/s" else r.get("items_per_s")
+        tput_s = common.fmt(tput, 1, "k") if tput and tput >= 1e4 else common.fmt(tput, 1)
+        tf = common.fmt(r.get("tflops"), 1)
+        if r.get("mfu") is not None:
+            tf += f" ({100 * r['mfu']:.0f}%)"
+        peak = common.fmt(r.get("peak_gb"), 2)
+        peak = f"**{peak}**" if p == leanest else peak
+        comp = "—"
+        if r.get("compile_s_cold") is not None:
+            comp = f"{r['compile_s_cold']:.1f} / {common.fmt(r.get('compile_s_warm'), 1)}"
+        if training:
+            num = f"{common.fmt(r.get('loss'), 4)}"
+            if r.get("loss_rel_err") is not None:
+                num += f" ({common.fmt_err(r['loss_rel_err'])}) / {common.fmt_err(r.get('grad_rel_err'))}"
+            else:
+                num += " (reference)"
+        else:
+            num = common.fmt_err(r.get("max_rel_err")) if "max_rel_err" in r else "reference"
+        cells = [p, ms, tput_s, tf]
+        if bandwidth:
+            gb = common.fmt(r.get("gbps"), 0)
+            if r.get("bw_frac") is not None:
+                gb += f" ({100 * r['bw_frac']:.0f}%)"
+            cells.append(gb)
+        body.append(cells + [peak, comp, num])
+    return common.markdown_table(headers, body)
+
+
+def verdicts(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
+    """Plain sentences: per workload, flashfx's best against the best of the rest, and what failed."""
+    lines = []
+    for wl, rows in results.items():
+        ok = {p: r for p, r in rows.items() if r.get("status") == "ok"}
+        fx = {p: r for p, r in ok.items() if _is_flashfx(p)}
+        peers = {p: r for p, r in ok.items() if not _is_flashfx(p)}
+        broken = [p for p, r in rows.items() if _is_flashfx(p) and r.get("status") == "failed"]
+        if not fx:
+            what = "failed" if broken else "was not run"
+            lines.append(f"- **{wl}**: flashfx {what} here, so it loses by default"
+                         + (f" ({', '.join(broken)} failed)." if broken else "."))
+            continue
+        best_fx = min(fx, key=lambda p: fx[p]["ms"])
+        text = f"- **{wl}**: best flashfx variant `{best_fx}` {fx[best_fx]['ms']:.2f} ms"
+        if peers:
+            best = min(peers, key=lambda p: peers[p]["ms"])
+            ratio = fx[best_fx]["ms"] / peers[best]["ms"]
+            word = "slower" if ratio > 1.0 else "faster"
+            factor = ratio if ratio > 1.0 else 1.0 / ratio
+            text += f" vs `{best}` {peers[best]['ms']:.2f} ms: {factor:.2f}× {word}"
+            text += " — **flashfx loses**" if ratio > 1.02 else ""
+            mem_fx = [(r["peak_gb"], p) for p, r in fx.items() if r.get("peak_gb") is not None]
+            mem_peer = [(r["peak_gb"], p) for p, r in peers.items() if r.get("peak_gb") is not None]
+            if mem_fx and mem_peer:
+                (m_fx, p_fx), (m_peer, p_peer) = min(mem_fx), min(mem_peer)
+                text += (f"; lowest peak memory: flashfx `{p_fx}` {m_fx:.2f} GB vs `{p_peer}` {m_peer:.2f} GB"
+                         + (" (flashfx loses)" if m_fx > m_peer * 1.02 else ""))
+        if broken:
+            text += f". Failed: {', '.join(broken)}"
+        lines.append(text + ".")
+    return lines
+
+
+def issue5_targets(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
+    """Issue 5's targets on the Llama training step: peak ≤ 7.0 GB at a step time ≤ torch.compile's."""
+    rows = results.get("llama-train", {})
+    compiled = rows.get("compile", {})
+    fx = {p: r for p, r in rows.items() if _is_flashfx(p) and r.get("status") == "ok" and r.get("peak_gb")}
+    if compiled.get("status") != "ok" or not fx:
+        return ["- Issue 5 (Llama training memory): not measurable in this run (needs `compile` and a flashfx "
+                "variant to succeed)."]
+    out = []
+    for p, r in fx.items():
+        mem_ok = r["peak_gb"] <= 7.0
+        time_ok = r["ms"] <= compiled["ms"]
+        out.append(f"- `{p}`: peak {r['peak_gb']:.2f} GB ({'meets' if mem_ok else 'misses'} ≤ 7.0 GB), step "
+                   f"{r['ms']:.2f} ms vs torch.compile {compiled['ms']:.2f} ms ({'meets' if time_ok else 'misses'}"
+                   f" ≤ compile); loss rel err {common.fmt_err(r.get('loss_rel_err'))}, grad rel err "
+                   f"{common.fmt_err(r.get('grad_rel_err'))}.")
+    return out
+
+
+def render_section(records: Sequence[Dict[str, Any]], img_rel: Optional[Dict[str, str]] = None) -> str:
+    """The generated part of docs/benchmarks.md, from JSON-lines records."""
+    meta, ceilings, results, cases = latest(records)
+    v = meta.get("versions", {})
+    mode = "tiny smoke test (numbers meaningless)" if meta.get("tiny") else ("--quick" if meta.get("quick") else
+                                                                             "full")
+    lines = [DOC_BEGIN, "",
+             f"Run `{meta.get('run_id', '?')}` ({mode}) on **{meta.get('device', '?')}**, {meta.get('date', '?')}: "
+             f"torch {v.get('torch')}, Triton {v.get('triton')}, transformers {v.get('transformers')}, "
+             f"liger-kernel {v.get('liger_kernel') or 'absent'}, CUDA {v.get('cuda')}.",
+             ""]
+    if ceilings:
+        lines.append(f"Ceilings measured in the same run: bf16 dense matmul (8192³) "
+                     f"**{common.fmt(ceilings.get('matmul_tflops'), 0)} TFLOP/s**, device copy (read + write) "
+                     f"**{common.fmt(ceilings.get('copy_gbps'), 0)} GB/s**. MFU = achieved TFLOP/s over the first.")
+        lines.append("")
+    lines += ["### Where flashfx stands", ""] + verdicts(results) + [""]
+    if "llama-train" in results:
+        lines += ["### Issue 5 targets (Llama training step)", ""] + issue5_targets(results) + [""]
+    for wl, rows in results.items():
+        case = cases.get(wl, {})
+        lines += [f"### {wl}", "", case.get("describe", ""), ""]
+        if case.get("flops"):
+            lines.append(f"FLOPs per step (formula in bench/): {_si(case['flops'])}FLOP"
+                         + (f"; minimum HBM bytes: {_si(case['bytes'])}B" if case.get("bytes") else "") + ".")
+            lines.append("")
+        lines += [workload_table(wl, rows), ""]
+        if img_rel and wl in img_rel:
+            lines += [f"![{wl}: time and peak memory per provider]({img_rel[wl]})", ""]
+    lines.append(DOC_END)
+    return "\n".join(lines)
+
+
+def _si(x: float) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}"
+    return f"{x:.3g} "
+
+
+def summary_text(records: Sequence[Dict[str, Any]]) -> str:
+    """The short table printed at the end of a run (what a GPU call's output tail shows)."""
+    _, ceilings, results, _ = latest(records)
+    out = [f"ceilings: matmul {common.fmt(ceilings.get('matmul_tflops'), 0)} TFLOP/s, copy "
+           f"{common.fmt(ceilings.get('copy_gbps'), 0)} GB/s"]
+    for wl, rows in results.items():
+        for p, r in rows.items():
+            if r.get("status") == "ok":
+                out.append(f"{wl:14s} {p:20s} {r['ms']:9.2f} ms  peak {common.fmt(r.get('peak_gb'), 2):>6s} GB  "
+                           f"compile {common.fmt(r.get('compile_s_cold'), 1):>5s}s  "
+                           f"err {common.fmt_err(r.get('max_rel_err', r.get('loss_rel_err')))}")
+            else:
+                out.append(f"{wl:14s} {p:20s} {r.get('status')}: {r.get('error', '')[:90]}")
+    return "\n".join(out)
+
+
+DOC_HEAD = """# Benchmarks
+
+Every number on this page was measured by `bench/` on the GPU named with it, side by side in one run; the
+tables are regenerated by `python bench/run.py` (`flashfx bench`) from the JSON lines committed under
+`bench/results/`. Times are medians of CUDA-event timings after warm-up, with the 20th–80th percentile range;
+peak memory is `torch.cuda.max_memory_allocated` over one step, weights included; compile time is the first
+call minus one steady-state call, with empty on-disk kernel caches (cold) and again after `torch._dynamo.reset()`
+with those caches filled (warm). Numerics compare each provider with the first one that ran (eager attention):
+max |out − ref| / max |ref| for outputs, the loss and the same metric over a few parameters' gradients for
+training. A provider that failed is listed with its one-line error, not hidden.
+
+"""
+
+
+def update_doc(path: str, section: str) -> None:
+    """Replace the generated section between its markers; everything else in the file stays as it is."""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    else:
+        text = DOC_HEAD + "## Models: training, prefill, decode, encoders\n\n" + DOC_BEGIN + "\n" + DOC_END + "\n"
+    if DOC_BEGIN in text and DOC_END in text:
+        before, rest = text.split(DOC_BEGIN, 1)
+        after = rest.split(DOC_END, 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + "\n\n## Models: training, prefill, decode, encoders\n\n" + section + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def plot(results: Dict[str, Dict[str, Dict[str, Any]]], img_dir: str, title: str) -> Dict[str, str]:
+    """One PNG per workload: time (with the p20–p80 range) and peak memory per provider. Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("flashfx bench: matplotlib is not installed (pip install matplotlib); plots not regenerated",
+              file=sys.stderr)
+        return {}
+    os.makedirs(img_dir, exist_ok=True)
+    paths = {}
+    for wl, rows in results.items():
+        names = list(rows)
+        ok = [rows[p].get("status") == "ok" for p in names]
+        ms = [rows[p]["ms"] if k else 0.0 for p, k in zip(names, ok)]
+        lo = [rows[p]["ms"] - rows[p]["ms_p20"] if k else 0.0 for p, k in zip(names, ok)]
+        hi = [rows[p]["ms_p80"] - rows[p]["ms"] if k else 0.0 for p, k in zip(names, ok)]
+        mem = [(rows[p].get("peak_gb") or 0.0) if k else 0.0 for p, k in zip(names, ok)]
+        colors = ["tab:orange" if _is_flashfx(p) else "tab:blue" for p in names]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.6), sharey=True)
+        ys = list(range(len(names)))
+        a.barh(ys, ms, xerr=[lo, hi], color=colors)
+        b.barh(ys, mem, color=colors)
+        a.set_yticks(ys, [p if k else f"{p} ({rows[p].get('status')})" for p, k in zip(names, ok)])
+        a.invert_yaxis()
+        a.set_xlabel("time per step, ms (median, p20–p80)")
+        b.set_xlabel("peak memory, GB")
+        fig.suptitle(f"{wl} — {title}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(img_dir, f"bench_{wl}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths[wl] = path
+    return paths
+
+
+def _render(records: Sequence[Dict[str, Any]], args: argparse.Namespace) -> int:
+    meta, _, results, _ = latest(records)
+    if not results:
+        raise common.BenchError("no benchmark results in the given records; run a workload first")
+    title = f"{meta.get('device', '?')}, {meta.get('date', '?')}"
+    img = {} if meta.get("tiny") else plot(results, args.img_dir, title)
+    doc_dir = os.path.dirname(os.path.abspath(args.docs))
+    rel = {wl: os.path.relpath(p, doc_dir) for wl, p in img.items()}
+    if not rel and not meta.get("tiny"):  # keep links to plots already made (matplotlib absent here)
+        rel = {wl: os.path.relpath(os.path.join(args.img_dir, f"bench_{wl}.png"), doc_dir) for wl in results
+               if os.path.exists(os.path.join(args.img_dir, f"bench_{wl}.png"))}
+    update_doc(args.docs, render_section(records, rel))
+    print(f"updated {args.docs}" + (f" and {len(img)} plots in {args.img_dir}" if img else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The benchmark harness's logic on the CPU: statistics, tables, the doc update, failure handling, no-CUDA exit."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common, run  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------- statistics
+
+def test_quantile_interpolates_like_numpy():
+    xs = [5.0, 1.0, 4.0, 2.0, 3.0]  # unsorted on purpose
+    assert common.quantile(xs, 0.5) == 3.0
+    assert common.quantile(xs, 0.2) == pytest.approx(1.8)
+    assert common.quantile(xs, 0.8) == pytest.approx(4.2)
+    assert common.quantile(xs, 0.0) == 1.0 and common.quantile(xs, 1.0) == 5.0
+    assert common.quantile([7.0], 0.2) == 7.0
+    assert common.quantile([1.0, 2.0], 0.5) == 1.5
+
+
+def test_quantile_matches_sorted_reference_on_random_samples():
+    gen = torch.Generator().manual_seed(3)
+    xs = torch.rand(37, generator=gen).tolist()
+    for q in (0.2, 0.5, 0.8):
+        assert common.quantile(xs, q) == pytest.approx(torch.quantile(torch.tensor(xs, dtype=torch.float64), q)
+                                                       .item(), rel=1e-12)
+
+
+def test_quantile_rejects_empty_and_out_of_range():
+    with pytest.raises(ValueError, match="empty"):
+        common.quantile([], 0.5)
+    with pytest.raises(ValueError, match="q=1.5"):
+        common.quantile([1.0], 1.5)
+
+
+def test_summarize_reports_median_and_20_80():
+    s = common.summarize([10.0, 12.0, 11.0, 30.0, 9.0])
+    assert s == {"ms": 11.0, "ms_p20": pytest.approx(9.8), "ms_p80": pytest.approx(15.6), "repeats": 5}
+
+
+def test_max_rel_error_is_relative_to_reference_scale():
+    ref = torch.tensor([0.0, 2.0, -4.0])
+    assert common.max_rel_error(torch.tensor([0.1, 2.0, -4.0]), ref) == pytest.approx(0.025)
+    assert common.max_rel_error(ref.clone(), ref) == 0.0
+    assert common.max_rel_error(torch.tensor([float("nan"), 0.0, 0.0]), ref) == float("inf")
+    with pytest.raises(ValueError, match="shape"):
+        common.max_rel_error(torch.zeros(2), ref)
+
+
+def test_time_ms_on_cpu_returns_one_sample_per_repeat():
+    calls = []
+    samples = common.time_ms(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeat=4)
+    assert len(samples) == 4 and len(calls) == 6 and all(s >= 0 for s in samples)
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+def test_one_line_names_the_error_under_dynamo_wrappers():
+    from torch._dynamo.exc import BackendCompilerFailed
+    try:
+        try:
+            raise AssertionError("Mixing fake modes <torch._subclasses.fake_tensor.FakeTensorMode object at 0x7f1>")
+        except AssertionError as inner:
+            raise RuntimeError(f"flashfx pass 'attention' failed: {inner}\nsecond line") from inner
+    except RuntimeError as mid:
+        wrapped = BackendCompilerFailed("<flashfx.compiler.Compiler object at 0x7f2>", mid, None)
+        wrapped.__cause__ = mid
+    text = common.one_line(wrapped)
+    assert text == ("BackendCompilerFailed ← RuntimeError: flashfx pass 'attention' failed: Mixing fake modes "
+                    "<FakeTensorMode>")
+    assert len(common.one_line(ValueError("x" * 500))) == 200
+
+
+def test_no_cuda_exits_2_with_a_clear_message(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run.main(["llama-train", "--no-docs"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "--device cpu --tiny" in err
+
+
+def test_unknown_workload_and_provider_are_usage_errors(capsys):
+    assert run.main(["llama-trian"]) == 2
+    assert "unknown workload 'llama-trian'" in capsys.readouterr().err
+    with pytest.raises(common.BenchError, match="unknown provider"):
+        common.parse_providers("eager,flashfxx", [])
+
+
+def test_liger_runs_last_and_order_is_kept():
+    assert common.order_providers(["liger", "eager", "flashfx", "eager"]) == ["eager", "flashfx", "liger"]
+
+
+# ----------------------------------------------------------------------------------------- run_case
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _tiny_case(training):
+    model = _Tiny()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+
+    def step(fn):
+        if training:
+            model.zero_grad(set_to_none=True)
+            loss = fn(x).square().mean()
+            loss.backward()
+            return loss.detach()
+        with torch.no_grad():
+            return fn(x)
+    return common.Case(name="tiny", model=model, step=step, training=training, flops=2.0 * 4 * 8 * 8, tokens=4,
+                       grad_params=("lin.weight",))
+
+
+def test_run_case_records_a_failure_and_goes_on(monkeypatch):
+    def boom(model, case, opts):
+        raise RuntimeError("kernel exploded\nwith a traceback")
+    providers = {"eager": common.Provider("eager", "plain"),
+                 "boom": common.Provider("boom", "fails", wrap=boom, compiles=True),
+                 "sdpa": common.Provider("sdpa", "plain again")}
+    monkeypatch.setattr(common, "PROVIDERS", providers)
+    records = []
+    opts = common.Options(device=torch.device("cpu"), tiny=True)
+    common.run_case(_tiny_case(training=True), ["eager", "boom", "sdpa"], opts, {}, records.append)
+    final = {r["provider"]: r for r in records if r["status"] != "started"}
+    assert final["boom"]["status"] == "failed"
+    assert final["boom"]["error"] == "RuntimeError: kernel exploded"
+    assert final["eager"]["status"] == "ok" and final["sdpa"]["status"] == "ok"
+    assert final["sdpa"]["reference"] == "eager"
+    assert final["sdpa"]["loss"] == final["eager"]["loss"] and final["sdpa"]["grad_rel_err"] == 0.0
+    assert final["eager"]["tokens_per_s"] > 0 and final["eager"]["repeats"] == 3
+
+
+def test_run_case_skips_past_the_deadline_and_training_only_on_inference(monkeypatch):
+    providers = {"eager": common.Provider("eager", "plain", est_s=1.0),
+                 "amb": common.Provider("amb", "train only", training_only=True)}
+    monkeypatch.setattr(common, "PROVIDERS", providers)
+    records = []
+    opts = common.Options(device=torch.device("cpu"), deadline=0.0)  # long past
+    common.run_case(_tiny_case(training=False), ["eager", "amb"], opts, {}, records.append)
+    assert [(r["provider"], r["status"], r["error"]) for r in records] == [
+        ("eager", "skipped", "time budget spent"),
+        ("amb", "skipped", "training-only provider on an inference workload")]
+
+
+def test_hf_llama_tiny_end_to_end_on_cpu(tmp_path):
+    """The real workload path (HF model build, providers, JSON lines) at tiny size: eager vs SDPA agree."""
+    out = tmp_path / "r.jsonl"
+    rc = run.main(["llama-train", "--device", "cpu", "--tiny", "--providers", "eager,sdpa", "--warmup", "0",
+                   "--repeat", "1", "--no-docs", "--out", str(out)])
+    assert rc == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    results = {r["provider"]: r for r in recs if r["type"] == "result"}
+    assert results["eager"]["status"] == "ok" and results["sdpa"]["status"] == "ok", results
+    assert results["sdpa"]["loss_rel_err"] < 1e-5 and results["sdpa"]["grad_rel_err"] < 1e-4
+    assert {r["type"] for r in recs} >= {"run", "ceilings", "event", "result"}
+
+
+# ----------------------------------------------------------------------------------------- tables and doc
+
+def test_markdown_table_escapes_pipes_and_checks_width():
+    table = common.markdown_table(["a", "b"], [[1, "x|y"], [None, "two\nlines"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |", "|  | two lines |"]
+    with pytest.raises(ValueError, match="3 cells"):
+        common.markdown_table(["a", "b"], [[1, 2, 3]])
+
+
+def _records():
+    base = {"type": "result", "run_id": "r1", "workload": "llama-train"}
+    ok = dict(status="ok", ms_p20=1.0, ms_p80=3.0, repeats=10, tokens_per_s=5e4, tflops=100.0, mfu=0.125)
+    return [
+        {"type": "run", "run_id": "r1", "device": "NVIDIA H100", "date": "2026-11-23", "quick": True,
+         "versions": {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}},
+        {"type": "ceilings", "run_id": "r1", "matmul_tflops": 800.0, "copy_gbps": 3000.0},
+        {"type": "event", "run_id": "r1", "workload": "llama-train", "provider": "-", "status": "started",
+         "describe": "tiny llama", "flops": 3.26e13},
+        {**base, **ok, "provider": "eager", "ms": 2.0, "peak_gb": 9.0, "loss": 12.0},
+        {**base, **ok, "provider": "compile", "ms": 1.5, "peak_gb": 6.0, "loss": 12.0, "loss_rel_err": 0.0,
+         "grad_rel_err": 1e-3, "compile_s_cold": 30.0, "compile_s_warm": 5.0},
+        {**base, **ok, "provider": "flashfx", "ms": 1.8, "peak_gb": 5.0, "loss": 12.01, "loss_rel_err": 8e-4,
+         "grad_rel_err": 2e-3, "compile_s_cold": 40.0},
+        {**base, "provider": "flashfx-attention", "status": "failed", "error": "RuntimeError: a|b"},
+    ]
+
+
+def test_workload_table_bolds_the_best_and_shows_failures():
+    _, _, results, _ = run.latest(_records())
+    table = run.workload_table("llama-train", results["llama-train"]).splitlines()
+    assert table[0].startswith("| provider | ms (p20–p80) | tok/s | TFLOP/s (MFU) | peak GB |")
+    compile_row = next(r for r in table if r.startswith("| compile "))
+    assert "**1.50 (1.00–3.00)**" in compile_row and "30.0 / 5.0" in compile_row
+    flashfx_row = next(r for r in table if r.startswith("| flashfx "))
+    assert "**5.00**" in flashfx_row and "12.0100 (8.0e-04) / 2.0e-03" in flashfx_row
+    failed = next(r for r in table if r.startswith("| flashfx-attention "))
+    assert "failed: RuntimeError: a\\|b" in failed
+    assert all(r.count(" | ") == table[0].count(" | ") for r in table if not r.startswith("|---"))
+
+
+def test_verdicts_say_where_flashfx_loses_and_issue5_targets():
+    _, _, results, _ = run.latest(_records())
+    (line,) = run.verdicts(results)
+    assert "1.20× slower" in line and "flashfx loses" in line and "Failed: flashfx-attention" in line
+    (target,) = run.issue5_targets(results)
+    assert "meets ≤ 7.0 GB" in target and "misses ≤ compile" in target
+
+
+def test_update_doc_replaces_only_the_generated_section(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    run.update_doc(str(doc), run.render_section(_records()))
+    first = doc.read_text()
+    assert first.startswith("# Benchmarks") and "NVIDIA H100" in first and "800 TFLOP/s" in first
+    # Another engineer's section after ours, and a hand-written note before it, must survive a regeneration.
+    doc.write_text(first.replace("## Models", "Hand note.\n\n## Models") + "\n## Attention kernel\n\nTheirs.\n")
+    records = _records()
+    records[3]["ms"] = 0.5
+    run.update_doc(str(doc), run.render_section(records))
+    second = doc.read_text()
+    assert "Hand note." in second and second.endswith("## Attention kernel\n\nTheirs.\n")
+    assert second.count(run.DOC_BEGIN) == 1 and "**0.50 (1.00–3.00)**" in second
+
+
+def test_progress_writes_plain_lines_when_not_a_terminal(tmp_path):
+    path = tmp_path / "err.txt"
+    with open(path, "w") as f:
+        p = common.Progress(stream=f)
+        p.update("llama-train · eager: timing")
+        p.done()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[bench") and lines[0].endswith("llama-train · eager: timing")

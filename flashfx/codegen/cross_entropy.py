@@ -51,6 +51,9 @@ from flashfx.rewriter.cost import NodeCost, node_value, numel, register_cost, te
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 256 * 2**20  # at most this many bytes of logits exist at once (one chunk buffer)
+# Accumulate grad_weight across chunks in float32 (4·V·H bytes held during the forward). False: in the weight's
+# dtype, as Liger-Kernel does by default (half the bytes and traffic, one 16-bit rounding per chunk).
+WGRAD_FP32 = True
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ------------------------------------------------------------------------------------------------------ kernel
@@ -155,16 +158,28 @@ def chunk_rows_for(n_rows: int, vocab: int, element_size: int, budget: Optional[
 
 
 def _accumulate_wgrad(acc: Tensor, dlogits: Tensor, x: Tensor, first: bool) -> None:
-    """acc [V, H] fp32 (+)= dlogits.T @ x, the product accumulated in fp32 (no 16-bit rounding across chunks).
-    The first chunk writes without reading (beta=0), so `acc` may start uninitialised."""
+    """acc [V, H] (+)= dlogits.T @ x. With a float32 `acc` and 16-bit inputs the product is accumulated in fp32 (no
+    16-bit rounding across chunks). The first chunk writes without reading (beta=0): `acc` may start uninitialised."""
+    global _ADDMM_OUT_DTYPE
     beta = 0.0 if first else 1.0
-    if dlogits.dtype == torch.float32:
+    if dlogits.dtype == acc.dtype:
         torch.addmm(acc, dlogits.t(), x, beta=beta, out=acc)
-    elif acc.is_cuda:
-        # cuBLAS with a float32 C/D and 16-bit A/B: one pass; beta=1 reads the accumulator in the epilogue
-        torch.addmm(acc, dlogits.t(), x, out_dtype=torch.float32, beta=beta, out=acc)
+        return
+    if acc.is_cuda and _ADDMM_OUT_DTYPE:
+        try:
+            # cuBLAS with a float32 C/D and 16-bit A/B: one pass; beta=1 reads the accumulator in the epilogue
+            torch.addmm(acc, dlogits.t(), x, out_dtype=torch.float32, beta=beta, out=acc)
+            return
+        except (RuntimeError, TypeError):  # a torch without addmm(out_dtype=) for this device / dtype
+            _ADDMM_OUT_DTYPE = False
+    if acc.is_cuda:
+        prod = torch.mm(dlogits.t(), x)  # 16-bit product, then one fp32 add: 3 extra passes over [V, H]
+        acc.copy_(prod) if first else acc.add_(prod)
     else:
         torch.addmm(acc, dlogits.t().float(), x.float(), beta=beta, out=acc)
+
+
+_ADDMM_OUT_DTYPE = True  # set False once torch.addmm(..., out_dtype=float32) is found missing
 
 
 def chunked_loss_and_grads(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
@@ -186,7 +201,7 @@ def chunked_loss_and_grads(x: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     dx = dw = db = None
     if want_grads:
         dx = torch.empty_like(x)
-        dw = torch.empty((V, H), dtype=torch.float32, device=x.device)
+        dw = torch.empty((V, H), dtype=torch.float32 if WGRAD_FP32 else weight.dtype, device=x.device)
         db = torch.zeros(V, dtype=torch.float32, device=x.device) if bias is not None else None
         if scale is None:
             raise AssertionError("gradients need a scale")

@@ -70,6 +70,15 @@ def test_matches_pytorch(small_chunks, dtype, reduction, bias, smoothing, z_loss
         assert rel(g, r) < tol * 3, (name, rel(g, r))
 
 
+def test_weight_grad_accumulated_in_weight_dtype(small_chunks, monkeypatch):
+    monkeypatch.setattr(ce, "WGRAD_FP32", False)
+    h, w, b, y = make(41, 24, 341, torch.float16, bias=True)
+    loss = linear_cross_entropy(h, w, b, y)
+    gw = torch.autograd.grad(loss, [w])[0]
+    rw = torch.autograd.grad(reference(h, w, b, y), [w])[0]
+    assert gw.dtype == torch.float16 and rel(gw, rw) < 3e-2
+
+
 def test_mean_recompute_path_matches():
     # the backward op (used by reduction="none" and by forwards run without autograd) for "mean" and "sum"
     h, w, b, y = make(29, 16, 133, torch.float32, bias=True)

@@ -182,9 +182,11 @@ def _reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Opt
 # ------------------------------------------------------------------------------------------------- launchers
 
 # The search spaces are small on purpose: each config costs seconds of compilation per (head dim, causal, mask).
+# A config is (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M tiles queries, BLOCK_N keys.
 def _fwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
     # query tile a multiple of the key tile (the causal diagonal is whole key blocks); 8 warps for 128 x 128
-    return bm % bn == 0 and (warps == 8) == (bn == 128) and stages in (3, 4)
+    # (its fp32 scores and accumulator overflow 4 warps' registers), 4 for 64-row tiles
+    return bm % bn == 0 and (bn < 128 or warps == 8) and (bm == 128 or warps == 4) and stages in (3, 4)
 
 
 def _bwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
@@ -192,12 +194,20 @@ def _bwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
     return bn % bm == 0 and bm < bn and (warps == 8) == (bm == 64) and stages in ((3, 5) if bm == 32 else (2, 3))
 
 
-def _prune_for_head_dim(configs: List[Any], named_args: dict, **kwargs: Any) -> List[Any]:
-    """Big head dims leave no registers / shared memory for big tiles: drop those configs before compiling them."""
-    d_pad = kwargs.get("D_PAD", named_args.get("D_PAD", 128))
-    kept = [c for c in configs
-            if d_pad <= 128 or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2)]
-    return kept or configs[-1:]
+def _big_keep(small: int, big: int, warps: int, stages: int) -> bool:
+    # head dims above 128: K/V (or Q/dO) tiles of 256 columns leave shared memory for 64 x 32/64 tiles only
+    return big == 64 and small in (32, 64) and warps == 4 and stages == 2
+
+
+# (keep, BLOCK_M choices, BLOCK_N choices, default) per kernel, for head dims <= 128 and above.
+_SPACES = {
+    ("fwd", False): (_fwd_keep, (64, 128), (64, 128), (128, 64, 4, 3)),
+    ("dkdv", False): (_bwd_keep, (32, 64), (64, 128), (32, 128, 4, 3)),
+    ("dq", False): (lambda m, n, w, st: _bwd_keep(n, m, w, st), (64, 128), (32, 64), (128, 32, 4, 3)),
+    ("fwd", True): (lambda m, n, w, st: _big_keep(n, m, w, st), (64,), (32, 64), (64, 64, 4, 2)),
+    ("dkdv", True): (_big_keep, (32, 64), (64,), (32, 64, 4, 2)),
+    ("dq", True): (lambda m, n, w, st: _big_keep(n, m, w, st), (64,), (32, 64), (64, 32, 4, 2)),
+}
 
 
 def _autotune_kwargs() -> dict:
@@ -209,23 +219,25 @@ def _autotune_kwargs() -> dict:
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-def _kernels() -> Any:
+def _kernels(big_head: bool) -> Any:
     # FLASHFX_ATTENTION_TUNE=0: one default config per kernel (no autotuning: quick correctness runs).
     # FLASHFX_ATTENTION_CONFIG=i: only the i-th config of each kernel (to fill Triton's compile cache from
     # several processes at once before autotuning; see bench/attention.py).
     only = os.environ.get("FLASHFX_ATTENTION_CONFIG")
-    return _build_kernels(os.environ.get("FLASHFX_ATTENTION_TUNE", "1") != "0", int(only) if only else None)
+    tune = os.environ.get("FLASHFX_ATTENTION_TUNE", "1") != "0"
+    return _build_kernels(big_head, tune, int(only) if only else None)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_kernels(tune: bool, only: Optional[int] = None) -> Any:
+def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> Any:
     """The autotuned kernels, built on first use (importing flashfx never imports Triton)."""
     import triton
 
     from flashfx._compat import triton_interpreting
     from flashfx.codegen import attention_kernels as K
 
-    def configs(keep, ms, ns, default):
+    def configs(kernel):
+        keep, ms, ns, default = _SPACES[(kernel, big_head)]
         if triton_interpreting():  # one small config: the interpreter is slow, and tiny tiles exercise the masks
             return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
         if not tune:
@@ -236,15 +248,25 @@ def _build_kernels(tune: bool, only: Optional[int] = None) -> Any:
         return space if only is None else [space[only % len(space)]]
 
     key = ["D_PAD", "IS_CAUSAL", "BIAS_KIND", "DROPOUT", "L_BUCKET", "S_BUCKET"]
-    prune = {"early_config_prune": _prune_for_head_dim}
     extra = _autotune_kwargs()
-    fwd = triton.autotune(configs(_fwd_keep, (64, 128), (64, 128), (128, 64, 4, 3)), key=key,
-                          prune_configs_by=prune, **extra)(K._attn_fwd_kernel)
-    dkdv = triton.autotune(configs(_bwd_keep, (32, 64), (64, 128), (32, 128, 4, 3)), key=key,
-                           prune_configs_by=prune, **extra)(K._bwd_dkdv_kernel)
-    dq = triton.autotune(configs(lambda m, n, w, st: _bwd_keep(n, m, w, st), (64, 128), (32, 64), (128, 32, 4, 3)),
-                         key=key + ["BIAS_GRAD"], prune_configs_by=prune, **extra)(K._bwd_dq_kernel)
-    return types.SimpleNamespace(fwd=fwd, dkdv=dkdv, dq=dq, preprocess=K._bwd_preprocess)
+    return types.SimpleNamespace(
+        fwd=triton.autotune(configs("fwd"), key=key, **extra)(K._attn_fwd_kernel),
+        dkdv=triton.autotune(configs("dkdv"), key=key + ["ATOMIC_DQ"], **extra)(K._bwd_dkdv_kernel),
+        # the atomic variant accumulates into DQ: autotuning must zero it before each timed run
+        dkdv_atomic=triton.autotune(configs("dkdv"), key=key + ["ATOMIC_DQ"], reset_to_zero=["DQ"],
+                                    **extra)(K._bwd_dkdv_kernel),
+        dq=triton.autotune(configs("dq"), key=key + ["BIAS_GRAD"], **extra)(K._bwd_dq_kernel),
+        preprocess=K._bwd_preprocess,
+    )
+
+
+def _backward_variant(bias_grad: bool) -> str:
+    """"split": dK/dV kernel + dQ kernel (7 matmuls, no atomics); "atomic": one kernel adding dQ with fp32
+    atomics (5 matmuls). FLASHFX_ATTENTION_BWD picks; the bias gradient needs the dQ kernel (it writes dS)."""
+    choice = os.environ.get("FLASHFX_ATTENTION_BWD", "split")
+    if choice not in ("split", "atomic"):
+        raise ValueError(f"FLASHFX_ATTENTION_BWD={choice!r}: use 'split' or 'atomic'")
+    return "split" if bias_grad else choice
 
 
 def _bucket(n: int) -> int:
@@ -288,7 +310,7 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if L == 0 or B * H == 0:
         return out, lse
-    kern = _kernels()
+    kern = _kernels(consts["D_PAD"] > 128)
     grid = lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         kern.fwd[grid](q, k, v, bias_t if bias_t is not None else q, out, lse,
@@ -309,19 +331,25 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Option
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     # dS for the bias gradient: [B, H, L, S] fp32, zero where the causal loop skips tiles; reduced below.
     ds = torch.zeros((B, H, L, S), dtype=torch.float32, device=q.device) if bias_grad else None
-    kern = _kernels()
+    kern = _kernels(consts["D_PAD"] > 128)
     bias_arg = bias_t if bias_t is not None else q
+    atomic = _backward_variant(bias_grad) == "atomic"
+    # the atomic variant adds dQ into a zeroed fp32 [B, H, L, D] buffer, cast to q's dtype at the end
+    dq_acc = torch.zeros((B, H, L, D), dtype=torch.float32, device=q.device) if atomic else dq
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         kern.preprocess[(triton_cdiv(L, 64), B * H)](out, dout, delta, *out.stride(), *dout.stride(), H, L, D,
                                                      D_PAD=consts["D_PAD"], BLOCK_M=64)
-        kern.dkdv[lambda meta: (triton_cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-            q, k, v, bias_arg, dout, lse, delta, dk, dv,
+        (kern.dkdv_atomic if atomic else kern.dkdv)[lambda meta: (triton_cdiv(S, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc,
             *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *dout.stride(), *dk.stride(), *dv.stride(),
-            sm_scale=sm_scale, **scalars, **consts)
-        kern.dq[lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H)](
-            q, k, v, bias_arg, dout, lse, delta, dq, ds if ds is not None else q,
-            *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *dout.stride(), *dq.stride(), *_strides(ds),
-            sm_scale=sm_scale, BIAS_GRAD=bias_grad, **scalars, **consts)
+            *dq_acc.stride(), sm_scale=sm_scale, ATOMIC_DQ=atomic, **scalars, **consts)
+        if atomic:
+            dq.copy_(dq_acc)
+        else:
+            kern.dq[lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H)](
+                q, k, v, bias_arg, dout, lse, delta, dq, ds if ds is not None else q,
+                *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *dout.stride(), *dq.stride(),
+                *_strides(ds), sm_scale=sm_scale, BIAS_GRAD=bias_grad, **scalars, **consts)
     dbias = _reduce_to(ds, tuple(bias.shape)).to(bias.dtype) if bias_grad else None
     return dq, dk, dv, dbias
 

@@ -189,10 +189,11 @@ def _bwd_preprocess(Out, DO, Delta,       # Out, DO: [B, H, L, D]; Delta: [B * H
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, offs_m, offs_n, offs_d, lo, hi,
-                    L, S, D, qk_scale, seed, bh, drop_threshold, drop_scale, stride_qm, stride_dom, stride_bm,
-                    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr,
-                    DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, dq_ptrs, offs_m, offs_n, offs_d,
+                    lo, hi, L, S, D, sm_scale, qk_scale, seed, bh, drop_threshold, drop_scale, stride_qm, stride_dom,
+                    stride_bm, stride_dqm, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr,
+                    DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """Query blocks [lo, hi) against one key block, in transposed form (keys along rows): sT = K Q^T."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m                     # query indices, along the columns of the tile
@@ -214,14 +215,19 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         delta = tl.load(delta_ptr + rows, mask=rows < L, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+        dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=PRECISION)
+        if ATOMIC_DQ:  # this key block's share of dQ, added in fp32 (relaxed: only the sum matters)
+            dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION) * sm_scale
+            tl.atomic_add(dq_ptrs + start_m * stride_dqm, dq, mask=(rows[:, None] < L) & (offs_d[None, :] < D),
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, Bias, DO, Lse, Delta, DK, DV,   # DK, DV: [B, H // GROUP, S, D]; Lse, Delta: [B * H, L]
+    Q, K, V, Bias, DO, Lse, Delta, DK, DV, DQ,  # DK, DV: [B, H // GROUP, S, D]; Lse, Delta: [B * H, L];
+                                                # DQ: fp32 [B, H, L, D] accumulator when ATOMIC_DQ
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -229,9 +235,10 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, GROUP, L, S, D, sm_scale, seed, drop_threshold, drop_scale,
     L_BUCKET, S_BUCKET,
-    IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -278,18 +285,26 @@ def _bwd_dkdv_kernel(
                          + offs_m[None, :].to(tl.int64) * stride_bm + cols[:, None] * stride_bn)
         lse_ptr = Lse + bh.to(tl.int64) * L
         delta_ptr = Delta + bh.to(tl.int64) * L
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, offs_m, offs_n,
-                                 offs_d, lo, diag_hi, L, S, D, qk_scale, seed, bh, drop_threshold, drop_scale,
-                                 stride_qm, stride_dom, stride_bm, True, IS_CAUSAL, BIAS_KIND, DROPOUT, EVEN_D,
-                                 BLOCK_M, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, offs_m, offs_n,
-                                 offs_d, tl.maximum(lo, diag_hi), full_end, L, S, D, qk_scale, seed, bh,
-                                 drop_threshold, drop_scale, stride_qm, stride_dom, stride_bm, False, IS_CAUSAL,
-                                 BIAS_KIND, DROPOUT, EVEN_D, BLOCK_M, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, offs_m, offs_n,
-                                 offs_d, tl.maximum(lo, mid_hi), L, L, S, D, qk_scale, seed, bh,
-                                 drop_threshold, drop_scale, stride_qm, stride_dom, stride_bm, True, IS_CAUSAL,
-                                 BIAS_KIND, DROPOUT, EVEN_D, BLOCK_M, PRECISION)
+        dq_ptrs = DQ
+        if ATOMIC_DQ:
+            dq_ptrs = (DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
+                       + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd)
+        for stage in tl.static_range(3):
+            # stage 0: the causal diagonal (masked); 1: full query blocks; 2: the last partial block (masked)
+            if stage == 0:
+                s_lo = lo
+                s_hi = diag_hi
+            elif stage == 1:
+                s_lo = tl.maximum(lo, diag_hi)
+                s_hi = full_end
+            else:
+                s_lo = tl.maximum(lo, mid_hi)
+                s_hi = L
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, dq_ptrs, offs_m,
+                                     offs_n, offs_d, s_lo, s_hi, L, S, D, sm_scale, qk_scale, seed, bh,
+                                     drop_threshold, drop_scale, stride_qm, stride_dom, stride_bm, stride_dqm,
+                                     stage != 1, IS_CAUSAL, BIAS_KIND, DROPOUT, ATOMIC_DQ, EVEN_D, BLOCK_M,
+                                     PRECISION)
     dk = dk * sm_scale
     tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_kh.to(tl.int64) * stride_dkh
              + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd,

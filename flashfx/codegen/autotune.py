@@ -31,22 +31,21 @@ def candidates(mode: str, xnumel: int, rnumel: int, interpreting: bool) -> List[
     if mode == "pointwise":
         if interpreting:
             return [{"XBLOCK": min(1024, next_pow2(xnumel)), "num_warps": 4}]
-        configs = [{"XBLOCK": b, "num_warps": w} for b in (1024, 2048, 4096, 512) for w in (4, 8)]
-        keep = [c for c in configs if 4 <= c["XBLOCK"] // (32 * c["num_warps"]) <= 16
-                and c["XBLOCK"] <= max(512, next_pow2(xnumel))]
+        configs = [{"XBLOCK": b, "num_warps": w} for b, w in ((1024, 4), (2048, 8), (4096, 8), (2048, 4), (512, 4))]
+        keep = [c for c in configs if c["XBLOCK"] <= max(512, next_pow2(xnumel))][:4]
         return keep or configs[:1]
     if mode == "persistent":
         R = next_pow2(rnumel)
         if interpreting:
             return [{"XBLOCK": min(8, next_pow2(xnumel)), "RBLOCK": R, "num_warps": 4}]
         configs = [{"XBLOCK": x, "RBLOCK": R, "num_warps": w} for x in (1, 2, 4, 8, 16) for w in (4, 8, 16)]
-        keep = [c for c in configs if 512 <= c["XBLOCK"] * R <= 16384
-                and 4 <= c["XBLOCK"] * R // (32 * c["num_warps"]) <= 64 and c["XBLOCK"] <= next_pow2(xnumel)]
+        keep = [c for c in configs if 512 <= c["XBLOCK"] * R <= 8192
+                and 8 <= c["XBLOCK"] * R // (32 * c["num_warps"]) <= 32 and c["XBLOCK"] <= next_pow2(xnumel)]
         return keep or [{"XBLOCK": 1, "RBLOCK": R, "num_warps": 16 if R >= 8192 else 8}]
     if interpreting:
         return [{"XBLOCK": min(8, next_pow2(xnumel)), "RBLOCK": 64, "num_warps": 4}]
     configs = [{"XBLOCK": x, "RBLOCK": r, "num_warps": w}
-               for x, r in ((1, 2048), (1, 4096), (4, 1024), (16, 256), (64, 64), (128, 32)) for w in (4, 8)]
+               for x, r in ((1, 2048), (1, 4096), (4, 1024), (64, 64)) for w in (4, 8)]
     keep = [c for c in configs if c["XBLOCK"] <= next_pow2(xnumel) and c["RBLOCK"] <= next_pow2(rnumel)]
     return keep or configs[:1]
 

@@ -32,6 +32,7 @@ class Signature:
     mode: str                     # "pointwise" | "persistent" | "looped"
     inputs: Tuple[Layout, ...]
     outputs: Tuple[Layout, ...]
+    index_bits: int = 32          # 64 only when some tensor has 2**31 elements or more (int32 math is cheaper)
 
 
 @dataclass
@@ -211,11 +212,12 @@ class _Emitter:
                 if layout not in ("c", "s"):
                     params += [f"{prefix}{k}_s{d}" for d in layout]
         strided = self.strided_dims()
+        pid = "tl.program_id(0).to(tl.int64)" if sig.index_bits == 64 else "tl.program_id(0)"
         if self.reduction:
-            head = ["xindex = (tl.program_id(0).to(tl.int64) * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
+            head = [f"xindex = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
                     "xmask = xindex < xnumel", "rbase = tl.arange(0, RBLOCK)[None, :]"]
         else:
-            head = ["xindex = tl.program_id(0).to(tl.int64) * XBLOCK + tl.arange(0, XBLOCK)",
+            head = [f"xindex = {pid} * XBLOCK + tl.arange(0, XBLOCK)",
                     "xmask = xindex < xnumel"]
         head += [f"i{d} = {self.dim_index(d)}" for d in self.xdims if d in strided]
         if sig.mode == "persistent":

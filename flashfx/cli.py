@@ -161,11 +161,16 @@ def _use_triton_interpreter_without_gpu(reexec: bool) -> None:
 def _compiled_mode_kernels_loaded() -> bool:
     if "triton" not in sys.modules:
         return False
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import JITFunction, KernelInterface
+
+    def compiled_mode(v: Any) -> bool:
+        while not isinstance(v, JITFunction) and isinstance(v, KernelInterface) and hasattr(v, "fn"):
+            v = v.fn  # @triton.autotune / @triton.heuristics wrap the jitted function
+        return isinstance(v, JITFunction)  # an interpreted kernel is an InterpretedFunction, not a JITFunction
 
     for name, module in list(sys.modules.items()):
         if name.startswith("flashfx.") and module is not None:
-            if any(isinstance(v, JITFunction) for v in vars(module).values()):
+            if any(compiled_mode(v) for v in list(vars(module).values())):
                 return True
     return False
 

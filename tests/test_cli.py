@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import onnx
 import pytest
+import torch
 
 from flashfx import zoo
 from flashfx.rewriter.draw import graphviz_available
@@ -210,8 +211,28 @@ def test_dump_svg_captured(tmp_path):
     assert svg.rstrip().endswith("</svg>") and "softmax" in svg and "[B, S, 64]" in svg
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is only switched on without a GPU")
+def test_without_gpu_the_command_switches_the_triton_interpreter_on(tmp_path):
+    # Kernels imported before the command runs were defined for a GPU: the command must start again with
+    # TRITON_INTERPRET=1. A sitecustomize imports a kernel module first and reports the setting at each start.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "print('TRITON_INTERPRET=' + str(os.environ.get('TRITON_INTERPRET')), file=sys.stderr)\n"
+        "import flashfx.codegen.attention_kernels\n")
+    env = _env()
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    result = run_cli("dump", "gpt2-tiny", "--stage", "captured", env=env)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("TRITON_INTERPRET=")] == [
+        "TRITON_INTERPRET=None", "TRITON_INTERPRET=1"]
+    assert result.stdout.startswith("# ---- graph 0: captured")
+
+
 def test_demo_passes_on_a_tiny_model():
-    result = run_cli("demo")
+    env = _env()
+    env.pop("TRITON_INTERPRET", None)  # the command sets it itself without a GPU
+    result = run_cli("demo", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "llama-tiny" in out.splitlines()[0] and "interpreter" in out.splitlines()[0]

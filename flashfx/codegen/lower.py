@@ -287,7 +287,11 @@ class _Lowerer:
             raise LoweringError(f"{node.name}: integer max/min reductions are not generated")
         acc = torch.float64 if out_dtype == torch.float64 else (torch.float32 if out_dtype.is_floating_point
                                                                    else torch.int64)
-        deps = (operand.expr.split(".")[0],)
+        src_name = operand.expr.split(".")[0]
+        if operand.expr != src_name:  # accumulate the fp32 upcast, not the fp16/bf16 load
+            src_name = self.new(op="compute", kind=self.plan.value(src_name).kind, dtype=operand.dtype,
+                                expr=operand.expr, deps=(src_name,), source=f"{src.name} (fp32)").name
+        deps = (src_name,)
         v = self.new(op="reduce", kind="row", dtype=acc, expr=REDUCTIONS[packet], deps=deps, source=node.name,
                      mean=packet is aten.mean)
         return v.name

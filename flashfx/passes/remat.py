@@ -383,6 +383,7 @@ def _plan_and_split(a: _Analysis, config: Config,
         recompute_seconds=plan.cost, peak_bytes_no_remat=base_peak, peak_bytes=peak,
         compress=config.remat_compress, compressed=compressed, notes=notes,
         solver={"optimal": solution.optimal, "lower_bound_seconds": solution.lower_bound,
+                "gap": round(1.0 - solution.lower_bound / plan.cost, 6) if plan.cost > 0 else 0.0,
                 "hull_plans": len(solution.hull), "search_nodes": solution.search_nodes,
                 "values": len(p), "free_values": len(p.free_variables()),
                 "seconds": round(time.perf_counter() - start, 4)},
@@ -548,15 +549,13 @@ def _compress_fp8(fw: fx.GraphModule, bw: fx.GraphModule, names: Set[str], num_f
         new_saved.append(q)
         scales_fw.append(scale)
         with bw.graph.inserting_before(ph):
-            q_ph = bw.graph.placeholder(q.name)
-            q_ph.meta["val"] = q.meta["val"]
+            q_ph = _placeholder(bw.graph, f"{x.name}_fp8", q)
         if after_saved is not None:
             with bw.graph.inserting_before(after_saved):
-                s_ph = bw.graph.placeholder(scale.name)
+                s_ph = _placeholder(bw.graph, f"{x.name}_fp8_scale", scale)
         else:
             with bw.graph.inserting_after(list(bw.graph.find_nodes(op="placeholder"))[-1]):
-                s_ph = bw.graph.placeholder(scale.name)
-        s_ph.meta["val"] = scale.meta["val"]
+                s_ph = _placeholder(bw.graph, f"{x.name}_fp8_scale", scale)
         scales_bw.append(s_ph)
         first_user = min(ph.users, key=_position(bw.graph))
         with bw.graph.inserting_before(first_user):
@@ -577,6 +576,13 @@ def _compress_fp8(fw: fx.GraphModule, bw: fx.GraphModule, names: Set[str], num_f
                             + list(descs[num_fwd_outputs + len(saved_tensors):]))
     fw.graph.lint()
     bw.graph.lint()
+
+
+def _placeholder(graph: fx.Graph, name: str, like: fx.Node) -> fx.Node:
+    node = graph.placeholder(name)
+    node.target = node.name  # the argument name must be the (uniquified) node name, or codegen shadows values
+    node.meta["val"] = like.meta["val"]
+    return node
 
 
 def _call(graph: fx.Graph, target: Any, args: tuple, kwargs: Optional[dict] = None) -> fx.Node:

@@ -320,6 +320,30 @@ def test_recomputed_values_move_next_to_their_first_use():
     torch.testing.assert_close(bw(t, t)[0], t * 2.0 * t.relu())
 
 
+def test_auto_picks_the_fastest_plan_that_fits_the_free_memory(monkeypatch):
+    x = _inputs((4, 32, 32))
+    peaks = {}
+    for budget in (1.0, 1e-6):
+        torch._dynamo.reset()
+        model = Block()
+        compiled, records, _ = _compile(model, Config(remat=budget))
+        _step(compiled, model, x)
+        peaks[budget] = records[0].peak_bytes
+    assert peaks[1e-6] < peaks[1.0]
+    free = (peaks[1.0] + peaks[1e-6]) / 2 / remat.AUTO_HEADROOM
+    monkeypatch.setattr(remat, "_free_bytes", lambda device: int(free))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Block()
+    want = _step(model, model, x)
+    compiled, records, _ = _compile(model, Config(remat="auto"))
+    _assert_same(_step(compiled, model, x), want)
+    (plan,) = records
+    assert plan.peak_bytes <= remat.AUTO_HEADROOM * free
+    assert 0 < plan.extra_flops and plan.activation_bytes > plan.min_activation_bytes  # not more than needed
+    assert any(note.startswith("auto: free memory") for note in plan.notes)
+
+
 def test_make_partition_fn_needs_a_budget():
     with pytest.raises(ValueError, match="remat"):
         remat.make_partition_fn(Config(), [])
@@ -345,6 +369,19 @@ def test_fp8_saved_activations():
         rel = ((g - w).norm() / w.norm()).item()
         assert rel < 0.1, rel
     assert any(not torch.equal(g, w) for g, w in zip(got[1:], want[1:]))
+
+
+@pytest.mark.skipif(getattr(torch, "float8_e4m3fn", None) is None, reason="no float8_e4m3fn in this torch")
+def test_fp8_with_recompute_from_compressed_values():
+    model, x = Block(d=64), _inputs((2, 32, 64))
+    want = _step(model, model, x)
+    compiled, records, _ = _compile(model, Config(remat=0.2, remat_compress="fp8"))
+    got = _step(compiled, model, x)
+    (plan,) = records
+    assert plan.compressed and plan.recomputed and plan.activation_bytes <= plan.budget_bytes
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for g, w in zip(got[1:], want[1:]):
+        assert ((g - w).norm() / w.norm()).item() < 0.1
 
 
 # ------------------------------------------------------------------------------------------------- the compiler

@@ -82,10 +82,15 @@ def depends_on(node: Any, ancestor: fx.Node) -> bool:
 
 
 def _fake_mode(values: Sequence[Any]) -> Any:
-    from torch._guards import detect_fake_mode
+    """The fake mode the values were made in. Not `detect_fake_mode`: inside a torch.compile backend the tracing
+    context holds a different mode than the one Dynamo's example values belong to, and mixing them fails."""
+    from torch._subclasses.fake_tensor import FakeTensor
 
     flat, _ = torch.utils._pytree.tree_flatten(list(values))
-    return detect_fake_mode([v for v in flat if isinstance(v, torch.Tensor)])
+    for v in flat:
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return None
 
 
 def fake_value(op: str, target: Any, args: tuple, kwargs: dict) -> Any:

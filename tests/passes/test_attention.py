@@ -442,3 +442,28 @@ def test_hugging_face_models(name, impl):
     if name == "bert":
         assert all(node.args[3] is not None for node in ops)  # the padding mask is kept
     assert_close(before, after, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- inside a torch.compile backend
+
+@pytest.mark.parametrize("fn", [causal_arange_where, gqa_repeat_kv], ids=["causal", "gqa"])
+def test_inside_torch_compile_backend_with_gradients(fn):
+    """The passes run inside a Dynamo backend (another fake mode is active there); gradients flow through the op."""
+    contexts = []
+
+    def backend(gm, example_inputs):
+        ctx = PassContext(Config())
+        attention(canonicalize(gm, ctx).graph_module, ctx)
+        contexts.append(ctx)
+        return gm.forward
+
+    kv_heads = 1 if fn is gqa_repeat_kv else H
+    inputs = [t.requires_grad_() for t in qkv(kv_heads)]
+    expected = fn(*inputs)
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
+    got = torch.compile(fn, backend=backend)(*inputs)
+    got_grads = torch.autograd.grad(got.square().sum(), inputs)
+    assert sum(counts(c)[0] for c in contexts) == 1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)

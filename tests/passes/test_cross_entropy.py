@@ -137,6 +137,17 @@ def test_rewritten_hf_graph_matches_eager_loss_and_every_gradient(make, aot):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
+def test_hf_num_items_in_batch_sum_reduction_fires_and_matches():
+    # Trainer passes num_items_in_batch: HF then sums the loss and divides; the division stays after the op
+    model = tiny_llama()
+    kw = {**inputs(), "num_items_in_batch": torch.tensor(11)}
+    ref = LossOnly(model)(**kw)
+    contexts = []
+    out = torch.compile(LossOnly(model), backend=passes_backend(contexts), dynamic=False)(**kw)
+    assert sum(counts(c)[0] for c in contexts) == 1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------- hand-written heads
 
 class Head(nn.Module):

@@ -207,7 +207,8 @@ def _analyse(joint: fx.GraphModule, num_fwd_outputs: int, compress: Optional[str
     compressible: Set[int] = set()
     for i, node in enumerate(nodes):
         value = node.meta.get("val")
-        reason = _pin_reason(node, nodes, index, pin_reasons)
+        c = cost_model.node_cost(node, joint)
+        reason = _pin_reason(node, index, pin_reasons, c.exact)
         if isinstance(value, torch.Tensor):
             size = evaluate(cost_model.tensor_bytes(value))
             stored = size
@@ -223,7 +224,6 @@ def _analyse(joint: fx.GraphModule, num_fwd_outputs: int, compress: Optional[str
             size = stored = math.inf
         else:
             raise _Decline(f"{node.name} has a value remat does not understand ({type(value).__name__})")
-        c = cost_model.node_cost(node, joint)
         node_flops = evaluate(c.flops)
         seconds = _roofline_seconds(node, node_flops, evaluate(c.hbm_bytes))
         if reason:
@@ -268,32 +268,45 @@ class _Evaluator:
         return float(expr.subs(self.hints)) if getattr(expr, "free_symbols", None) else float(expr)
 
 
-def _pin_reason(node: fx.Node, nodes: List[fx.Node], index: Dict[fx.Node, int],
-                pin_reasons: Dict[int, str]) -> Optional[str]:
-    """Why `node` must never be recomputed (None when recomputing it gives the same value)."""
+def _pin_reason(node: fx.Node, index: Dict[fx.Node, int], pin_reasons: Dict[int, str],
+                cost_known: bool) -> Optional[str]:
+    """Why `node` must never be recomputed (None when recomputing it gives the same value at a known cost)."""
     target = node.target
     if isinstance(target, torch._ops.HigherOrderOperator):
         return f"higher-order op {target.name()}"
     if isinstance(target, torch._ops.OpOverload):
+        custom = target.namespace not in ("aten", "prims")
+        dropout = _dropout_argument(node, target) if custom else None
         if torch.Tag.nondeterministic_seeded in target.tags:
-            return f"random op {target}: a recompute would draw different numbers"
-        if target.namespace not in ("aten", "prims"):
-            dropout = _dropout_argument(node, target)
-            if dropout:
-                return f"random: {target}({dropout})"
+            # flashfx's own ops draw random numbers only for dropout (flashfx.codegen.attention._draw_seed), so
+            # with dropout off a recompute returns the same values; anything else seeded is a fresh draw.
+            if not (target.namespace == "flashfx" and dropout is not None and not dropout[1]):
+                return f"random op {target}: a recompute would draw different numbers"
+        elif dropout is not None and dropout[1]:
+            return f"random: {target}({dropout[0]}={dropout[1]})"
+        if custom and not cost_known:
+            return f"{target} has no registered cost: recomputing it could cost anything"
     if target is operator.getitem and isinstance(node.args[0], fx.Node) and index.get(node.args[0]) in pin_reasons:
         return f"element of {node.args[0].name} ({pin_reasons[index[node.args[0]]]})"
-    if node.is_impure():
+    if _impure(node):
         return f"impure op {target}"
     return None
 
 
-def _dropout_argument(node: fx.Node, target: torch._ops.OpOverload) -> Optional[str]:
+def _impure(node: fx.Node) -> bool:
+    """Side effects other than drawing random numbers (handled above, op by op)."""
+    try:
+        return node.is_impure(impure_random=False)
+    except TypeError:  # older torch.fx: no impure_random argument
+        return node.is_impure()
+
+
+def _dropout_argument(node: fx.Node, target: torch._ops.OpOverload) -> Optional[Tuple[str, Any]]:
+    """(name, value) of a custom op's dropout-probability argument, None when it has none."""
     for i, arg in enumerate(target._schema.arguments):
         if "dropout" in arg.name or arg.name == "p":
             value = node.kwargs.get(arg.name, node.args[i] if i < len(node.args) else arg.default_value)
-            if value not in (None, 0, 0.0, False):
-                return f"{arg.name}={value}"
+            return arg.name, (value if value not in (None, False) else 0)
     return None
 
 
@@ -469,11 +482,11 @@ def _dce_keep_mutations(gm: fx.GraphModule) -> None:
 
 
 def _check_no_random_recompute(bw: fx.GraphModule, a: _Analysis) -> None:
-    forward_names = {n.name for n in a.nodes}
+    """A pinned value (random, impure, unknown cost) may reach the backward only as a saved input."""
+    pinned = {a.nodes[v].name for v in a.pin_reasons}
     for node in bw.graph.nodes:
-        if node.name in forward_names and isinstance(node.target, torch._ops.OpOverload) \
-                and torch.Tag.nondeterministic_seeded in node.target.tags:
-            raise RuntimeError(f"the backward would recompute random op {node.name}")
+        if node.op == "call_function" and node.name in pinned:
+            raise RuntimeError(f"the backward would recompute {node.name}: {a.pin_reasons[a.problem.names.index(node.name)]}")
 
 
 def _schedule_recompute_late(bw: fx.GraphModule) -> None:

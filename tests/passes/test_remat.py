@@ -349,6 +349,27 @@ def test_make_partition_fn_needs_a_budget():
         remat.make_partition_fn(Config(), [])
 
 
+def test_flashfx_attention_is_recomputed_only_without_dropout():
+    pytest.importorskip("flashfx.codegen.attention")
+    from flashfx.compiler import Compiler
+
+    op = torch.ops.flashfx.attention_fwd.default
+    graph = torch.fx.Graph()
+    q = graph.placeholder("q")
+    with_dropout = graph.call_function(op, (q, q, q, None, False, None, 0.1))
+    without = graph.call_function(op, (q, q, q, None, True, None, 0.0))
+    assert "random" in remat._pin_reason(with_dropout, {}, {}, True)
+    assert remat._pin_reason(without, {}, {}, True) is None
+    assert "no registered cost" in remat._pin_reason(without, {}, {}, False)
+
+    model, x = Block(), _inputs()
+    want = _step(model, model, x)
+    backend = Compiler(Config(remat=1e-6, fusion=False, attention="exact", cross_entropy=False))
+    _assert_same(_step(torch.compile(model, backend=backend), model, x), want, rtol=1e-4, atol=1e-5)
+    (plan,) = [p for report in backend.reports for p in report.remat]
+    assert plan.status == "applied" and "attention_fwd" in {n for n, _ in plan.recomputed}
+
+
 # ------------------------------------------------------------------------------------------------- fp8
 
 @pytest.mark.skipif(getattr(torch, "float8_e4m3fn", None) is None, reason="no float8_e4m3fn in this torch")

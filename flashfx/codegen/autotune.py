@@ -15,15 +15,27 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+# Up to this extent a whole-row kernel is still timed against the looped one when autotuning on a GPU.
+PERSISTENT_TRY_RBLOCK = 32768
+
+
 def choose_mode(is_reduction: bool, rnumel: int) -> str:
     if not is_reduction:
         return "pointwise"
     return "persistent" if next_pow2(rnumel) <= PERSISTENT_MAX_RBLOCK else "looped"
 
 
-def bucket(mode: str, xnumel: int, rnumel: int) -> str:
-    """Shapes that share a config: the same mode and the same powers of two."""
-    return f"{mode}:x{next_pow2(xnumel)}:r{next_pow2(rnumel)}"
+def modes(is_reduction: bool, rnumel: int, tune: bool) -> List[str]:
+    """Kernel shapes to consider, the default first."""
+    first = choose_mode(is_reduction, rnumel)
+    if tune and first == "looped" and next_pow2(rnumel) <= PERSISTENT_TRY_RBLOCK:
+        return ["looped", "persistent"]
+    return [first]
+
+
+def bucket(is_reduction: bool, xnumel: int, rnumel: int) -> str:
+    """Shapes that share a config: the same powers of two."""
+    return f"{'reduction' if is_reduction else 'pointwise'}:x{next_pow2(xnumel)}:r{next_pow2(rnumel)}"
 
 
 def candidates(mode: str, xnumel: int, rnumel: int, interpreting: bool) -> List[Dict[str, int]]:
@@ -41,7 +53,8 @@ def candidates(mode: str, xnumel: int, rnumel: int, interpreting: bool) -> List[
         configs = [{"XBLOCK": x, "RBLOCK": R, "num_warps": w} for x in (1, 2, 4, 8, 16) for w in (4, 8, 16)]
         keep = [c for c in configs if 512 <= c["XBLOCK"] * R <= 8192
                 and 8 <= c["XBLOCK"] * R // (32 * c["num_warps"]) <= 32 and c["XBLOCK"] <= next_pow2(xnumel)]
-        return keep or [{"XBLOCK": 1, "RBLOCK": R, "num_warps": 16 if R >= 8192 else 8}]
+        # rows longer than 8192: one row per program, as many warps as registers need
+        return keep or [{"XBLOCK": 1, "RBLOCK": R, "num_warps": w} for w in (16, 32)]
     if interpreting:
         return [{"XBLOCK": min(8, next_pow2(xnumel)), "RBLOCK": 64, "num_warps": 4}]
     configs = [{"XBLOCK": x, "RBLOCK": r, "num_warps": w}

@@ -134,7 +134,9 @@ class FusedKernel:
             xnumel *= P[d]
         if xnumel == 0 or rnumel == 0:
             return self._empty_result(outs, rnumel)
-        mode = autotune.choose_mode(plan.is_reduction, rnumel)
+        interpreting = _compat.triton_interpreting()
+        tune = self.tune and device.type == "cuda"
+        modes = autotune.modes(plan.is_reduction, rnumel, tune)
 
         def strides_of_tensor(t: torch.Tensor, spec: Any) -> Dict[int, int]:
             return {pd: t.stride(i) for i, pd in enumerate(spec.dmap) if pd is not None and t.shape[i] != 1}
@@ -144,10 +146,6 @@ class FusedKernel:
         # int32 offsets unless some tensor spans 2**31 elements (strides included: a view can reach further)
         reach = max([xnumel * rnumel] + [sum((t.shape[i] - 1) * abs(t.stride(i)) for i in range(t.dim())) + 1
                                          for t in list(tensors) + outs])
-        sig = Signature(mode, tuple(_layout(plan, s, st, P, mode) for s, st in zip(plan.inputs, in_st)),
-                        tuple(_layout(plan, s, st, P, mode) for s, st in zip(plan.outputs, out_st)),
-                        32 if reach < 2 ** 31 - 2 ** 20 else 64)
-        src, fn = self.variant(sig)
         values: Dict[str, Any] = {"xnumel": xnumel, "rnumel": rnumel}
         for k, t in enumerate(tensors):
             values[f"in{k}_ptr"] = t
@@ -161,32 +159,43 @@ class FusedKernel:
             values[f"sc{k}"] = s
         for d in symbolic_dims(plan):
             values[f"ks{d}"] = P[d]
-        call_args = [values[p] for p in src.params]
+        variants = {}
+        for mode in modes:
+            sig = Signature(mode, tuple(_layout(plan, s, st, P, mode) for s, st in zip(plan.inputs, in_st)),
+                            tuple(_layout(plan, s, st, P, mode) for s, st in zip(plan.outputs, out_st)),
+                            32 if reach < 2 ** 31 - 2 ** 20 else 64)
+            variants[mode] = (sig,) + self.variant(sig)
 
-        def launch(config: Dict[str, int]) -> None:
-            meta = {k: v for k, v in config.items() if k != "num_warps"}
-            grid = (triton.cdiv(xnumel, config["XBLOCK"]),)
-            fn[grid](*call_args, **meta, num_warps=config["num_warps"])
+        def launch(config: Dict[str, Any]) -> None:
+            _, src, fn = variants[config["mode"]]
+            meta = {k: v for k, v in config.items() if k != "mode"}
+            fn[(triton.cdiv(xnumel, config["XBLOCK"]),)](*[values[p] for p in src.params], **meta)
 
-        b = autotune.bucket(mode, xnumel, rnumel)
-        config = self._configs.get((sig, b))
+        # one autotune entry per group source (its first mode's variant) and shape bucket
+        first_sig, first_src, _ = variants[modes[0]]
+        b = autotune.bucket(plan.is_reduction, xnumel, rnumel)
+        config = self._configs.get((first_sig, b))
         if config is None:
-            key = kernel_cache.cache_key(src.source)
-            config = kernel_cache.load_choices(self.cache_dir, key).get(b)
+            cache_key = kernel_cache.cache_key(first_src.source)
+            config = kernel_cache.load_choices(self.cache_dir, cache_key).get(b)
+            if config is not None and config.get("mode") not in variants:
+                config = None
             with kernel_cache.triton_binaries_under(self.cache_dir):
                 if config is None:
-                    configs = autotune.candidates(mode, xnumel, rnumel, _compat.triton_interpreting())
-                    config = autotune.pick(configs, launch, self.tune and device.type == "cuda")
-                    kernel_cache.save_choice(self.cache_dir, key, b, config)
+                    configs = [dict(c, mode=m) for m in modes
+                               for c in autotune.candidates(m, xnumel, rnumel, interpreting)]
+                    config = autotune.pick(configs, launch, tune)
+                    kernel_cache.save_choice(self.cache_dir, cache_key, b, config)
                 launch(config)  # compiles (or loads the cached binary) under cache_dir
-            self._configs[(sig, b)] = config
+            self._configs[(first_sig, b)] = config
         else:
             launch(config)
+        _, src, fn = variants[config["mode"]]
         # how to launch next time: 0 = an input tensor, 1 = an output, 2 = a constant
         marks = {f"in{k}_ptr": (0, k) for k in range(n_in)}
         marks.update({f"out{k}_ptr": (1, k) for k in range(len(outs))})
         param_plan = [marks.get(p, (2, values[p])) for p in src.params]
-        meta = {k: v for k, v in config.items()}
+        meta = {k: v for k, v in config.items() if k != "mode"}
         out_specs = [(tuple(o.shape), o.stride(), o.dtype, o.device) for o in outs]
         self._fast[key] = (out_specs, fn, param_plan, (triton.cdiv(xnumel, config["XBLOCK"]),), meta)
         return tuple(outs)

@@ -109,30 +109,7 @@ def _check_task(task):
 def _pool(n_tasks):
     import multiprocessing
 
-    return multiprocessing.get_context("spawn").Pool(min(n_tasks, max(1, (os.cpu_count() or 2) - 2)))
-
-
-def run_checks():
-    """Each case in its own worker process: the kernels of the cases compile in parallel."""
-    rows, all_ok = [], True
-    tasks = [(d, c, "split") for d in ("bfloat16", "float16") for c in (CASES if d == "bfloat16" else CASES[:3])]
-    tasks += [("bfloat16", c, "atomic") for c in CASES[:4]]
-    with _pool(len(tasks)) as pool:
-        results = pool.map(_check_task, tasks)
-    for (dtype, case, variant), (ok, errs, sdpa) in zip(tasks, results):
-        all_ok &= ok
-        rows.append({"dtype": dtype, "case": case, "bwd": variant, "ok": ok, "errors": errs, "sdpa": sdpa})
-        print(("OK  " if ok else "FAIL"), dtype, variant, case,
-              {k: (f"{v:.1e}" if isinstance(v, float) else v) for k, v in errs.items()},
-              f"sdpa={sdpa:.1e}" if sdpa is not None else "", flush=True)
-    try:
-        drop_ok, row = _check_dropout()
-    except Exception as e:
-        drop_ok, row = False, {"error": repr(e)[-400:]}
-        print("FAIL dropout", row, flush=True)
-    all_ok &= drop_ok
-    rows.append(row)
-    return all_ok, rows
+    return multiprocessing.get_context("spawn").Pool(max(1, min(n_tasks, (os.cpu_count() or 2) - 2)))
 
 
 def _check_dropout():
@@ -152,15 +129,24 @@ def _check_dropout():
     return drop_ok, {"dropout_keep": keep, "dropout_repro": torch.equal(a, b), "ok": drop_ok}
 
 
+VARIANTS = [("split", "split"), ("split", "atomic"), ("single", "split"), ("single", "atomic")]  # (loop, bwd)
+
+
+def _set_variant(loop, bwd):
+    os.environ["FLASHFX_ATTENTION_LOOP"] = loop  # read at each launch, so set before each call
+    os.environ["FLASHFX_ATTENTION_BWD"] = bwd
+
+
 def _prewarm_task(task):
-    """Compile config `idx` of each kernel (forward and backward) for one shape family into Triton's disk cache."""
-    idx, B, Hq, Hkv, S, D, causal = task
+    """Compile config `idx` of each kernel (forward and backward, each variant) for one shape family into
+    Triton's disk cache."""
+    idx, B, Hq, Hkv, S, D, causal, variants = task
     os.environ["FLASHFX_ATTENTION_CONFIG"] = str(idx)
     try:
         q = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
-        for variant in ("split", "atomic"):
-            os.environ["FLASHFX_ATTENTION_BWD"] = variant
+        for loop, bwd in variants:
+            _set_variant(loop, bwd)
             out = torch.ops.flashfx.attention(q, k, v, None, causal)
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         torch.cuda.synchronize()
@@ -169,20 +155,28 @@ def _prewarm_task(task):
         return repr(e)[-200:]
 
 
-def prewarm(suites):
+def prewarm_tasks(suites, variants_for):
     """Fill Triton's compile cache for every autotune config in parallel processes, so autotuning in this process
-    only benchmarks (the specialisation is the same: all sizes here are multiples of 16)."""
+    only benchmarks (the specialisation is the same: all sizes here are multiples of 16, GROUP 1 or not)."""
     from flashfx.codegen.attention import _build_kernels
 
     kern = _build_kernels(False, True)
     n = max(len(kern.fwd.configs), len(kern.dkdv.configs), len(kern.dq.configs))
     families = sorted({(1, Hq, Hkv, 1024, D, causal) for _, _, Hq, Hkv, _, D, causal in suites})
-    tasks = [(i,) + f for f in families for i in range(n)]
+    return [(i,) + f + (variants_for(f[-1]),) for f in families for i in range(n)]
+
+
+def run_pool(check_tasks, warm_tasks):
+    """Correctness checks and compile-cache warming side by side in one pool of processes."""
     t0 = time.time()
-    with _pool(len(tasks)) as pool:
-        errors = [e for e in pool.map(_prewarm_task, tasks) if e]
-    print(f"prewarm: {len(tasks)} compile tasks in {time.time() - t0:.0f}s; {len(errors)} failed "
-          f"{errors[:2]}", flush=True)
+    with _pool(len(check_tasks) + len(warm_tasks)) as pool:
+        checks = pool.map_async(_check_task, check_tasks)
+        warm = pool.map_async(_prewarm_task, warm_tasks)
+        checks, warm = checks.get(), warm.get()
+    errors = [e for e in warm if e]
+    print(f"pool: {len(check_tasks)} checks + {len(warm_tasks)} compile tasks in {time.time() - t0:.0f}s; "
+          f"{len(errors)} compile tasks failed {errors[:2]}", flush=True)
+    return checks
 
 
 # ------------------------------------------------------------------------------------------------ providers
@@ -202,11 +196,11 @@ def _math(q, k, v, causal):
 def make_provider(name, causal, S, gqa):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if name.startswith("flashfx"):  # flashfx: dQ by its own kernel; flashfx_atomic: dQ by fp32 atomics
-        variant = "atomic" if name == "flashfx_atomic" else "split"
+    if name.startswith("flashfx"):  # "flashfx:<loop>:<bwd>" or "flashfx" (the variant chosen by the study)
+        loop, bwd = name.split(":")[1:] if ":" in name else CHOSEN.get(causal, ("split", "split"))
 
         def run(q, k, v):
-            os.environ["FLASHFX_ATTENTION_BWD"] = variant  # read when the backward runs, inside this call
+            _set_variant(loop, bwd)
             return torch.ops.flashfx.attention(q, k, v, None, causal)
         return run
     if name.startswith("sdpa_"):
@@ -260,19 +254,10 @@ def bench_one(fn, B, Hq, Hkv, S, D, causal, dtype):
     return res
 
 
-def run_bench(args):
-    providers = args.providers.split(",")
-    suites = []
-    for S in args.seqs:
-        for causal in (False, True):
-            suites.append(("D128", 4, 16, 16, S, 128, causal))
-    for S in args.extra_seqs:
-        for causal in (False, True):
-            suites.append(("D64", 4, 16, 16, S, 64, causal))
-            suites.append(("GQA32/8", 4, 32, 8, S, 128, causal))
-    if any(p.startswith("flashfx") for p in providers):
-        prewarm(suites)
-    results = []
+CHOSEN = {}  # causal -> (loop, bwd), from the variant study
+
+
+def run_suites(suites, providers, args, results):
     for label, B, Hq, Hkv, S, D, causal in suites:
         for name in providers:
             if name == "math" and S > args.math_max_seq:
@@ -286,6 +271,8 @@ def run_bench(args):
             except Exception as e:  # a provider that cannot run this shape (e.g. OOM, unsupported) is reported
                 r = {"error": repr(e)[:200]}
             torch.cuda.empty_cache()
+            if name == "flashfx":
+                r["variant"] = ":".join(CHOSEN.get(causal, ("split", "split")))
             r.update(suite=label, B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, causal=causal, provider=name,
                      seconds=round(time.time() - t0, 1))
             results.append(r)
@@ -294,10 +281,21 @@ def run_bench(args):
             if "error" in r:
                 print(f"{label} S={S} causal={causal} {name}: {r['error']}", flush=True)
             else:
-                print(f"{label} S={S} causal={int(causal)} {name:15s} fwd {r['fwd_tflops']:6.1f} "
+                print(f"{label} S={S} causal={int(causal)} {name:20s} fwd {r['fwd_tflops']:6.1f} "
                       f"fwd+bwd {r['fwdbwd_tflops']:6.1f} TFLOP/s  peak {r['peak_gb']:.2f} GB  ({r['seconds']}s)",
                       flush=True)
-    return results
+
+
+def main_suites(args):
+    suites = []
+    for S in args.seqs:
+        for causal in (False, True):
+            suites.append(("D128", 4, 16, 16, S, 128, causal))
+    for S in args.extra_seqs:
+        for causal in (False, True):
+            suites.append(("D64", 4, 16, 16, S, 64, causal))
+            suites.append(("GQA32/8", 4, 32, 8, S, 128, causal))
+    return suites
 
 
 def autotune_choices():
@@ -339,7 +337,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--providers", default="flashfx,flashfx_atomic,sdpa_flash,sdpa_cudnn,sdpa_efficient,flex,math")
+    ap.add_argument("--providers", default="flashfx,sdpa_flash,sdpa_cudnn,sdpa_efficient,flex,math")
+    ap.add_argument("--study-seq", type=int, default=8192)
     ap.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--extra-seqs", type=lambda s: [int(x) for x in s.split(",") if x], default=[2048, 8192])
     ap.add_argument("--flex-seqs", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 4096, 8192])
@@ -352,21 +351,57 @@ def main():
            "date": datetime.date.today().isoformat()}
     print(env, flush=True)
     report = {"env": env}
-    if not args.skip_check:
-        t0 = time.time()
-        ok, rows = run_checks()
+    t_start = time.time()
+    check_tasks = [] if args.skip_check else [
+        (d, c, "split") for d in ("bfloat16", "float16") for c in (CASES if d == "bfloat16" else CASES[:3])
+    ] + [("bfloat16", c, "atomic") for c in CASES[:4]]
+    study = [] if args.check_only else [("D128", 4, 16, 16, args.study_seq, 128, c) for c in (False, True)]
+    checks = run_pool(check_tasks, prewarm_tasks(study, lambda causal: VARIANTS) if study else [])
+    if check_tasks:
+        rows, all_ok = [], True
+        for (dtype, case, variant), (ok, errs, sdpa) in zip(check_tasks, checks):
+            all_ok &= ok
+            rows.append({"dtype": dtype, "case": case, "bwd": variant, "ok": ok, "errors": errs, "sdpa": sdpa})
+            print(("OK  " if ok else "FAIL"), dtype, variant, case,
+                  {k: (f"{v:.1e}" if isinstance(v, float) else v) for k, v in errs.items()},
+                  f"sdpa={sdpa:.1e}" if sdpa is not None else "", flush=True)
+        try:
+            drop_ok, row = _check_dropout()
+        except Exception as e:
+            drop_ok, row = False, {"error": repr(e)[-400:]}
+        print("OK  " if drop_ok else "FAIL", "dropout", row, flush=True)
+        rows.append(row)
         report["checks"] = rows
-        print(f"correctness: {'all OK' if ok else 'FAILURES'} ({time.time() - t0:.0f}s)", flush=True)
+        print(f"correctness: {'all OK' if all_ok and drop_ok else 'FAILURES'}", flush=True)
     if not args.check_only:
-        results = run_bench(args)
+        # 1. the variant study: every (loop, backward) variant of flashfx at one size, causal and not
+        study_results = []
+        run_suites(study, [f"flashfx:{lp}:{bw}" for lp, bw in VARIANTS], args, study_results)
+        for causal in (False, True):
+            ok = [r for r in study_results if r["causal"] == causal and "error" not in r]
+            if ok:
+                best = max(ok, key=lambda r: r["fwdbwd_tflops"])
+                CHOSEN[causal] = tuple(best["provider"].split(":")[1:])
+        print("chosen variants (causal -> loop, bwd):", CHOSEN, flush=True)
+        report["study"] = study_results
+        report["chosen"] = {str(k): v for k, v in CHOSEN.items()}
+        # 2. the table: the chosen variant against the peers
+        suites = main_suites(args)
+        extra = [s_ for s_ in suites if s_[0] != "D128"]
+        if extra:
+            run_pool([], prewarm_tasks(extra, lambda causal: [CHOSEN.get(causal, ("split", "split"))]))
+        results = []
+        providers = args.providers.split(",")
+        run_suites(suites, providers, args, results)
         report["results"] = results
         report["autotuned"] = autotune_choices()
-        for name, picks in report["autotuned"].items():
-            print(name, picks)
-        table = markdown(results, args.providers.split(","))
+        table = markdown(results, providers)
         print("\nTFLOP/s fwd / fwd+bwd (fwd+bwd peak memory above inputs), bf16, B=4\n" + table)
         with open(os.path.join(args.out, "attention.md"), "w") as f:
             f.write(table + "\n")
+        for name, picks in report["autotuned"].items():
+            print(name, picks)
+    print(f"total {time.time() - t_start:.0f}s")
     with open(os.path.join(args.out, "attention.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
 

@@ -190,8 +190,10 @@ def _fwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
 
 
 def _bwd_keep(bm: int, bn: int, warps: int, stages: int) -> bool:
-    # dK/dV: the key tile a multiple of the query tile (bm < bn); deep pipelines for the thin tiles
-    return bn % bm == 0 and bm < bn and (warps == 8) == (bm == 64) and stages in ((3, 5) if bm == 32 else (2, 3))
+    # dK/dV: the key tile a multiple of the query tile (bm < bn). Its fp32 dK and dV tiles plus K and V held in
+    # registers overflow 4 warps at 128 keys (ptxas: 2 KB of spills), hence 8 warps there; deep pipelines on 4.
+    return (bn % bm == 0 and bm < bn and (bm == 32 or warps == 8) and (bn == 128 or warps == 4)
+            and stages in ((3, 5) if warps == 4 else (2, 3)))
 
 
 def _big_keep(small: int, big: int, warps: int, stages: int) -> bool:
@@ -247,7 +249,7 @@ def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> An
                  for m in ms for n in ns for w in (4, 8) for st in (2, 3, 4, 5) if keep(m, n, w, st)]
         return space if only is None else [space[only % len(space)]]
 
-    key = ["D_PAD", "IS_CAUSAL", "BIAS_KIND", "DROPOUT", "L_BUCKET", "S_BUCKET"]
+    key = ["D_PAD", "IS_CAUSAL", "BIAS_KIND", "DROPOUT", "SINGLE_LOOP", "L_BUCKET", "S_BUCKET"]
     extra = _autotune_kwargs()
     return types.SimpleNamespace(
         fwd=triton.autotune(configs("fwd"), key=key, **extra)(K._attn_fwd_kernel),
@@ -258,6 +260,15 @@ def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> An
         dq=triton.autotune(configs("dq"), key=key + ["BIAS_GRAD"], **extra)(K._bwd_dq_kernel),
         preprocess=K._bwd_preprocess,
     )
+
+
+def _loop_variant() -> str:
+    """"split": unmasked key blocks in one loop, the diagonal / last blocks in a second, masked one;
+    "single": one loop that tests per block whether it needs the mask. FLASHFX_ATTENTION_LOOP picks."""
+    choice = os.environ.get("FLASHFX_ATTENTION_LOOP", "split")
+    if choice not in ("split", "single"):
+        raise ValueError(f"FLASHFX_ATTENTION_LOOP={choice!r}: use 'split' or 'single'")
+    return choice
 
 
 def _backward_variant(bias_grad: bool) -> str:
@@ -297,6 +308,7 @@ def _common(q: Tensor, k: Tensor, bias: Optional[Tensor], is_causal: bool, dropo
     scalars = dict(H=H, GROUP=H // k.shape[1], L=L, S=S, D=D, seed=seed, drop_threshold=threshold,
                    drop_scale=1.0 / (1.0 - dropout_p), L_BUCKET=_bucket(L), S_BUCKET=_bucket(S))
     consts = dict(IS_CAUSAL=bool(is_causal), BIAS_KIND=_bias_kind(bias), DROPOUT=dropout_p > 0.0,
+                  SINGLE_LOOP=_loop_variant() == "single",
                   D_PAD=_head_dim_pad(D), EVEN_D=_head_dim_pad(D) == D,
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return bias_t, scalars, consts

@@ -48,6 +48,15 @@ def _dropout_keep(seed, bh, rows, cols, S, threshold):
 
 
 @triton.jit
+def _keep_fwd(rows, cols, S, IS_CAUSAL: tl.constexpr):
+    """[rows, cols] tile of what a query may see: keys in bounds and, when causal, not after the query."""
+    ok = cols[None, :] < S
+    if IS_CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None])
+    return ok
+
+
+@triton.jit
 def _scores_bias(s, bias_ptrs, row_ok, col_ok, BIAS_KIND: tl.constexpr, MASK_COLS: tl.constexpr):
     """Add a float bias (x log2 e) or apply a bool mask to the log2-domain scores s."""
     if BIAS_KIND == 1:
@@ -62,22 +71,26 @@ def _scores_bias(s, bias_ptrs, row_ok, col_ok, BIAS_KIND: tl.constexpr, MASK_COL
 # ------------------------------------------------------------------------------------------------- forward
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, offs_m, offs_n, offs_d, lo, hi, S, D, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, offs_m, offs_n, offs_d, start_m, lo, hi, S, D, qk_scale,
                seed, bh, drop_threshold, drop_scale, stride_kn, stride_vn, stride_bn,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Key blocks [lo, hi): MASKED applies the key bound and the causal mask (the last and the diagonal blocks)."""
+    """Key blocks [lo, hi). MASKED: 0 no masks; 1 the key bound and the causal mask on every block (the last and
+    the diagonal blocks); 2 tested per block at run time (one loop for all blocks)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols[None, :] < S
         k = _load2d(k_ptrs + start_n * stride_kn, offs_d[:, None] < D, col_ok, not EVEN_D, MASKED)  # [D_PAD, BN]
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         s = _scores_bias(s, bias_ptrs + start_n * stride_bn, None, col_ok, BIAS_KIND, MASKED)
-        if MASKED:
-            ok = col_ok
+        if MASKED == 1:
+            s = tl.where(_keep_fwd(offs_m, cols, S, IS_CAUSAL), s, float("-inf"))
+        elif MASKED == 2:
+            edge = start_n + BLOCK_N > S
             if IS_CAUSAL:
-                ok = ok & (cols[None, :] <= offs_m[:, None])
-            s = tl.where(ok, s, float("-inf"))
+                edge = edge | (start_n + BLOCK_N - 1 > start_m)
+            if edge:
+                s = tl.where(_keep_fwd(offs_m, cols, S, IS_CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: exp2(-inf - 0) = 0, not NaN
         p = tl.math.exp2(s - m_use[:, None])
@@ -104,7 +117,7 @@ def _attn_fwd_kernel(
     H, GROUP, L, S, D, sm_scale, seed, drop_threshold, drop_scale,
     L_BUCKET, S_BUCKET,                       # autotune keys only (power-of-two buckets of L and S)
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE_LOOP: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
@@ -148,14 +161,20 @@ def _attn_fwd_kernel(
     else:
         hi = S
         full_hi = (S // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, offs_m, offs_n, offs_d,
-                               0, full_hi, S, D, qk_scale, seed, bh, drop_threshold, drop_scale,
-                               stride_kn, stride_vn, stride_bn, False, IS_CAUSAL, BIAS_KIND, DROPOUT, EVEN_D,
-                               BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, offs_m, offs_n, offs_d,
-                               full_hi, hi, S, D, qk_scale, seed, bh, drop_threshold, drop_scale,
-                               stride_kn, stride_vn, stride_bn, True, IS_CAUSAL, BIAS_KIND, DROPOUT, EVEN_D,
-                               BLOCK_N, PRECISION)
+    if SINGLE_LOOP:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, offs_m, offs_n, offs_d, start_m,
+                                   0, hi, S, D, qk_scale, seed, bh, drop_threshold, drop_scale,
+                                   stride_kn, stride_vn, stride_bn, 2, IS_CAUSAL, BIAS_KIND, DROPOUT, EVEN_D,
+                                   BLOCK_N, PRECISION)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, offs_m, offs_n, offs_d, start_m,
+                                   0, full_hi, S, D, qk_scale, seed, bh, drop_threshold, drop_scale,
+                                   stride_kn, stride_vn, stride_bn, 0, IS_CAUSAL, BIAS_KIND, DROPOUT, EVEN_D,
+                                   BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, offs_m, offs_n, offs_d, start_m,
+                                   full_hi, hi, S, D, qk_scale, seed, bh, drop_threshold, drop_scale,
+                                   stride_kn, stride_vn, stride_bn, 1, IS_CAUSAL, BIAS_KIND, DROPOUT, EVEN_D,
+                                   BLOCK_N, PRECISION)
 
     empty = l_i == 0.0  # every key masked: output 0, LSE +inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -190,7 +209,7 @@ def _bwd_preprocess(Out, DO, Delta,       # Out, DO: [B, H, L, D]; Delta: [B * H
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, dq_ptrs, offs_m, offs_n, offs_d,
-                    lo, hi, L, S, D, sm_scale, qk_scale, seed, bh, drop_threshold, drop_scale, stride_qm, stride_dom,
+                    n_last, lo, hi, L, S, D, sm_scale, qk_scale, seed, bh, drop_threshold, drop_scale, stride_qm, stride_dom,
                     stride_bm, stride_dqm, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr,
                     DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     PRECISION: tl.constexpr):
@@ -203,9 +222,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr
         sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
         sT = _scores_bias(sT, bias_ptrs + start_m * stride_bm, None, row_ok, BIAS_KIND, MASKED)
         pT = tl.math.exp2(sT - lse[None, :])        # rows past L and fully masked rows: lse = +inf, so 0
-        if MASKED:
-            if IS_CAUSAL:
+        if IS_CAUSAL:
+            if MASKED == 1:
                 pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
+            elif MASKED == 2:
+                if start_m < n_last:  # a query of this tile comes before a key of it
+                    pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
         do = _load2d(do_ptrs + start_m * stride_dom, rows[:, None] < L, offs_d[None, :] < D, MASKED, not EVEN_D)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
@@ -239,7 +261,7 @@ def _bwd_dkdv_kernel(
     H, GROUP, L, S, D, sm_scale, seed, drop_threshold, drop_scale,
     L_BUCKET, S_BUCKET,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE_LOOP: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
@@ -289,22 +311,28 @@ def _bwd_dkdv_kernel(
         if ATOMIC_DQ:
             dq_ptrs = (DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
                        + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd)
-        for stage in tl.static_range(3):
-            # stage 0: the causal diagonal (masked); 1: full query blocks; 2: the last partial block (masked)
-            if stage == 0:
-                s_lo = lo
-                s_hi = diag_hi
-            elif stage == 1:
-                s_lo = tl.maximum(lo, diag_hi)
-                s_hi = full_end
-            else:
-                s_lo = tl.maximum(lo, mid_hi)
-                s_hi = L
+        if SINGLE_LOOP:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, dq_ptrs, offs_m,
-                                     offs_n, offs_d, s_lo, s_hi, L, S, D, sm_scale, qk_scale, seed, bh,
+                                     offs_n, offs_d, start_n + BLOCK_N - 1, lo, L, L, S, D, sm_scale, qk_scale, seed, bh,
                                      drop_threshold, drop_scale, stride_qm, stride_dom, stride_bm, stride_dqm,
-                                     stage != 1, IS_CAUSAL, BIAS_KIND, DROPOUT, ATOMIC_DQ, EVEN_D, BLOCK_M,
-                                     PRECISION)
+                                     2, IS_CAUSAL, BIAS_KIND, DROPOUT, ATOMIC_DQ, EVEN_D, BLOCK_M, PRECISION)
+        else:
+            for stage in tl.static_range(3):
+                # stage 0: the causal diagonal (masked); 1: full query blocks; 2: the last partial block (masked)
+                if stage == 0:
+                    s_lo = lo
+                    s_hi = diag_hi
+                elif stage == 1:
+                    s_lo = tl.maximum(lo, diag_hi)
+                    s_hi = full_end
+                else:
+                    s_lo = tl.maximum(lo, mid_hi)
+                    s_hi = L
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, dq_ptrs,
+                                         offs_m, offs_n, offs_d, start_n + BLOCK_N - 1, s_lo, s_hi, L, S, D, sm_scale, qk_scale, seed, bh,
+                                         drop_threshold, drop_scale, stride_qm, stride_dom, stride_bm, stride_dqm,
+                                         0 if stage == 1 else 1, IS_CAUSAL, BIAS_KIND, DROPOUT, ATOMIC_DQ, EVEN_D,
+                                         BLOCK_M, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_kh.to(tl.int64) * stride_dkh
              + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -315,7 +343,8 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, ds_ptrs, offs_m, offs_n, offs_d, lo, hi, L, S, D,
+def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, ds_ptrs, offs_m, offs_n, offs_d, start_m, lo, hi,
+                  L, S, D,
                   qk_scale, seed, bh, drop_threshold, drop_scale, stride_kn, stride_vn, stride_bn, stride_dsn,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                   BIAS_GRAD: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -328,11 +357,14 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, ds_ptrs, off
         s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         s = _scores_bias(s, bias_ptrs + start_n * stride_bn, None, col_ok, BIAS_KIND, MASKED)
         p = tl.math.exp2(s - lse[:, None])
-        if MASKED:
-            ok = col_ok
+        if MASKED == 1:
+            p = tl.where(_keep_fwd(offs_m, cols, S, IS_CAUSAL), p, 0.0)
+        elif MASKED == 2:
+            edge = start_n + BLOCK_N > S
             if IS_CAUSAL:
-                ok = ok & (cols[None, :] <= offs_m[:, None])
-            p = tl.where(ok, p, 0.0)
+                edge = edge | (start_n + BLOCK_N - 1 > start_m)
+            if edge:
+                p = tl.where(_keep_fwd(offs_m, cols, S, IS_CAUSAL), p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], S, drop_threshold)
@@ -357,7 +389,7 @@ def _bwd_dq_kernel(
     H, GROUP, L, S, D, sm_scale, seed, drop_threshold, drop_scale,
     L_BUCKET, S_BUCKET,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE_LOOP: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
@@ -403,14 +435,20 @@ def _bwd_dq_kernel(
     else:
         hi = S
         full_hi = (S // BLOCK_N) * BLOCK_N
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, ds_ptrs, offs_m, offs_n, offs_d,
-                       0, full_hi, L, S, D, qk_scale, seed, bh, drop_threshold, drop_scale, stride_kn, stride_vn,
-                       stride_bn, stride_dsn, False, IS_CAUSAL, BIAS_KIND, DROPOUT, BIAS_GRAD, EVEN_D, BLOCK_N,
-                       PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, ds_ptrs, offs_m, offs_n, offs_d,
-                       full_hi, hi, L, S, D, qk_scale, seed, bh, drop_threshold, drop_scale, stride_kn, stride_vn,
-                       stride_bn, stride_dsn, True, IS_CAUSAL, BIAS_KIND, DROPOUT, BIAS_GRAD, EVEN_D, BLOCK_N,
-                       PRECISION)
+    if SINGLE_LOOP:
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, ds_ptrs, offs_m, offs_n, offs_d,
+                           start_m, 0, hi, L, S, D, qk_scale, seed, bh, drop_threshold, drop_scale, stride_kn,
+                           stride_vn, stride_bn, stride_dsn, 2, IS_CAUSAL, BIAS_KIND, DROPOUT, BIAS_GRAD, EVEN_D,
+                           BLOCK_N, PRECISION)
+    else:
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, ds_ptrs, offs_m, offs_n, offs_d,
+                           start_m, 0, full_hi, L, S, D, qk_scale, seed, bh, drop_threshold, drop_scale, stride_kn,
+                           stride_vn, stride_bn, stride_dsn, 0, IS_CAUSAL, BIAS_KIND, DROPOUT, BIAS_GRAD, EVEN_D,
+                           BLOCK_N, PRECISION)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, ds_ptrs, offs_m, offs_n, offs_d,
+                           start_m, full_hi, hi, L, S, D, qk_scale, seed, bh, drop_threshold, drop_scale, stride_kn,
+                           stride_vn, stride_bn, stride_dsn, 1, IS_CAUSAL, BIAS_KIND, DROPOUT, BIAS_GRAD, EVEN_D,
+                           BLOCK_N, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
              + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd,

@@ -388,7 +388,7 @@ def test_fp8_saved_activations():
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)  # the forward is exact
     for g, w in zip(got[1:], want[1:]):  # gradients see fp8 activations: close, not equal
         rel = ((g - w).norm() / w.norm()).item()
-        assert rel < 0.1, rel
+        assert rel < 0.15, rel  # e4m3 keeps 3 mantissa bits; measured up to 0.095 here
     assert any(not torch.equal(g, w) for g, w in zip(got[1:], want[1:]))
 
 
@@ -402,7 +402,7 @@ def test_fp8_with_recompute_from_compressed_values():
     assert plan.compressed and plan.recomputed and plan.activation_bytes <= plan.budget_bytes
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     for g, w in zip(got[1:], want[1:]):
-        assert ((g - w).norm() / w.norm()).item() < 0.1
+        assert ((g - w).norm() / w.norm()).item() < 0.15
 
 
 # ------------------------------------------------------------------------------------------------- the compiler

@@ -98,9 +98,8 @@ def pass_loss():
     def backend(gm, example_inputs):
         attach_metadata(gm)
         ctx = PassContext(Config())
-        with torch._guards.tracing(None):  # see the report: canonicalize's fake mode inside a backend
-            gm = canonicalize(gm, ctx).graph_module
-            gm = cross_entropy(gm, ctx).graph_module
+        gm = canonicalize(gm, ctx).graph_module
+        gm = cross_entropy(gm, ctx).graph_module
         counters.update(ctx.counters)
         return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
 

@@ -195,27 +195,32 @@ def test_chunk_rows_bound_the_buffer():
     assert chunk_rows_for(4096, 10**9, 4) == 16  # never below one matmul tile
 
 
-def test_cost_is_registered_and_counts_three_matmuls():
+def test_cost_is_registered_forward_one_matmul_fwd_with_grads_three():
     import torch.fx as fx
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from flashfx.rewriter.cost import node_cost
 
-    mode = FakeTensorMode()
-    with mode:
-        h = torch.empty(64, 32, requires_grad=True)
-        w = torch.empty(1000, 32, requires_grad=True)
-        y = torch.empty(64, dtype=torch.int64)
-        out = torch.ops.flashfx.linear_cross_entropy(h, w, None, y)
+    N, V, H = 64, 1000, 32
+    with FakeTensorMode():
+        vals = (torch.empty(N, H), torch.empty(V, H), torch.empty(N, dtype=torch.int64))
+        public = torch.ops.flashfx.linear_cross_entropy(*vals[:2], None, vals[2])
+        fwd = torch.ops.flashfx.linear_cross_entropy_fwd(*vals[:2], None, vals[2], -100, 0.0, "mean", 0.0, True)
     g = fx.Graph()
     nodes = [g.placeholder(n) for n in "hwy"]
-    for n, v in zip(nodes, (h, w, y)):
+    for n, v in zip(nodes, vals):
         n.meta["val"] = v
-    call = g.call_function(torch.ops.flashfx.linear_cross_entropy.default, (nodes[0], nodes[1], None, nodes[2]))
-    call.meta["val"] = out
-    c = node_cost(call)
-    assert int(c.flops) == 3 * 2 * 64 * 1000 * 32 + 8 * 64 * 1000
-    assert int(c.write_bytes) == 64 * 4 + (64 * 32 + 1000 * 32) * 4
+    args = (nodes[0], nodes[1], None, nodes[2])
+    c1 = g.call_function(torch.ops.flashfx.linear_cross_entropy.default, args)
+    c1.meta["val"] = public
+    c3 = g.call_function(torch.ops.flashfx.linear_cross_entropy_fwd.default, args + (-100, 0.0, "mean", 0.0, True))
+    c3.meta["val"] = fwd
+    one, three = node_cost(c1), node_cost(c3)
+    assert int(one.flops) == 2 * N * V * H + 8 * N * V
+    assert int(three.flops) == 3 * 2 * N * V * H + 8 * N * V
+    assert int(one.write_bytes) == N * 4  # the [N, V] logits are never written whole: only chunk traffic is read
+    assert int(one.read_bytes) == (N * H + V * H) * 4 + N * 8 + 2 * N * V * 4
+    assert int(three.write_bytes) == N * 4 + (N * H + V * H) * 4
 
 
 @pytest.mark.gpu

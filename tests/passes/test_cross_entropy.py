@@ -102,10 +102,7 @@ def test_declines_across_a_graph_break_and_says_why():
 def passes_backend(contexts, aot=False):
     def backend(gm, example_inputs):
         attach_metadata(gm)
-        # canonicalize's fake propagation picks the backend's TracingContext fake mode, not the one Dynamo's node
-        # values live in (reported to the lead); run the passes outside that context meanwhile
-        with torch._guards.tracing(None):
-            gm, ctx = run_pass(gm)
+        gm, ctx = run_pass(gm)
         contexts.append(ctx)
         gm = gm.graph_module
         if aot:

@@ -8,8 +8,9 @@ Runs on the canonical torch-level graph (after `flashfx.rewriter.canonicalize`).
   in eval or at p=0) → `@ v`. The score ops between the matmul and the softmax come from the SCORE_OPS table, the
   probability ops between the softmax and `@ v` from the PROB_OPS table: one pattern, variants from tables.
 - sdpa: `F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)`.
-- mha: `F.multi_head_attention_forward` as Dynamo records `nn.MultiheadAttention` (packed in-projection, no
-  masks, no bias_k/bias_v, no zero-attn, weights unused): split into projections + the op + out-projection.
+- mha: `F.multi_head_attention_forward` as Dynamo records `nn.MultiheadAttention` / `nn.TransformerEncoderLayer`
+  (packed in-projection, key_padding_mask / attn_mask / is_causal, dropout; not bias_k/bias_v, add_zero_attn,
+  separate projection weights, or used attention weights): split into projections + the op + out-projection.
 
 K/V repeated for grouped-query attention (`repeat_kv`: unsqueeze → expand → reshape, or `repeat_interleave` on the
 head dim) are passed un-repeated: the op reads kv head h // (Hq // Hkv), never materialising the repeat.
@@ -537,12 +538,18 @@ def _match_mha(node: fx.Node) -> Optional[Dict[str, Any]]:
             raise Decline(node, f"multi_head_attention_forward result used as a whole by {user.name}")
         if user.args[1] == 1 and user.users:
             raise Decline(node, "the attention weights (need_weights=True) are used; the fused op never makes them")
-    unsupported = [name for name in ("bias_k", "bias_v", "static_k", "static_v", "key_padding_mask", "attn_mask")
-                   if a[name] is not None]
-    if a["add_zero_attn"] or a["use_separate_proj_weight"] or a["is_causal"]:
-        unsupported += [n for n in ("add_zero_attn", "use_separate_proj_weight", "is_causal") if a[n]]
+    unsupported = [name for name in ("bias_k", "bias_v", "static_k", "static_v") if a[name] is not None]
+    unsupported += [name for name in ("add_zero_attn", "use_separate_proj_weight") if a[name]]
     if unsupported:
         raise Decline(node, f"nn.MultiheadAttention with {', '.join(unsupported)} is not rewritten")
+    for name in ("key_padding_mask", "attn_mask"):
+        m = a[name]
+        if m is not None and (tensor(m) is None or tensor(m).dim() not in ((2, 3) if name == "attn_mask" else (2,))):
+            raise Decline(node, f"{name} is not a tensor of a supported rank")
+        if m is not None and tensor(m).dtype != torch.bool and not tensor(m).dtype.is_floating_point:
+            raise Decline(node, f"{name} of dtype {tensor(m).dtype} (bool or float expected)")
+    if a["is_causal"] and a["attn_mask"] is None:
+        raise Decline(node, "is_causal=True without attn_mask (multi_head_attention_forward rejects it)")
     q, k, v = a["query"], a["key"], a["value"]
     qt = tensor(q)
     if qt is None or qt.dim() != 3 or tensor(k) is None or tensor(v) is None or tensor(k).dim() != 3:
@@ -555,11 +562,19 @@ def _match_mha(node: fx.Node) -> Optional[Dict[str, Any]]:
 
 
 def _emit_mha(graph: fx.Graph, node: fx.Node, a: Dict[str, Any], op: Any) -> Tuple[fx.Node, Site]:
-    """query [L, N, E] → packed projections → [N, H, L, hd] → op → [L, N, E] → out projection."""
-    E = tensor(a["query"]).shape[-1]
+    """query [L, N, E] → packed projections → [N, H, L, hd] → op → [L, N, E] → out projection.
+
+    Masks follow multi_head_attention_forward: bool masks are True where attention is *not* allowed, float masks
+    are added; key_padding_mask is [N, S], attn_mask [L, S] or [N * H, L, S]. With is_causal, no key padding mask
+    and need_weights=False it runs SDPA with is_causal=True and ignores attn_mask's contents: so does the rewrite.
+    """
+    qt = tensor(a["query"])
+    E = qt.shape[-1]
     H = int(a["num_heads"])
     if not isinstance(E, int) or E % H:
         raise Decline(node, f"embed dim {E} is not a static multiple of num_heads {H}")
+    if qt.dtype not in SUPPORTED_DTYPES:
+        raise Decline(node, f"query dtype {qt.dtype} is not float16/bfloat16/float32")
     hd = E // H
     dropout_p = float(a["dropout_p"]) if a["training"] else 0.0
 
@@ -577,10 +592,21 @@ def _emit_mha(graph: fx.Graph, node: fx.Node, a: Dict[str, Any], op: Any) -> Tup
             split = call(torch.unflatten, proj, -1, (H, hd))  # [T, N, H, hd]; no symbolic sizes in the graph
             heads.append(call(torch.permute, split, (1, 2, 0, 3)))  # [N, H, T, hd]
         q, k, v = heads
-        out = call(op, q, k, v, None, False, None, dropout_p)  # [N, H, L, hd]
+        site = Site("mha", node, q, k, v, scale=None, dropout_p=dropout_p, nodes=[node])
+        kpm, mask = a["key_padding_mask"], a["attn_mask"]
+        if a["is_causal"] and kpm is None and not a["need_weights"]:
+            site.is_causal, mask = True, None
+        if kpm is not None:  # [N, S] -> [N, 1, 1, S], a view
+            view = call(operator.getitem, kpm, (slice(None), None, None, slice(None)))
+            site.masks.append(("masked" if tensor(kpm).dtype == torch.bool else "float", view))
+        if mask is not None:
+            if tensor(mask).dim() == 3:  # [N * H, L, S] -> [N, H, L, S]
+                mask = call(torch.unflatten, mask, 0, (-1, H))
+            site.masks.append(("masked" if tensor(mask).dtype == torch.bool else "float", mask))
+        _check_and_prepare(site)
+        out = _emit(graph, site, op)  # [N, H, L, hd]
         merged = call(torch.flatten, call(torch.permute, out, (2, 0, 1, 3)), 2)  # [L, N, E]
         result = call(torch._C._nn.linear, merged, a["out_proj_weight"], a["out_proj_bias"])
-    site = Site("mha", node, q, k, v, dropout_p=dropout_p, nodes=[node])
     if dropout_p:
         site.notes.append(f"nn.MultiheadAttention dropout p={dropout_p} kept (the op draws its own random stream)")
     return result, site
@@ -686,7 +712,7 @@ def _check_and_prepare(site: Site) -> None:
         if kind.endswith("_finite"):
             raise Decline(site.out, f"mask {mask.name} fills with a finite value: rows with every key masked would "
                                     "average V in eager but give 0 in the fused op, and no row is proven unmasked")
-        if kind in ("masked", "attend"):
+        if kind in ("masked", "attend") and site.form == "explicit":
             site.notes.append(f"mask {mask.name}: rows with every key masked give 0 (eager gives NaN with -inf)")
 
 

@@ -387,6 +387,46 @@ def test_multihead_attention():
     assert_close(before, after)
 
 
+class MHAMasked(nn.Module):
+    def __init__(self, mask_kind):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mask_kind = mask_kind
+
+    def forward(self, x, kpm):
+        kw = {}
+        if "kpm" in self.mask_kind:  # float with a float attn_mask: mixed types graph-break in MHA's warning
+            kw["key_padding_mask"] = kpm if self.mask_kind == "kpm" else torch.zeros(kpm.shape).masked_fill(
+                kpm, float("-inf"))
+        if "causal" in self.mask_kind:
+            kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+            kw["is_causal"] = "hint" in self.mask_kind
+        if "bool3d" in self.mask_kind:
+            kw["attn_mask"] = torch.ones(x.shape[0] * 4, x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        return self.attn(x, x, x, need_weights=False, **kw)[0]
+
+
+@pytest.mark.parametrize("mask_kind", ["kpm", "causal", "causal_hint", "kpm_causal", "bool3d"])
+def test_multihead_attention_masks(mask_kind):
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[1, -3:] = True
+    ctx, ops, before, after = rewrite(MHAMasked(mask_kind).eval(), torch.randn(B, L, 16), kpm)
+    assert counts(ctx) == (1, 0), ctx.declined
+    if mask_kind == "causal_hint":
+        assert ops[0].args[4] is True and ops[0].args[3] is None
+    assert_close(before, after)
+
+
+def test_transformer_encoder_layer_with_padding():
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[0, -2:] = True
+    ctx, ops, before, after = rewrite(layer, torch.randn(B, L, 16), src_key_padding_mask=kpm)
+    assert counts(ctx) == (1, 0), ctx.declined
+    assert ops[0].args[3] is not None  # the padding mask, as a [B, 1, 1, S] float bias
+    assert_close(before, after)
+
+
 def test_multihead_attention_weights_used_declines():
     ctx, ops, before, after = rewrite(MHA(return_weights=True).eval(), torch.randn(B, L, 16))
     assert counts(ctx) == (0, 1) and "attention weights" in ctx.declined[0].reason

@@ -431,6 +431,12 @@ def _clear_inductor_memory_caches() -> None:
         clear_caches()
     except Exception:  # noqa: BLE001  (older/newer torch: the on-disk dir change is what matters)
         pass
+    try:
+        # Compile workers keep the Triton cache dir they were started with: restart them with the new one.
+        from torch._inductor.async_compile import shutdown_compile_workers
+        shutdown_compile_workers()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 # ----------------------------------------------------------------------------------------- running a case
@@ -481,6 +487,9 @@ def run_provider(case: Case, provider: Provider, opts: Options, reference: Dict[
         if provider.compiles:
             # The first call minus one steady-state call: what the user waits for before the first step.
             record["compile_s_cold"] = max(first_s - record["ms"] / 1e3, 0.0)
+        counters = _flashfx_counters(fn)
+        if counters is not None:
+            record["flashfx_counters"] = counters
         progress.update(f"{case.name} · {provider.name}: numerics + memory")
         out = case.step(fn)
         _numerics(case, record, out, reference)
@@ -501,6 +510,16 @@ def run_provider(case: Case, provider: Provider, opts: Options, reference: Dict[
     case.model.zero_grad(set_to_none=True)
     _rates(case, record, ceilings)
     return record
+
+
+def _flashfx_counters(fn: Any) -> Optional[Dict[str, int]]:
+    """What flashfx's passes did (e.g. attention.replaced), so a row that rewrote nothing is visibly so."""
+    if not type(fn).__module__.startswith("flashfx"):
+        return None
+    try:
+        return {k: v for k, v in sorted(fn.report.counters().items()) if v}
+    except Exception:  # noqa: BLE001  (the report is informative; the timing stands without it)
+        return None
 
 
 def _numerics(case: Case, record: Dict[str, Any], out: Any, reference: Dict[str, Any]) -> None:
@@ -559,8 +578,9 @@ def run_case(case: Case, providers: Sequence[str], opts: Options, ceilings: Dict
         if context_lost:
             emit({**base, "status": "skipped", "error": f"CUDA context lost in {context_lost}"})
             continue
+        # Half the estimate: a provider that overruns is killed by the parent at the deadline plus a grace.
         if opts.deadline is not None and not opts.tiny and \
-                time.time() + provider.est_s * opts.est_scale > opts.deadline:
+                time.time() + 0.5 * provider.est_s * opts.est_scale > opts.deadline:
             emit({**base, "status": "skipped", "error": "time budget spent"})
             continue
         emit({**base, "status": "started"})

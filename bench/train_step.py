@@ -48,9 +48,11 @@ def gpt2_linear_params(cfg: Any) -> int:
 
 
 def _train_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[Callable[..., Any]], Any]:
+    labels = ids.clone()  # its own tensor, as a data collator makes it (HF shifts it inside the loss)
+
     def step(fn: Callable[..., Any]) -> torch.Tensor:
         model.zero_grad(set_to_none=True)  # grads of the last step freed first: peak = one step's
-        loss = fn(input_ids=ids, labels=ids).loss
+        loss = fn(input_ids=ids, labels=labels).loss
         loss.backward()
         return loss.detach()
     return step

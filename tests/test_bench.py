@@ -218,6 +218,7 @@ def test_update_doc_replaces_only_the_generated_section(tmp_path):
     run.update_doc(str(doc), run.render_section(_records()))
     first = doc.read_text()
     assert first.startswith("# Benchmarks") and "NVIDIA H100" in first and "800 TFLOP/s" in first
+    assert run.SECTION_HEADING in first
     # Another engineer's section after ours, and a hand-written note before it, must survive a regeneration.
     doc.write_text(first.replace("## Models", "Hand note.\n\n## Models") + "\n## Attention kernel\n\nTheirs.\n")
     records = _records()
@@ -226,6 +227,15 @@ def test_update_doc_replaces_only_the_generated_section(tmp_path):
     second = doc.read_text()
     assert "Hand note." in second and second.endswith("## Attention kernel\n\nTheirs.\n")
     assert second.count(run.DOC_BEGIN) == 1 and "**0.50 (1.00–3.00)**" in second
+
+
+def test_update_doc_appends_after_existing_sections(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Fusion kernels\n\n| a |\n|---|\n| 1 |\n")
+    run.update_doc(str(doc), run.render_section(_records()))
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\n## Fusion kernels\n\n| a |\n|---|\n| 1 |\n\n" + run.SECTION_HEADING)
+    assert text.rstrip().endswith(run.DOC_END)
 
 
 def test_progress_writes_plain_lines_when_not_a_terminal(tmp_path):

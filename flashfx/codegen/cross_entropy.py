@@ -200,7 +200,7 @@ def chunked_loss_and_grads(x: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     wt = weight.t()
     dx = dw = db = None
     if want_grads:
-        dx = torch.empty_like(x)
+        dx = torch.empty((N, H), dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides
         dw = torch.empty((V, H), dtype=torch.float32 if WGRAD_FP32 else weight.dtype, device=x.device)
         db = torch.zeros(V, dtype=torch.float32, device=x.device) if bias is not None else None
         if scale is None:
@@ -303,7 +303,8 @@ def _fwd_fake(input, weight, bias, target, ignore_index, label_smoothing, reduct
     if not grad_in_forward:
         return loss, input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
     db = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
-    return loss, torch.empty_like(input), torch.empty_like(weight), db
+    # contiguous, as the real op returns them (a transposed weight view gets a contiguous gradient)
+    return loss, input.new_empty(input.shape), weight.new_empty(weight.shape), db
 
 
 @torch.library.custom_op("flashfx::linear_cross_entropy_bwd", mutates_args=())
@@ -325,7 +326,7 @@ def linear_cross_entropy_bwd(grad_loss: Tensor, input: Tensor, weight: Tensor, b
 @linear_cross_entropy_bwd.register_fake
 def _bwd_fake(grad_loss, input, weight, bias, target, ignore_index, label_smoothing, reduction, z_loss):
     db = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
-    return torch.empty_like(input), torch.empty_like(weight), db
+    return input.new_empty(input.shape), weight.new_empty(weight.shape), db
 
 
 def _fwd_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:

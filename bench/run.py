@@ -243,11 +243,13 @@ def _run_isolated(name: str, providers: Sequence[str], args: argparse.Namespace,
         started = [r["provider"] for r in records if r.get("type") == "event" and r.get("provider") in remaining]
         crashed = [p for p in started if p not in finished]
         for p in crashed[-1:]:
-            why = "killed at the time budget" if timed_out else f"process died (exit {rc})"
             last = next((line.strip() for line in reversed(tail) if line.strip()), "")
+            if timed_out:  # the progress line says what it was doing: "[bench 46.5s] wl · p: compiling"
+                status, error = "timeout", f"unfinished at the time budget (was {last.rsplit(': ', 1)[-1][:60]})"
+            else:
+                status, error = "failed", f"process died (exit {rc}): {last[:160]}"
             common.append_jsonl(out, {"type": "result", "run_id": run_id, "workload": name, "provider": p,
-                                      "status": "failed", "describe": common.PROVIDERS[p].describe,
-                                      "error": f"{why}: {last[:160]}"})
+                                      "status": status, "describe": common.PROVIDERS[p].describe, "error": error})
             finished.add(p)
         remaining = [p for p in remaining if p not in finished]
         if timed_out or (rc == 0 and remaining and not crashed):

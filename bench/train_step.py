@@ -97,7 +97,7 @@ def build_gpt2(opts: common.Options) -> common.Case:
 
 WORKLOADS = {
     "llama-train": common.Workload("llama-train", "Llama-style training step (ANCHORS config), 4 × 2048 bf16",
-                                   build_llama, TRAIN_PROVIDERS, LLAMA_QUICK, share=4.0),
+                                   build_llama, TRAIN_PROVIDERS, LLAMA_QUICK, share=6.0),
     "gpt2-train": common.Workload("gpt2-train", "GPT-2-small training step, 8 × 1024 bf16", build_gpt2,
                                   TRAIN_PROVIDERS, GPT2_QUICK, share=1.0, est_scale=0.7),
 }

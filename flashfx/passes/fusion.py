@@ -60,6 +60,12 @@ class _Partitioner:
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.group_of: Dict[fx.Node, _Group] = {}
+        self.claimed: Set[fx.Node] = set()  # taken by a matmul-epilogue group
+        self.epoch: Dict[fx.Node, int] = {}
+        e = 0
+        for n in self.nodes:
+            e += _is_mutating(n)
+            self.epoch[n] = e
 
     # ---------------------------------------------------------------------------------- classification
     def tensor_ok(self, value: Any) -> bool:
@@ -151,7 +157,7 @@ class _Partitioner:
             if _is_mutating(node):
                 epoch += 1
                 continue
-            kind = self.kind(node)
+            kind = self.kind(node) if node not in self.claimed else None
             if kind is None:
                 continue
             if kind == "view":
@@ -198,6 +204,94 @@ class _Partitioner:
             return
         g.members.append(node)
         self.group_of[node] = g
+
+
+# ------------------------------------------------------------------------------------------- matmul epilogues
+
+MM_WINDOW = 64  # how far past a matmul to look for its epilogue (graph order)
+
+
+def _through_views(node: fx.Node, stop: Set[fx.Node]) -> Tuple[fx.Node, List[fx.Node]]:
+    chain = []
+    while isinstance(node.target, torch._ops.OpOverload) and node.target.overloadpacket in (
+            aten.view, aten.reshape, aten._unsafe_view) and node not in stop:
+        chain.append(node)
+        node = node.args[0]
+    return node, chain
+
+
+def _same_operand(x: fx.Node, y: fx.Node) -> bool:
+    """The same tensor: one node, or two identical views of one base (AOTAutograd makes a view per linear)."""
+    if x is y:
+        return True
+    views = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+    if x.target in views and y.target in views and x.args[0] is y.args[0]:
+        xv, yv = x.meta.get("val"), y.meta.get("val")
+        return xv is not None and yv is not None and xv.shape == yv.shape and xv.stride() == yv.stride()
+    return False
+
+
+def _claim_matmul(part: _Partitioner, anchor: fx.Node) -> Optional[Tuple[List[fx.Node], List[fx.Node]]]:
+    """(matmuls, epilogue members) for the group anchored at `anchor`, or None when nothing fuses."""
+    from flashfx.codegen import matmul_epilogue as me
+    from flashfx.codegen.lower import LoweringError
+
+    if anchor.target not in me.MM_TARGETS or anchor in part.claimed:
+        return None
+    a = anchor.args[1] if anchor.target is aten.addmm.default else anchor.args[0]
+    b = anchor.args[2] if anchor.target is aten.addmm.default else anchor.args[1]
+    av, bv, ov = (x.meta.get("val") for x in (a, b, anchor))
+    if not all(isinstance(v, torch.Tensor) for v in (av, bv, ov)) or av.dtype not in (
+            torch.float16, torch.bfloat16, torch.float32) or bv.dtype != av.dtype or ov.dim() != 2:
+        return None
+    M, N = part.lower.shape_of(anchor)
+    mms, members, inside = [anchor], [], {anchor}
+    view_shape = None
+    start = part.index[anchor]
+    for node in part.nodes[start + 1:start + 1 + MM_WINDOW]:
+        if node in part.claimed or node.op != "call_function" or part.epoch[node] != part.epoch[anchor]:
+            continue
+        if not any(i in inside for i in node.all_input_nodes):
+            continue
+        kind = part.kind(node)
+        shape = part.lower.shape_of(node) if isinstance(node.meta.get("val"), torch.Tensor) else ()
+        if kind not in ("pw", "view") and not (isinstance(node.target, torch._ops.OpOverload) and
+                                                node.target.overloadpacket in me.VIEWS):
+            continue
+        if not me.flat_ok(shape, M, N) or not node.meta["val"].is_contiguous():
+            continue
+        if len(shape) != 2:
+            if view_shape is not None and tuple(shape) != view_shape:
+                continue
+        extra_mms, extra_views = [], []
+        ok = True
+        for i in node.all_input_nodes:
+            if i in inside or not isinstance(i.meta.get("val"), torch.Tensor):
+                continue
+            src, chain = _through_views(i, inside)
+            same_a = src.target in me.MM_TARGETS and src not in part.claimed and len(mms) + len(extra_mms) < 2 \
+                and _same_operand(src.args[1] if src.target is aten.addmm.default else src.args[0], a)
+            if same_a and part.lower.shape_of(src) == (M, N) and all(
+                    me.flat_ok(part.lower.shape_of(c), M, N) for c in chain):
+                extra_mms.append(src)
+                extra_views += chain
+                continue
+            try:
+                me.input_kind(part.lower.shape_of(i), M, N)
+            except LoweringError:
+                ok = False
+        trial = inside | {node} | set(extra_mms) | set(extra_views)
+        if not ok or part.creates_cycle(trial):
+            continue
+        if len(shape) != 2 and view_shape is None:
+            view_shape = tuple(shape)
+        mms += extra_mms
+        members += extra_views + [node]
+        inside = trial
+    if not any(part.kind(m) == "pw" for m in members):
+        return None
+    members.sort(key=part.index.get)
+    return mms, members
 
 
 # ------------------------------------------------------------------------------------------------------ naming
@@ -300,6 +394,13 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                           if isinstance(a.meta.get("val"), torch.Tensor)))
     ctx.count("fusion.decomposed", decomposed)
     part = _Partitioner(gm, ctx)
+    mm_groups = []
+    for node in part.nodes:
+        claim = _claim_matmul(part, node)
+        if claim is not None:
+            mm_groups.append(claim)
+            part.claimed.update(claim[0])
+            part.claimed.update(claim[1])
     groups = part.partition()
     hints = cost_model.graph_cost(gm).hints
     placeholders = {sympy.sympify(n.meta["val"].node.expr): n for n in gm.graph.nodes
@@ -335,12 +436,70 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.count("fusion.nodes_fused", len(compute))
         ctx.count("fusion.bytes_saved", int(saved) if saved == saved else 0)
         modified = True
+    for mms, members in mm_groups:
+        name = _group_name(mms + members, index).replace("fused_", "fused_mm_", 1)
+        try:
+            kernel, src = _matmul_kernel(name, mms, members, ctx)
+        except LoweringError as e:
+            ctx.decline(PASS, mms[0], f"matmul epilogue not generated: {e}")
+            continue
+        index += 1
+        _replace_matmul(gm, kernel)
+        kernels.append((name, src))
+        fused |= set(mms) | set(members)
+        ctx.count("fusion.matmul_epilogues")
+        ctx.count("fusion.groups")
+        ctx.count("fusion.nodes_fused", len(mms) + sum(part.kind(m) == "pw" for m in members))
+        modified = True
     _decline_neighbours(gm, part, fused, ctx)
     if modified:
         _topological_sort(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, modified)
+
+
+def _matmul_kernel(name: str, mms: List[fx.Node], members: List[fx.Node], ctx: PassContext) -> Tuple[Any, str]:
+    from flashfx.codegen import matmul_epilogue as me
+
+    plan = me.lower_matmul(name, mms, members)
+    kernel = me.MatmulKernel(plan, str(ctx.config.cache_dir), ctx.config.autotune)
+    src, _ = kernel.source(ieee=plan.a.meta["val"].dtype == torch.float32 and
+                           not torch.backends.cuda.matmul.allow_tf32)
+    flops = sum((cost_model.node_cost(m).flops for m in mms + members), sympy.Integer(0))
+
+    @cost_model.register_cost(kernel)
+    def _cost(node: fx.Node, inputs: List[Any], output: Any) -> cost_model.NodeCost:
+        read = sum((cost_model.tensor_bytes(t) for v in inputs for t in cost_model._tensors(v)), sympy.Integer(0))
+        write = sum((cost_model.tensor_bytes(t) for t in cost_model._tensors(output)), sympy.Integer(0))
+        return cost_model.NodeCost(flops, read, write)
+
+    return kernel, src
+
+
+def _replace_matmul(gm: fx.GraphModule, kernel: Any) -> None:
+    plan = kernel.plan
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    members = sorted(set(plan.mms) | set(plan.members), key=order.get)
+    template = plan.mms[0].meta["val"]
+    with graph.inserting_after(members[-1]):
+        call = graph.call_function(kernel, (plan.a, *plan.bs, *plan.inputs, *plan.scalars))
+    call.meta["val"] = tuple(template.new_empty(template.shape, dtype=n.meta["val"].dtype) for _, n in plan.outputs)
+    prev = call
+    for i, (_, node) in enumerate(plan.outputs):
+        with graph.inserting_after(prev):
+            item = graph.call_function(operator.getitem, (call, i))
+        item.meta["val"] = call.meta["val"][i]
+        result = item
+        if len(node.meta["val"].shape) != 2:  # back to the node's [..., N] shape, with the graph's own size args
+            with graph.inserting_after(item):
+                result = graph.call_function(aten.view.default, (item, list(plan.view_shape)))
+            result.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(result, delete_user_cb=lambda u, keep=(item, result): u not in keep)
+        prev = result
+    for m in reversed(members):
+        graph.erase_node(m)
 
 
 def _replace(gm: fx.GraphModule, members: List[fx.Node], plan: Any, kernel: Any) -> None:

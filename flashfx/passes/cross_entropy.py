@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from flashfx.codegen import cross_entropy as _op  # noqa: F401  (registers torch.ops.flashfx.linear_cross_entropy)
-from flashfx.rewriter.matcher import arg, erase_dead, insert_node, is_call, same_size, tensor
+from flashfx.rewriter.matcher import arg, erase_dead, insert_node, is_call, same_shape, same_size, tensor
 from flashfx.rewriter.pass_manager import PassContext, PassResult
 
 NAME = "cross_entropy"
@@ -64,7 +64,21 @@ def cross_entropy(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         except _Decline as why:
             ctx.decline(NAME, node, str(why))
             continue
-        _rewrite(graph, node, site)
+        except Exception as e:  # noqa: BLE001  (a graph this pass does not understand is a decline, not a crash)
+            ctx.decline(NAME, node, f"unexpected {type(e).__name__} while matching: {e}")
+            continue
+        created: List[fx.Node] = []
+        try:
+            _rewrite(graph, node, site, created)
+        except Exception as e:  # noqa: BLE001
+            for new in reversed(created):
+                if not new.users:
+                    graph.erase_node(new)
+            ctx.decline(NAME, node, f"unexpected {type(e).__name__} while rewriting: {e}")
+            continue
+        if site.low_precision:
+            ctx.notes.append(f"{NAME}: {node.name} ran the loss on {site.low_precision} logits; the fused op "
+                             f"computes it in float32 from the same logits (more exact, not bit-identical)")
         ctx.count(f"{NAME}.replaced")
         changed = True
     if changed:
@@ -87,6 +101,7 @@ class _Site:
         self.ignore_index = -100
         self.smoothing = 0.0
         self.reduction = "mean"
+        self.low_precision: Optional[torch.dtype] = None  # the loss input's dtype when it was not float32
 
 
 def _const(node: fx.Node, index: int, name: str, default: Any, kinds: tuple) -> Any:
@@ -117,6 +132,8 @@ def _match(ce: fx.Node) -> _Site:
         raise _Decline(f"expected logits [rows, V] and class-index targets [rows], got logits {list(xv.shape)} and "
                        f"target {list(tv.shape)} of {tv.dtype}")
     site.target = target
+    if xv.dtype != torch.float32:
+        site.low_precision = xv.dtype
     logits = _walk_chain(x, site)
     _match_linear(logits, site)
     V = tensor(site.weight).shape[1 if site.weight_is_transposed else 0]
@@ -286,20 +303,31 @@ def _other_users_reason(node: fx.Node) -> str:
 
 # ------------------------------------------------------------------------------------------------------ rewriting
 
-def _rewrite(graph: fx.Graph, ce: fx.Node, site: _Site) -> None:
+def _rewrite(graph: fx.Graph, ce: fx.Node, site: _Site, created: List[fx.Node]) -> None:
+    """Emit the op before the loss (every created node goes into `created`, so a failure can erase them)."""
+    def emit(target: Any, args: tuple) -> fx.Node:
+        created.append(_insert(graph, ce, target, args))
+        return created[-1]
+
     with graph.inserting_before(ce):
         h = site.h
         for index in reversed([n.args[1] for n in site.chain if n.target is operator.getitem]):
-            h = _insert(graph, ce, operator.getitem, (h, index))
-        h = _insert(graph, ce, "reshape", (h, -1, tensor(site.h).shape[-1]))
+            h = emit(operator.getitem, (h, index))
+        rank = tensor(site.h).dim()
+        if rank > 2:  # rows in row-major order, as the logits' view to [rows, V] has them; no size constants
+            h = emit("flatten", (h, 0, -2))
+        elif rank == 1:
+            h = emit("unsqueeze", (h, 0))
         weight = site.weight
         if site.weight_is_transposed:
-            weight = _insert(graph, ce, torch.permute, (weight, (1, 0)))
-        loss = _insert(graph, ce, torch.ops.flashfx.linear_cross_entropy.default,
-                       (h, weight, site.bias, site.target, site.ignore_index, site.smoothing, site.reduction, 0.0))
+            weight = emit(torch.permute, (weight, (1, 0)))
+        loss = emit(torch.ops.flashfx.linear_cross_entropy.default,
+                    (h, weight, site.bias, site.target, site.ignore_index, site.smoothing, site.reduction, 0.0))
         want = tensor(ce)
         if want is not None and tensor(loss) is not None and tensor(loss).dtype != want.dtype:
-            loss = _insert(graph, ce, "to", (loss, want.dtype))
+            loss = emit("to", (loss, want.dtype))
+        if want is not None and tensor(loss) is not None and not same_shape(tensor(loss).shape, want.shape):
+            raise RuntimeError(f"the fused loss has shape {list(tensor(loss).shape)}, the original {list(want.shape)}")
     ce.replace_all_uses_with(loss)
     erase_dead(graph, [ce])
 

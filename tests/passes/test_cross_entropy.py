@@ -202,6 +202,23 @@ def test_head_spellings_fire_and_match(spelling, bias, reduction, smoothing):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
+def test_16bit_loss_without_upcast_keeps_its_dtype_and_notes_it():
+    class Half(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, V, bias=False).half()
+
+        def forward(self, h, y):
+            return F.cross_entropy(self.head(h).view(-1, V), y.view(-1))
+
+    graphs = capture(Half(), args=(torch.randn(2, 5, 16).half(), torch.randint(0, V, (2, 5))), dynamic=False)
+    result, ctx = run_pass(graphs[0].gm)
+    assert counts(ctx) == (1, 0)
+    assert any("float16 logits" in n for n in ctx.notes)
+    out = next(n for n in result.graph_module.graph.nodes if n.op == "output").args[0][0]
+    assert out.meta["val"].dtype == torch.float16  # the loss is cast back to what the graph returned
+
+
 # ------------------------------------------------------------------------------------------- must not fire
 
 class Variant(Head):

@@ -182,7 +182,9 @@ def _analyse(joint: fx.GraphModule, num_fwd_outputs: int, compress: Optional[str
         elif node.op != "output":
             raise _Decline(f"{node.op} node {node.name} in the joint graph")
 
-    outputs = pytree.arg_tree_leaves(*graph.find_nodes(op="output")[0].args)
+    output_node = graph.find_nodes(op="output")[0]
+    outputs = pytree.arg_tree_leaves(*output_node.args)
+    mutated = _mutated_inputs(output_node, available)
     fwd_outputs = [o for o in outputs[:num_fwd_outputs] if isinstance(o, fx.Node)]
     bwd_outputs = {o for o in outputs[num_fwd_outputs:] if isinstance(o, fx.Node)}
     forward = [n for n in graph.nodes if n.op == "call_function" and n not in backward]
@@ -209,10 +211,15 @@ def _analyse(joint: fx.GraphModule, num_fwd_outputs: int, compress: Optional[str
         value = node.meta.get("val")
         c = cost_model.node_cost(node, joint)
         reason = _pin_reason(node, index, pin_reasons, c.exact)
+        stale = [a.name for a in node.all_input_nodes if a in mutated]
+        if stale and reason is None:
+            # The step writes the new value into this input after the forward: a backward recompute would read the
+            # updated value (and trip autograd's version check), so this reader runs in the forward only.
+            reason = f"reads {', '.join(stale)}, an input the step mutates"
         if isinstance(value, torch.Tensor):
             size = evaluate(cost_model.tensor_bytes(value))
             stored = size
-            if _is_view(node):
+            if _is_view(node) and reason is None:
                 size = stored = math.inf  # saving the base holds the memory; the view is free to recompute
             elif compress == "fp8" and _fp8_ok(value, evaluate):
                 stored = evaluate(cost_model.numel(value)) + 4  # one byte per element and a float32 scale
@@ -240,6 +247,22 @@ def _analyse(joint: fx.GraphModule, num_fwd_outputs: int, compress: Optional[str
     raw = replace(problem, nbytes=raw_bytes)
     return _Analysis(joint, num_fwd_outputs, problem, raw, nodes, available, backward,
                      {index[n] for n in fwd_required if n in index}, compressible, pin_reasons, notes)
+
+
+def _mutated_inputs(output_node: fx.Node, available: Sequence[fx.Node]) -> Set[fx.Node]:
+    """The graph inputs the step writes back after the forward (AOTAutograd's input-mutation outputs)."""
+    descs = output_node.meta.get("desc")
+    if descs is None:
+        raise _Decline("no output descriptors in the joint graph: cannot tell which inputs the step mutates")
+    mutated_descs = [getattr(d, "mutated_input", None) for d in pytree.tree_leaves(descs)
+                     if type(d).__name__ == "InputMutationAOTOutput"]
+    by_desc = {repr(n.meta.get("desc")): n for n in available if n.op == "placeholder"}
+    found = set()
+    for d in mutated_descs:
+        if repr(d) not in by_desc:
+            raise _Decline(f"input mutation {d!r} does not name a graph input")
+        found.add(by_desc[repr(d)])
+    return found
 
 
 def _ancestors(roots: Any, within: Set[fx.Node]) -> Set[fx.Node]:
@@ -633,20 +656,19 @@ def _first_sym(values: Sequence[Any]) -> int:
 # ------------------------------------------------------------------------------------------------- memory model
 
 def _bytes_of(node: fx.Node) -> int:
+    """Bytes of a node's tensors at the example sizes (a symbolic size without an example value counts 1024)."""
     total = 0
     for t in pytree.tree_leaves(node.meta.get("val")):
         if isinstance(t, torch.Tensor):
-            total += _int_hint(cost_model.tensor_bytes(t))
+            total += math.prod(_size_hint(d) for d in t.shape) * t.element_size()
     return total
 
 
-def _int_hint(expr: Any) -> int:
-    if not getattr(expr, "free_symbols", None):
-        return int(expr)
-    hints: Dict[Any, int] = {}
-    for s in expr.free_symbols:
-        hints[s] = 1024
-    return int(expr.subs(hints))
+def _size_hint(d: Any) -> int:
+    if isinstance(d, torch.SymInt):
+        hint = getattr(d.node, "hint", None)
+        return int(hint) if hint is not None else 1024
+    return int(d)
 
 
 def _saved_outputs(fw: fx.GraphModule, num_fwd_outputs: int) -> List[fx.Node]:

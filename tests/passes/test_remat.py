@@ -203,8 +203,11 @@ def test_cheap_pointwise_values_are_recomputed_before_matmuls():
 def test_dynamic_sizes():
     model, x = MLP(), _inputs()
     want = _step(model, model, x)
-    compiled, records, _ = _compile(model, Config(remat=0.3), dynamic=True)
+    compiled, records, graphs = _compile(model, Config(remat=0.3), dynamic=True)
     _assert_same(_step(compiled, model, x), want)
+    values = [n.meta.get("val") for n in graphs["forward"].graph.find_nodes(op="placeholder")]
+    assert any(isinstance(v, torch.SymInt) for v in values)  # really symbolic: the sizes are graph inputs
+    assert _saved_activation_bytes(graphs["forward"]) == records[0].activation_bytes
     x2 = _inputs((3, 5, 32))
     _assert_same(_step(compiled, model, x2), _step(model, model, x2))
     assert records and all(p.status == "applied" for p in records)
@@ -285,6 +288,23 @@ def test_dropout_is_never_recomputed():
     assert plan.activation_bytes == plan.min_activation_bytes > 0
     assert any(n.startswith("getitem") for n, _ in plan.saved)  # the dropout output and mask
     assert plan.extra_flops > 0  # everything else is recomputed
+
+
+def test_buffer_mutations_stay_exact():
+    # BatchNorm in training updates its running statistics: the update must happen once, in the forward.
+    model = nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(16), nn.GELU(), nn.Linear(32, 32))
+    x = _inputs()
+    reference = [b.clone() for b in model.buffers()]
+    want = _step(model, model, x)
+    want_buffers = [b.clone() for b in model.buffers()]
+    for b, r in zip(model.buffers(), reference):
+        b.copy_(r)
+    compiled, records, _ = _compile(model, Config(remat=1e-6))
+    _assert_same(_step(compiled, model, x), want)
+    _assert_same([b.float() for b in model.buffers()], [b.float() for b in want_buffers])
+    (plan,) = records
+    assert plan.status == "over_budget" and "an input the step mutates" in plan.reason  # the norm is not recomputed
+    assert plan.extra_flops > 0  # the linears around it are
 
 
 def test_activation_checkpoint_tags_decline_to_the_default_partition():

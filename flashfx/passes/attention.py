@@ -70,7 +70,7 @@ class Site:
     form: str
     out: fx.Node  # the node whose value the op replaces
     q: fx.Node
-    k: Any  # a node, or ("swap_last", node): k is stored transposed and a permute is made when emitting
+    k: Any  # a node, or ("permuted", src, dims): kᵀ = permute(src, dims); emitting makes k as a view of src
     v: fx.Node
     masks: List[Tuple[str, Any]] = field(default_factory=list)  # (kind, node): "float" | "attend" | "masked"
     is_causal: bool = False
@@ -150,7 +150,8 @@ def _index_vector(node: Any, depth: int = 0) -> Optional[Tuple[str, Any, float]]
         if len(node.args) > 2 or node.kwargs.get("step", 1) != 1 or not is_number(start):
             return None
         return ("col", t.shape[0], float(start))
-    if is_call(node, (operator.add, torch.add), ("add",)) and len(node.args) == 2 and is_number(node.args[1]):
+    if (is_call(node, (operator.add, torch.add), ("add",)) and len(node.args) == 2 and is_number(node.args[1])
+            and not node.kwargs):
         inner = _index_vector(node.args[0], depth + 1)
         return None if inner is None else (inner[0], inner[1], inner[2] + node.args[1])
     if is_call(node, (operator.getitem,)) or is_call(node, (torch.unsqueeze,), ("unsqueeze", "view", "reshape")):
@@ -158,6 +159,8 @@ def _index_vector(node: Any, depth: int = 0) -> Optional[Tuple[str, Any, float]]
         src = tensor(node.args[0])
         if inner is None or src is None or src.dim() != 1:
             return None
+        if is_call(node, (operator.getitem,)) and not _only_new_dims(node.args[1]):
+            return None  # a tensor index or a slice could reorder or drop positions
         sizes = list(t.shape)
         full = [i for i, d in enumerate(sizes) if not same_size(d, 1)]
         if len(full) > 1 or (full and not same_size(sizes[full[0]], inner[1])):
@@ -224,6 +227,12 @@ def _causal_bool(node: Any, depth: int = 0) -> Optional[str]:
             return None
         return _causal_bool(node.args[0], depth + 1)
     return None
+
+
+def _only_new_dims(index: Any) -> bool:
+    """An index that only inserts dims (None) and keeps every element (`:` and `...`)."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(i is None or i is Ellipsis or i == slice(None) for i in items)
 
 
 def _leading_none_index(index: Any, ndim: int) -> bool:
@@ -397,9 +406,14 @@ def _reaches_matmul(node: Any, depth: int = 0) -> bool:
     return False
 
 
-def _check_single_use(node: fx.Node, successor: fx.Node, softmax: fx.Node) -> None:
+def _reads_dtype_only(user: fx.Node, node: fx.Node, chain: List[fx.Node]) -> bool:
+    """`p.type_as(s)` in the matched chain reads only s's dtype (and goes away with the chain)."""
+    return user in chain and is_call(user, methods=("type_as",)) and user.args[0] is not node
+
+
+def _check_single_use(node: fx.Node, successor: fx.Node, softmax: fx.Node, chain: List[fx.Node]) -> None:
     """Scores feed only the next score op; say which rule a second user breaks."""
-    others = [u for u in node.users if u is not successor]
+    others = [u for u in node.users if u is not successor and not _reads_dtype_only(u, node, chain)]
     if not others:
         return
     if any(depends_on(softmax, u) for u in others):
@@ -425,7 +439,10 @@ def _match_explicit(softmax: fx.Node) -> Optional[Site]:
     if dim is None or dim != t.dim() - 1:
         raise Decline(softmax, f"softmax over dim {softmax.args[1]}, not the last (key) dim")
     site = Site("explicit", pv, q=None, k=None, v=pv.args[1], nodes=list(chain))  # type: ignore[arg-type]
-    dropout = next((_dropout(n) for n in chain if _dropout(n) is not None), None)
+    dropouts = [_dropout(n) for n in chain if _dropout(n) is not None]
+    if len(dropouts) > 1:
+        raise Decline(chain[0], "several dropouts on the attention probabilities")
+    dropout = dropouts[0] if dropouts else None
     if dropout is not None:
         _, p, training, inplace = dropout
         if not is_number(p) or not isinstance(training, bool):
@@ -442,7 +459,7 @@ def _match_explicit(softmax: fx.Node) -> Optional[Site]:
     while not _is_matmul(node):
         if not isinstance(node, fx.Node):
             raise Decline(softmax, f"the softmax input {node!r} is not a graph value")
-        _check_single_use(node, prev, softmax)
+        _check_single_use(node, prev, softmax, chain)
         walk.nodes.append(node)
         nxt = None
         for handler in SCORE_OPS.values():
@@ -453,7 +470,7 @@ def _match_explicit(softmax: fx.Node) -> Optional[Site]:
             raise Decline(node, f"unsupported op {node.format_node()} between the scores matmul and the softmax")
         node, prev = nxt, node
     scores = node
-    _check_single_use(scores, prev, softmax)
+    _check_single_use(scores, prev, softmax, chain)
     site.nodes += walk.nodes + [scores]
     site.scale = walk.scale
     for kind, mask, at, fill in walk.masks:
@@ -467,20 +484,28 @@ def _match_explicit(softmax: fx.Node) -> Optional[Site]:
         site.masks.append((kind if kind == "float" else kind + ("" if fill == -math.inf else "_finite"), mask))
 
     q, k_t = scores.args
-    # scale folded into q or k (`q = q * d ** -0.5`): use the unscaled tensor when nothing else needs the scaled one
+    if not isinstance(q, fx.Node) or not isinstance(k_t, fx.Node) or tensor(k_t) is None:
+        raise Decline(scores, "q or kᵀ is not a tensor of the graph")
+    # kᵀ = permute(k_src, dims): the op gets k = permute(k_src, dims ∘ swap-last-two), a view
+    n = tensor(k_t).dim()
+    k_src, dims = k_t, tuple(range(n))
+    if is_call(k_t, (torch.permute,)) and len(k_t.users) == 1:
+        k_src, dims = k_t.args[0], tuple(k_t.args[1])
+        site.nodes.append(k_t)
+    # a scale folded into q or k (`q * d ** -0.5`): use the unscaled tensor when nothing else needs the scaled one
     for side in ("q", "k"):
-        operand = q if side == "q" else k_t
-        folded = _scalar_factor(operand) if isinstance(operand, fx.Node) else None
+        operand = q if side == "q" else k_src
+        folded = _scalar_factor(operand)
         if folded is not None and len(operand.users) == 1 and tensor(folded[0]) is not None:
             site.scale *= folded[1]
             site.nodes.append(operand)
             if side == "q":
                 q = folded[0]
             else:
-                k_t = folded[0]
+                k_src = folded[0]
     if depends_on(site.v, scores):
         raise Decline(pv, "v is computed from the scores")
-    site.q, site.k = q, ("swap_last", k_t)
+    site.q, site.k = q, ("permuted", k_src, dims)
     return site
 
 
@@ -661,14 +686,17 @@ def _attention_op() -> Any:
 
 
 def _check_and_prepare(site: Site) -> None:
-    """Shapes, dtypes and GQA of a matched site; resolves site.k to a node or ("swap_last", node)."""
+    """Shapes, dtypes, GQA and masks of a matched site (proven-causal masks become is_causal), else Decline."""
     qt, vt = tensor(site.q), tensor(site.v)
-    k_src = site.k[1] if isinstance(site.k, tuple) else site.k
-    kt = tensor(k_src)
+    kt = tensor(site.k[1] if isinstance(site.k, tuple) else site.k)
     if qt is None or kt is None or vt is None:
         raise Decline(site.out, "q, k or v has no shape metadata")
-    if isinstance(site.k, tuple):
-        k_shape = (*kt.shape[:-2], kt.shape[-1], kt.shape[-2])
+    if isinstance(site.k, tuple):  # k = kᵀ with its last two dims swapped
+        dims = site.k[2]
+        if len(dims) != kt.dim():
+            raise Decline(site.out, "kᵀ is not a permutation of k")
+        k_t_shape = [kt.shape[d] for d in dims]
+        k_shape = (*k_t_shape[:-2], k_t_shape[-1], k_t_shape[-2])
     else:
         k_shape = tuple(kt.shape)
     if qt.dtype not in SUPPORTED_DTYPES or not (qt.dtype == kt.dtype == vt.dtype):
@@ -723,15 +751,12 @@ def _emit(graph: fx.Graph, site: Site, op: Any) -> fx.Node:
 
     with graph.inserting_before(site.out):
         q, v = site.q, site.v
-        if isinstance(site.k, tuple):
-            k_t = site.k[1]
-            n = tensor(k_t).dim()
+        if isinstance(site.k, tuple):  # k = permute(src, dims ∘ swap): one view, none at all when it is identity
+            _, src, dims = site.k
+            n = len(dims)
             swap = (*range(n - 2), n - 1, n - 2)
-            if k_t.op == "call_function" and k_t.target is torch.permute:  # compose with the existing permute
-                dims = tuple(k_t.args[1][d] for d in swap)
-                k = k_t.args[0] if dims == tuple(range(n)) else call(torch.permute, k_t.args[0], dims)
-            else:
-                k = call(torch.permute, k_t, swap)
+            k_dims = tuple(dims[d] for d in swap)
+            k = src if k_dims == tuple(range(n)) else call(torch.permute, src, k_dims)
         else:
             k = site.k
         ku, vu = _unrepeat(k), _unrepeat(v)

@@ -200,6 +200,40 @@ def test_explicit_forms(name):
     assert_close(before, after)
 
 
+QK = {  # spellings of q @ kᵀ
+    "matmul_transpose": lambda q, k: torch.matmul(q, k.transpose(-2, -1)),
+    "at_mT": lambda q, k: q @ k.mT,
+    "einsum": lambda q, k: torch.einsum("bhqd,bhkd->bhqk", q, k),
+    "method_permute": lambda q, k: q.matmul(k.permute(0, 1, 3, 2)),
+}
+SCALED = {  # where the scale goes
+    "div_after": lambda qk, q, k: qk(q, k) / math.sqrt(D),
+    "mul_before_q": lambda qk, q, k: qk(q * D ** -0.5, k),
+    "split_q_k": lambda qk, q, k: qk(q * D ** -0.25, k * D ** -0.25),
+}
+SOFTMAX = {
+    "F": lambda s: F.softmax(s, dim=-1),
+    "method_upcast": lambda s: s.float().softmax(-1).type_as(s),
+}
+
+
+def test_spelling_combinations():
+    """Every combination of the spellings above is one site with the same scale (the pattern is written once)."""
+    for qk_name, qk in QK.items():
+        for scale_name, scaled in SCALED.items():
+            for sm_name, softmax in SOFTMAX.items():
+                torch._dynamo.reset()
+
+                def fn(q, k, v):
+                    return softmax(scaled(qk, q, k)) @ v
+
+                ctx, ops, before, after = rewrite(fn, *qkv())
+                label = f"{qk_name}/{scale_name}/{sm_name}"
+                assert counts(ctx) == (1, 0), (label, ctx.declined)
+                assert ops[0].args[5] == pytest.approx(D ** -0.5, rel=1e-9), label
+                assert_close(before, after)
+
+
 def test_padding_mask_becomes_attend_mask():
     ctx, ops, before, after = rewrite(padding_mask_masked_fill, *qkv(), _extra("pad"))
     bias = ops[0].args[3]

@@ -267,7 +267,7 @@ def graph_cost(gm: fx.GraphModule) -> GraphCost:
         value = node_value(node)
         _hints(value, hints)
         if node.op == "placeholder":
-            lower += sum((tensor_bytes(t) for t in _tensors(value)), ZERO)
+            lower += _input_bytes_needed(node, gm)
             continue
         if node.op == "output":
             outs = [node_value(a) for a in node.all_input_nodes]
@@ -279,6 +279,25 @@ def graph_cost(gm: fx.GraphModule) -> GraphCost:
         if not c.exact:
             approximate.append(node.name)
     return GraphCost(sympy.simplify(flops), sympy.simplify(moved), sympy.simplify(lower), hints, approximate)
+
+
+def _input_bytes_needed(node: fx.Node, gm: fx.GraphModule) -> Expr:
+    """Bytes of a graph input (or a view of one) that must be read: all of it, unless every user only slices it
+    or gathers rows from it (a causal-mask buffer sliced to S x S, a position table indexed by S positions)."""
+    value = node_value(node)
+    full = sum((tensor_bytes(t) for t in _tensors(value)), ZERO)
+    is_table = isinstance(value, torch.Tensor) and value.is_floating_point()
+    partial = ZERO
+    for user in node.users:
+        name = op_name(user, gm)
+        out = _tensors(node_value(user))
+        if name in GATHER_OPS and out and is_table:
+            partial += tensor_bytes(out[0])  # the rows an embedding / index_select touches
+        elif name in {"slice", "select", "narrow", "getitem"} and out:
+            partial += _input_bytes_needed(user, gm)
+        else:
+            return full
+    return sympy.Min(full, partial) if node.users else ZERO
 
 
 def format_bytes(n: float) -> str:

@@ -92,3 +92,12 @@ def test_symbolic_attention_scores_grow_with_s_squared():
 def test_unknown_op_is_flagged_approximate():
     gm = _aten_graph(lambda x: torch.fft.fft(x).real, torch.randn(8))
     assert graph_cost(gm).approximate_nodes
+
+
+def test_lower_bound_counts_only_the_sliced_part_of_a_buffer():
+    mask, table = torch.ones(64, 64, dtype=torch.bool), torch.randn(100, 8)
+    pos = torch.arange(5)
+    gm = _aten_graph(lambda m, t, p: (m[:5, :5].float().sum(), torch.nn.functional.embedding(p, t)), mask, table, pos)
+    lower = graph_cost(gm).lower_bound_value
+    # the 5x5 slice of the mask, 5 rows of the table, the 5 indices; outputs: a scalar and 5 rows
+    assert lower == 25 + 5 * 8 * 4 + 5 * 8 + (4 + 5 * 8 * 4)

@@ -190,6 +190,13 @@ def chunked_loss_and_grads(x: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     Returns (per-row loss [N] fp32, grad_input [N, H], grad_weight [V, H], grad_bias [V]); grads None unless
     `want_grads`.
     """
+    with torch.autocast(x.device.type, enabled=False):  # the matmuls run in the inputs' dtype, as the op promises
+        return _chunk_loop(x, weight, bias, target, ignore_index, smoothing, z_loss, scale, want_grads, chunk_rows)
+
+
+def _chunk_loop(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                smoothing: float, z_loss: float, scale: Optional[Tensor], want_grads: bool,
+                chunk_rows: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     N, H = x.shape
     V = weight.shape[0]
     use_triton = triton_runs_on(x.device)

@@ -102,6 +102,7 @@ class _Site:
         self.smoothing = 0.0
         self.reduction = "mean"
         self.low_precision: Optional[torch.dtype] = None  # the loss input's dtype when it was not float32
+        self.compute_dtype: Optional[torch.dtype] = None  # the dtype the logits were computed in
 
 
 def _const(node: fx.Node, index: int, name: str, default: Any, kinds: tuple) -> Any:
@@ -140,13 +141,16 @@ def _match(ce: fx.Node) -> _Site:
     if not same_size(xv.shape[1], V):
         raise _Decline(f"the loss's class dim {xv.shape[1]} is not the linear's output dim {V}")
     hv, wv = tensor(site.h), tensor(site.weight)
-    if hv is None or wv is None or hv.dtype != wv.dtype or hv.dtype not in (torch.float16, torch.bfloat16,
-                                                                            torch.float32):
-        raise _Decline("h and W must share one float dtype (fp16/bf16/fp32)")
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    if site.compute_dtype not in floats or hv.dtype not in floats or wv.dtype not in floats:
+        raise _Decline(f"the linear runs in {site.compute_dtype} on {hv.dtype} / {wv.dtype} inputs; the fused op "
+                       f"takes fp16/bf16/fp32")
+    # Under autocast the linear's inputs are cast to its output dtype (e.g. fp32 weights, bf16 product): the
+    # rewrite makes the same casts explicit. Outside autocast a mixed-dtype linear does not run at all.
     if site.bias is not None:
         bv = tensor(site.bias)
-        if bv is None or bv.dim() != 1 or bv.dtype != hv.dtype or not same_size(bv.shape[0], V):
-            raise _Decline("the bias is not a [V] tensor of the input dtype")
+        if bv is None or bv.dim() != 1 or not same_size(bv.shape[0], V) or bv.dtype not in floats:
+            raise _Decline("the bias is not a [V] float tensor")
     if hv.device != tv.device:
         raise _Decline(f"h is on {hv.device} but the target on {tv.device}")
     return site
@@ -233,6 +237,8 @@ def _match_linear(logits: fx.Node, site: _Site) -> None:
         if a_ok and isinstance(b, fx.Node) and tensor(b) is not None and tensor(b).dim() == 1:
             if len(a.users) != 1:
                 raise _Decline(_other_users_reason(a))
+            if tensor(node).dtype != tensor(a).dtype:
+                raise _Decline(f"the bias add promotes the {tensor(a).dtype} product to {tensor(node).dtype}")
             site.bias = b
             site.chain.append(node)
             node = a
@@ -265,6 +271,7 @@ def _match_linear(logits: fx.Node, site: _Site) -> None:
     H = wv.shape[0 if site.weight_is_transposed else 1]
     if not same_size(hv.shape[-1], H):
         raise _Decline("the linear's input and weight sizes do not line up")
+    site.compute_dtype = tensor(node).dtype if tensor(node) is not None else None
     site.chain.append(node)
     if len(node.users) != 1:
         raise _Decline(_other_users_reason(node))
@@ -321,8 +328,15 @@ def _rewrite(graph: fx.Graph, ce: fx.Node, site: _Site, created: List[fx.Node]) 
         weight = site.weight
         if site.weight_is_transposed:
             weight = emit(torch.permute, (weight, (1, 0)))
+        bias = site.bias
+        if tensor(h).dtype != site.compute_dtype:  # autocast's casts, made explicit
+            h = emit("to", (h, site.compute_dtype))
+        if tensor(weight).dtype != site.compute_dtype:
+            weight = emit("to", (weight, site.compute_dtype))
+        if bias is not None and tensor(bias).dtype != site.compute_dtype:
+            bias = emit("to", (bias, site.compute_dtype))
         loss = emit(torch.ops.flashfx.linear_cross_entropy.default,
-                    (h, weight, site.bias, site.target, site.ignore_index, site.smoothing, site.reduction, 0.0))
+                    (h, weight, bias, site.target, site.ignore_index, site.smoothing, site.reduction, 0.0))
         want = tensor(ce)
         if want is not None and tensor(loss) is not None and tensor(loss).dtype != want.dtype:
             loss = emit("to", (loss, want.dtype))

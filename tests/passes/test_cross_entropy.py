@@ -219,6 +219,36 @@ def test_16bit_loss_without_upcast_keeps_its_dtype_and_notes_it():
     assert out.meta["val"].dtype == torch.float16  # the loss is cast back to what the graph returned
 
 
+class Autocast(nn.Module):
+    """HF Trainer's bf16 mode: fp32 weights, the forward under autocast (the head's product runs in bf16)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, labels):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(x, labels)
+
+
+@pytest.mark.parametrize("aot", [False, True], ids=["eager-graph", "aot-autograd"])
+def test_autocast_casts_are_made_explicit_and_match(monkeypatch, aot):
+    import flashfx.codegen.cross_entropy as op
+    monkeypatch.setattr(op, "triton_runs_on", lambda device: False)  # the CPU interpreter gets bf16 wrong
+    model = Autocast(Head("linear", bias=True))
+    x, labels = torch.randn(3, 7, 16, requires_grad=True), torch.randint(0, V, (3, 7))
+    ref = model(x, labels)
+    ref_grads = torch.autograd.grad(ref, [x, *model.parameters()])
+    contexts = []
+    out = torch.compile(model, backend=passes_backend(contexts, aot=aot), dynamic=False)(x, labels)
+    got_grads = torch.autograd.grad(out, [x, *model.parameters()])
+    assert [counts(c) for c in contexts] == [(1, 0)]
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    for g, r in zip(got_grads, ref_grads):
+        assert g.dtype == r.dtype and (g - r).norm() / r.norm() < 2e-2
+
+
 # ------------------------------------------------------------------------------------------- must not fire
 
 class Variant(Head):

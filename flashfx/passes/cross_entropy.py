@@ -11,8 +11,17 @@ Pattern (Dynamo torch-level graph, after `canonicalize`), read from each `F.cros
 
 Replacement: h gets the same slicing as the logits, is flattened to [rows, H], and
 `flashfx::linear_cross_entropy(h2d, W, b, target, ignore_index, label_smoothing, reduction)` stands for the loss
-(cast to the loss's dtype when the cross-entropy ran in 16 bits). The target is whatever the graph fed the loss: the
-Hugging Face label shift (`F.pad(labels, (0, 1), value=-100)[..., 1:]`) stays as it was.
+(cast to the loss's dtype when the cross-entropy ran in 16 bits, with a note: the op computes it in fp32). The target
+is whatever the graph fed the loss: the Hugging Face label shift (`F.pad(labels, (0, 1), value=-100)[..., 1:]`) stays
+as it was. Under autocast (fp32 weights, a bf16 product) the casts autocast would make become explicit `.to` nodes,
+so the op's matmuls run in the dtype the linear ran in.
+
+Hugging Face (transformers 5.17): `LlamaForCausalLM(..., labels=)` and `GPT2LMHeadModel` always return the logits
+next to the loss (no flag drops them: `logits_to_keep` only selects positions, `skip_logits` exists only in
+Liger-Kernel's patched forwards), so the pass declines on `model(**batch)` and fires once on
+`lambda **batch: model(**batch).loss` (the logits are then dead in the graph). `GPT2LMHeadModel` also needs
+`model.loss_type = "ForCausalLM"`: without it HF logs a warning inside forward, which breaks the graph between the
+lm_head and the loss.
 
 It declines (counted `cross_entropy.declined`, with the reason in the report) when:
 - the logits, or any value between them and the loss, has another user — in particular when the graph returns the
@@ -20,6 +29,7 @@ It declines (counted `cross_entropy.declined`, with the reason in the report) wh
   and keeping it means materialising the logits anyway. Return only the loss (see docs: `model(...).loss` inside the
   compiled function);
 - class weights, the legacy size_average/reduce arguments, or arguments that are not constants;
+- a bias add that promotes the product's dtype;
 - a downcast of the logits before the loss, or a view that is not [rows, V];
 - the loss input is not produced by a linear in this graph (a graph break between lm_head and the loss, for example).
 """

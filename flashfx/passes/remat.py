@@ -385,7 +385,8 @@ def _plan_and_split(a: _Analysis, config: Config,
             notes.append(f"auto on {device.type}: no free-memory query, budget = no-remat activations")
     else:
         free, fractions = None, ()
-    budgets = ([f * baseline.nbytes for f in fractions] if fractions else [_budget_bytes(config.remat, baseline.nbytes)])
+    budgets = ([f * baseline.nbytes for f in fractions] if fractions
+               else [_budget_bytes(config.remat, baseline.nbytes)])
     for k, budget in enumerate(budgets):
         solution = remat_plan.solve(a.problem, budget)
         fw, bw = _split(a, solution.plan.recompute, compress=config.remat_compress == "fp8")
@@ -396,8 +397,8 @@ def _plan_and_split(a: _Analysis, config: Config,
             notes.append(f"auto: even the smallest plan (peak {cost_model.format_bytes(peak)}) exceeds "
                          f"{AUTO_HEADROOM:.0%} of the free memory ({cost_model.format_bytes(free)})")
     if free is not None:
-        notes.append(f"auto: free memory {cost_model.format_bytes(free)}, chose budget {budget / max(baseline.nbytes, 1):.2f}"
-                     " of the no-remat activations")
+        notes.append(f"auto: free memory {cost_model.format_bytes(free)}, chose budget "
+                     f"{budget / max(baseline.nbytes, 1):.2f} of the no-remat activations")
 
     plan = solution.plan
     p = a.problem
@@ -509,7 +510,8 @@ def _check_no_random_recompute(bw: fx.GraphModule, a: _Analysis) -> None:
     pinned = {a.nodes[v].name for v in a.pin_reasons}
     for node in bw.graph.nodes:
         if node.op == "call_function" and node.name in pinned:
-            raise RuntimeError(f"the backward would recompute {node.name}: {a.pin_reasons[a.problem.names.index(node.name)]}")
+            why = a.pin_reasons[a.problem.names.index(node.name)]
+            raise RuntimeError(f"the backward would recompute {node.name}: {why}")
 
 
 def _schedule_recompute_late(bw: fx.GraphModule) -> None:
@@ -595,10 +597,9 @@ def _compress_fp8(fw: fx.GraphModule, bw: fx.GraphModule, names: Set[str], num_f
         scales_bw.append(s_ph)
         first_user = min(ph.users, key=_position(bw.graph))
         with bw.graph.inserting_before(first_user):
-            restored = _call(bw.graph, aten._to_copy.default,
-                             (_call(bw.graph, aten.div.Tensor,
-                                    (_call(bw.graph, aten._to_copy.default, (q_ph,), {"dtype": torch.float32}), s_ph)),),
-                             {"dtype": val.dtype})
+            wide = _call(bw.graph, aten._to_copy.default, (q_ph,), {"dtype": torch.float32})
+            unscaled = _call(bw.graph, aten.div.Tensor, (wide, s_ph))
+            restored = _call(bw.graph, aten._to_copy.default, (unscaled,), {"dtype": val.dtype})
         ph.replace_all_uses_with(restored)
         bw.graph.erase_node(ph)
     new_outs = outs[:num_fwd_outputs] + new_saved + scales_fw + saved[len(saved_tensors):]

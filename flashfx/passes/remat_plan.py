@@ -274,7 +274,8 @@ def solve(p: Problem, budget: float) -> Solution:
     if n_free <= LOCAL_SEARCH_MAX_VALUES:
         best, _ = _local_search(p, best, budget)
     best, complete, nodes = _branch_and_bound(p, budget, root, best)
-    return Solution(best, True, fastest, smallest, complete, root.lower_bound, root.hull, nodes)
+    lower = best.cost if complete else min(root.lower_bound, best.cost)  # a finished search is its own proof
+    return Solution(best, True, fastest, smallest, complete, lower, root.hull, nodes)
 
 
 # Branch-and-bound work limit, in (search nodes x problem values): small graphs are solved exactly, large ones get a

@@ -64,7 +64,7 @@ if has_triton():
 
     @triton.jit
     def _ce_rows_kernel(
-        logits_ptr,    # [C, V] chunk logits (input dtype), row stride `stride_row`; overwritten by dlogits if WRITE_GRAD
+        logits_ptr,    # [C, V] chunk logits (input dtype), row stride `stride_row`; dlogits replace them if WRITE_GRAD
         stride_row,
         target_ptr,    # [C] int64 class indices
         loss_ptr,      # [C] fp32 out: the row's loss (0 for ignored rows)

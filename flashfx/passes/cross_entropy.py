@@ -36,7 +36,7 @@ It declines (counted `cross_entropy.declined`, with the reason in the report) wh
 from __future__ import annotations
 
 import operator
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional
 
 import torch
 import torch.fx as fx

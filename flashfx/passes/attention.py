@@ -649,7 +649,11 @@ def _unrepeat(node: Any) -> Optional[Tuple[fx.Node, int, List[fx.Node]]]:
         if isinstance(reps, int) and normalize_dim(dim, 4) == 1 and tensor(src) is not None and tensor(src).dim() == 4:
             return src, reps, [node]
         return None
-    if not is_call(node, (torch.reshape,), ("reshape", "view")):
+    if is_call(node, (torch.flatten,), ("flatten",)):
+        dims = (arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1))
+        if tuple(normalize_dim(d, 5) for d in dims) != (1, 2):
+            return None
+    elif not is_call(node, (torch.reshape,), ("reshape", "view")):
         return None
     expanded = node.args[0]
     if not is_call(expanded, (), ("expand",)) or tensor(expanded) is None or tensor(expanded).dim() != 5:

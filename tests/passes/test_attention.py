@@ -144,6 +144,11 @@ def gqa_repeat_kv(q, k, v):
     return torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v
 
 
+def gqa_expand_flatten(q, k, v):
+    k, v = (x[:, :, None].expand(B, 1, H, L, D).flatten(1, 2) for x in (k, v))
+    return torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v
+
+
 def gqa_repeat_interleave(q, k, v):
     k, v = k.repeat_interleave(H, dim=1), v.repeat_interleave(H, dim=1)
     return torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1) @ v
@@ -171,6 +176,7 @@ EXPLICIT = {
     "dropout_eval": (dropout_eval, (), H, False, 0.25),
     "gqa_repeat_kv": (gqa_repeat_kv, (), 1, False, 0.25),
     "gqa_repeat_interleave": (gqa_repeat_interleave, (), 1, False, 0.25),
+    "gqa_expand_flatten": (gqa_expand_flatten, (), 1, False, 0.25),
 }
 
 

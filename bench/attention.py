@@ -160,7 +160,7 @@ def prewarm_tasks(suites, variants_for):
     only benchmarks (the specialisation is the same: all sizes here are multiples of 16, GROUP 1 or not)."""
     from flashfx.codegen.attention import _build_kernels
 
-    kern = _build_kernels(False, True)
+    kern = _build_kernels(False, True, None)
     n = max(len(kern.fwd.configs), len(kern.dkdv.configs), len(kern.dq.configs))
     families = sorted({(1, Hq, Hkv, 1024, D, causal) for _, _, Hq, Hkv, _, D, causal in suites})
     return [(i,) + f + (variants_for(f[-1]),) for f in families for i in range(n)]
@@ -302,7 +302,7 @@ def autotune_choices():
     """The config each autotuned kernel picked, per autotune key."""
     from flashfx.codegen.attention import _build_kernels
 
-    kern = _build_kernels(False, True)
+    kern = _build_kernels(False, True, None)  # the same lru_cache key as the launcher's call
     out = {}
     for name in ("fwd", "dkdv", "dkdv_atomic", "dq"):
         tuner = getattr(kern, name)

@@ -88,6 +88,10 @@ class _Exporter:
         self.taken: set = set()  # value names
         self.node_names: set = set()
         self.domains: set = set()
+        # Where each size symbol can be read at run time: (graph input, dim), and the 1-element int64 tensors
+        # already built for size expressions, with the index of the first node that builds them.
+        self.size_sources: Dict[sympy.Symbol, Tuple[str, int]] = {}
+        self.size_values: Dict[sympy.Expr, Tuple[str, int]] = {}
 
     # ------------------------------------------------------------------ naming, types, constants
 
@@ -153,6 +157,42 @@ class _Exporter:
     def ints(self, values: Sequence[int], hint: str) -> str:
         return self.const([int(v) for v in values], torch.int64, hint)
 
+    def shape(self, dims: Sequence[Any], hint: str) -> str:
+        """A 1-D int64 tensor holding `dims`; symbolic sizes are read from the graph inputs' shapes at run time."""
+        if all(not isinstance(d, torch.SymInt) or d.node.expr.is_number for d in dims):
+            return self.ints([int(d) for d in dims], hint)
+        parts = [self.size(d.node.expr) if isinstance(d, torch.SymInt) and not d.node.expr.is_number
+                 else self.ints([int(d)], f"{hint}/{i}") for i, d in enumerate(dims)]
+        name = self.fresh(hint)
+        self.emit("Concat", parts, [name], hint, axis=0)
+        return name
+
+    def size(self, expr: sympy.Expr) -> str:
+        """A 1-element int64 tensor with the value of the size expression `expr` (a symbol, sums and products)."""
+        if expr in self.size_values:
+            return self.size_values[expr][0]
+        first = len(self.nodes)
+        label = str(expr.xreplace(self.symbol_names))
+        name = self.fresh(f"size:{label}")
+        if expr.is_Symbol:
+            if expr not in self.size_sources:
+                raise _NotExact  # e.g. an unbacked size: nothing in the graph's inputs holds it
+            source, dim = self.size_sources[expr]
+            self.emit("Shape", [source], [name], f"size:{label}", start=dim, end=dim + 1)
+        elif expr.is_Integer:
+            self.initializers.append(helper.make_tensor(name, TensorProto.INT64, [1], [int(expr)]))
+        elif expr.is_Mul or expr.is_Add:
+            terms = [self.size(t) for t in expr.args]
+            acc = terms[0]
+            for k, t in enumerate(terms[1:]):
+                out = name if k == len(terms) - 2 else self.fresh(f"size:{label}/{k}")
+                self.emit("Mul" if expr.is_Mul else "Add", [acc, t], [out], out)
+                acc = out
+        else:
+            raise _NotExact  # floor division, min/max, ...: not worth a Shape program
+        self.size_values[expr] = (name, first)
+        return name
+
     def emit(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], name: str,
              domain: str = "", doc: str = "", **attrs: Any) -> None:
         if domain:
@@ -192,6 +232,9 @@ class _Exporter:
             return
         name = self.fresh(pretty_input_name(str(node.target)))
         self.values[node] = name
+        for i, d in enumerate(val.shape):
+            if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
+                self.size_sources.setdefault(d.node.expr, (name, i))
         info = self.vinfo(name, val)
         if any(tag in str(node.target) for tag in ("_parameters_", "_buffers_")):
             info.doc_string = "parameter (weights are not stored in this export)"
@@ -255,6 +298,7 @@ class _Exporter:
                 return
             except _NotExact:
                 del self.nodes[checkpoint[0]:], self.initializers[checkpoint[1]:], self.value_info[checkpoint[2]:]
+                self.size_values = {k: v for k, v in self.size_values.items() if v[1] < checkpoint[0]}
         self.custom(node, outputs)
         if val is not _UNKNOWN:
             self.add_value_info(node, val, outputs)
@@ -338,7 +382,7 @@ def _initializer_names(ex: _Exporter) -> set:
 
 def pretty_input_name(target: str) -> str:
     """`L_self_modules_layers_modules_0_modules_attn_parameters_weight_` -> `self.layers.0.attn.weight`."""
-    name = re.sub(r"^[Ll]_", "", target).rstrip("_")
+    name = re.sub(r"^[Ll]_(kwargs_)?", "", target).rstrip("_")  # model(**inputs) inputs are L_kwargs_<name>_
     name = re.sub(r"_(modules|parameters|buffers)_", ".", name)
     return name or target
 
@@ -688,9 +732,8 @@ def _reshape(ex: _Exporter, node: fx.Node, out: str) -> None:
         else:
             inferred += 1
             shape.append(-1)
-    if inferred > 1:
-        raise _NotExact
-    ex.emit("Reshape", [ex.ref(node.args[0]), ex.ints(shape, f"{node.name}/shape")], [out], node.name)
+    target = ex.ints(shape, f"{node.name}/shape") if inferred <= 1 else ex.shape(dst.shape, f"{node.name}/shape")
+    ex.emit("Reshape", [ex.ref(node.args[0]), target], [out], node.name)
 
 
 @_exact(("method", "masked_fill"), torch.masked_fill)
@@ -765,3 +808,32 @@ def _split(ex: _Exporter, node: fx.Node, outs: Any) -> None:
         axes = ex.ints([axis], f"{node.name}/axis")
         for piece, out in zip(pieces_out, outs):
             ex.emit("Squeeze", [piece, axes], [out], out)
+
+
+@_exact(("method", "expand"), ("method", "expand_as"))
+def _expand(ex: _Exporter, node: fx.Node, out: str) -> None:
+    # The result's shape is the broadcast of the input to it, which is what ONNX Expand computes.
+    ex.emit("Expand", [ex.ref(node.args[0]), ex.shape(_tensor(node).shape, f"{node.name}/shape")], [out], node.name)
+
+
+@_exact(torch.addmm, ("method", "addmm"))
+def _addmm(ex: _Exporter, node: fx.Node, out: str) -> None:
+    args = _bind(node, ["input", "mat1", "mat2"], beta=1, alpha=1)
+    if _tensor(args["mat1"]).dim() != 2 or _tensor(args["mat2"]).dim() != 2:
+        raise _NotExact
+    ex.emit("Gemm", [ex.ref(args["mat1"]), ex.ref(args["mat2"]), ex.ref(args["input"])], [out], node.name,
+            alpha=float(args["alpha"]), beta=float(args["beta"]))
+
+
+_LOGICAL = {operator.and_: "And", torch.logical_and: "And", ("method", "logical_and"): "And",
+            operator.or_: "Or", torch.logical_or: "Or", ("method", "logical_or"): "Or",
+            operator.xor: "Xor", torch.logical_xor: "Xor", ("method", "logical_xor"): "Xor"}
+
+
+@_exact(*_LOGICAL)
+def _logical(ex: _Exporter, node: fx.Node, out: str) -> None:
+    # `&`, `|`, `^` are bitwise on integers: only boolean operands are the ONNX logical ops.
+    if len(node.args) != 2 or node.kwargs or not all(
+            isinstance(a, fx.Node) and _tensor(a).dtype == torch.bool for a in node.args):
+        raise _NotExact
+    ex.emit(_LOGICAL[_key(node)], [ex.ref(a) for a in node.args], [out], node.name)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import sympy
 import torch
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from flashfx.rewriter import cost as cost_model
 from flashfx.rewriter.capture import name_symbols
 from flashfx.rewriter.matcher import (arg, depends_on, erase_dead, insert_node, is_call, is_dtype_cast, is_number,
-                                      normalize_dim, same_shape, same_size, single_user, tensor)
+                                      normalize_dim, same_shape, same_size, tensor)
 from flashfx.rewriter.pass_manager import PassContext, PassResult
 
 PASS = "attention"
@@ -516,7 +516,8 @@ def _match_sdpa(node: fx.Node) -> Optional[Site]:
         return None
     q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
     mask = arg(node, 3, "attn_mask")
-    dropout_p, is_causal, scale = arg(node, 4, "dropout_p", 0.0), arg(node, 5, "is_causal", False), arg(node, 6, "scale")
+    dropout_p, is_causal = arg(node, 4, "dropout_p", 0.0), arg(node, 5, "is_causal", False)
+    scale = arg(node, 6, "scale")
     enable_gqa = arg(node, 7, "enable_gqa", False)
     for name, val in (("dropout_p", dropout_p), ("is_causal", is_causal), ("scale", scale), ("enable_gqa", enable_gqa)):
         if isinstance(val, fx.Node):
@@ -662,9 +663,10 @@ def _unrepeat(node: Any) -> Optional[Tuple[fx.Node, int, List[fx.Node]]]:
     u = tensor(unsq)
     if u is None or u.dim() != 5 or not same_size(u.shape[2], 1):
         return None
-    if is_call(unsq, (operator.getitem,)):
-        ok = unsq.args[1] in ((slice(None), slice(None), None), (slice(None), slice(None), None, slice(None),
-                                                                   slice(None)), (slice(None), slice(None), None, Ellipsis))
+    if is_call(unsq, (operator.getitem,)):  # x[:, :, None], x[:, :, None, :, :], x[:, :, None, ...]
+        index = unsq.args[1]
+        ok = (isinstance(index, tuple) and len(index) >= 3 and index[:3] == (slice(None), slice(None), None)
+              and _only_new_dims(index[3:]) and None not in index[3:])
     else:
         ok = is_call(unsq, (torch.unsqueeze,), ("unsqueeze",)) and normalize_dim(unsq.args[1], 5) == 2
     src = unsq.args[0]
@@ -788,7 +790,8 @@ def _combine_masks(site: Site, call: Callable[..., fx.Node]) -> Optional[fx.Node
         kind = kind.replace("_finite", "")
         if kind == "masked":  # the op wants True = attend: undo a `~m` instead of adding a second negation
             negated = is_call(mask, (torch.logical_not, operator.invert), ("logical_not", "__invert__"))
-            mask = mask.args[0] if negated and tensor(mask.args[0]).dtype == torch.bool else call(torch.logical_not, mask)
+            undo = negated and tensor(mask.args[0]) is not None and tensor(mask.args[0]).dtype == torch.bool
+            mask = mask.args[0] if undo else call(torch.logical_not, mask)
             kind = "attend"
         terms.append((kind, mask))
     if not terms:

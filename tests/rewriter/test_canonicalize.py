@@ -100,7 +100,8 @@ def test_scalar_scale_spellings(name):
 
 def test_division_left_alone_when_not_a_float_constant():
     def fn(s, t):
-        return s // 2, torch.div(s, 3, rounding_mode="floor"), s / t, 2.0 / s, torch.div(torch.ones(3, dtype=torch.long), 2)
+        ints = torch.ones(3, dtype=torch.long)
+        return s // 2, torch.div(s, 3, rounding_mode="floor"), s / t, 2.0 / s, torch.div(ints, 2)
 
     ctx, gm, _ = run(fn, x4(), x4())
     assert operator.mul not in targets(gm)

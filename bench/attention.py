@@ -69,13 +69,14 @@ def check(dtype, case, tol=1e-2):
         errs[name] = _rel(g, rg)
     sdpa = None
     try:  # the same inputs through SDPA's default backend, for scale
-        mask = bias
-        if causal and bias is not None:
-            mask = None  # SDPA takes either; skip its number here
-        if mask is None or not causal:
-            kr, vr = (t.repeat_interleave(Hq // Hkv, 1) for t in (k, v))
-            so = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=causal)
-            sdpa = _rel(so, ref)
+        mask, sdpa_causal = bias, causal
+        if causal and bias is not None:  # SDPA takes a mask or is_causal: fold the causal mask into the mask
+            tril = torch.ones(L, S, dtype=torch.bool, device=dev).tril()
+            mask = bias & tril if bias.dtype == torch.bool else bias.masked_fill(~tril, float("-inf"))
+            sdpa_causal = False
+        kr, vr = (t.repeat_interleave(Hq // Hkv, 1) for t in (k, v))
+        so = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=sdpa_causal)
+        sdpa = _rel(so, ref)
     except RuntimeError:
         pass
     ok = all(math.isfinite(e) and e < tol for e in errs.values())

@@ -264,10 +264,10 @@ def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> An
 
 def _loop_variant(is_causal: bool) -> str:
     """"split": unmasked key blocks in one loop, the diagonal / last blocks in a second, masked one;
-    "single": one loop that tests per block whether it needs the mask. FLASHFX_ATTENTION_LOOP overrides the
-    default, which is what measured faster for fwd+bwd on an H100 (B=4, H=16, D=128, S=8192, bf16, see
-    docs/benchmarks.md): single 436 vs split 427 TFLOP/s non-causal, split 413 vs single 397 causal."""
-    choice = os.environ.get("FLASHFX_ATTENTION_LOOP", "split" if is_causal else "single")
+    "single": one loop that tests per block whether it needs the mask. FLASHFX_ATTENTION_LOOP overrides.
+    Measured on an H100 (B=4, H=16, D=128, S=8192, bf16, docs/benchmarks.md), split vs single: forward 501 vs 475
+    TFLOP/s non-causal, 470 vs 476 causal; fwd+bwd 427 vs 436 (within run-to-run spread) and 413 vs 397."""
+    choice = os.environ.get("FLASHFX_ATTENTION_LOOP", "split")
     if choice not in ("split", "single"):
         raise ValueError(f"FLASHFX_ATTENTION_LOOP={choice!r}: use 'split' or 'single'")
     return choice

@@ -280,7 +280,7 @@ def solve(p: Problem, budget: float) -> Solution:
 
 # Branch-and-bound work limit, in (search nodes x problem values): small graphs are solved exactly, large ones get a
 # few branches on top of the heuristics (each node costs a handful of min cuts).
-SEARCH_WORK = 20_000
+SEARCH_WORK = 6_000
 
 
 @dataclass

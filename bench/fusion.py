@@ -57,6 +57,28 @@ def rmsnorm_fwd_bwd(x, w, g):
     return torch.autograd.grad(rmsnorm(x, w), (x, w), g)
 
 
+def linear_gelu(x, w, b):
+    return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+
+def swiglu_gate_up(x, wg, wu):
+    return F.silu(x @ wg.t()) * (x @ wu.t())
+
+
+def down_residual(h, w, r):
+    return h @ w.t() + r
+
+
+def matmul_workloads(tiny: bool) -> List[Tuple[str, Callable, List[Tuple[int, ...]], int]]:
+    """(name, function, shapes, FLOPs) for the matmul-epilogue rows."""
+    T, D, F_ = (96, 64, 160) if tiny else (16384, 4096, 11008)
+    return [
+        ("linear+bias+gelu(tanh)", linear_gelu, [(T, D), (D, D), (D,)], 2 * T * D * D),
+        ("SwiGLU gate/up (dual GEMM)", swiglu_gate_up, [(T, D), (F_, D), (F_, D)], 2 * 2 * T * D * F_),
+        ("down proj + residual", down_residual, [(T, F_), (D, F_), (T, D)], 2 * T * F_ * D),
+    ]
+
+
 def workloads(tiny: bool) -> List[Tuple[str, Callable, List[Tuple[Tuple[int, ...], str]]]]:
     """(name, function, [(shape, role)]): role 'w' tensors are per-feature weights."""
     M, N, V = (64, 96, 300) if tiny else (16384, 4096, 32000)
@@ -144,7 +166,7 @@ class _Block(torch.nn.Module):
         return torch.softmax(self.ln(h), -1) + F.gelu(h, approximate="tanh")
 
 
-def check_block(device: torch.device, dtype: torch.dtype, cache_dir: str) -> Dict[str, Any]:
+def check_block(device: torch.device, dtype: torch.dtype, cache_dir: str, tiny: bool = False) -> Dict[str, Any]:
     """Outputs and gradients of `_Block` with fusion in AOTAutograd's fw/bw compilers vs eager (float64 reference)."""
     from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
@@ -156,23 +178,24 @@ def check_block(device: torch.device, dtype: torch.dtype, cache_dir: str) -> Dic
 
     def compiler(stage):
         def run(gm, example_inputs):
-            ctx = PassContext(Config(cache_dir=cache_dir), stage=stage)
+            ctx = PassContext(Config(cache_dir=cache_dir, autotune=False), stage=stage)  # checks numerics only
             gm = fusion(gm, ctx).graph_module
             groups[stage] = ctx.counters.get("fusion.groups", 0)
             return make_boxed_func(gm)
         return run
 
     torch.manual_seed(0)
-    block = _Block(384).to(device)
-    ref_block = _Block(384).to(device).double()
+    d, lengths = (48, (13, 21)) if tiny else (384, (333, 517))
+    block = _Block(d).to(device)
+    ref_block = _Block(d).to(device).double()
     ref_block.load_state_dict(block.state_dict())
     block = block.to(dtype)
     compiled = torch.compile(block, backend=lambda gm, ex: aot_module_simplified(
         gm, ex, fw_compiler=compiler("forward"), bw_compiler=compiler("backward")), dynamic=True)
     result: Dict[str, Any] = {"check": f"block fwd+bwd {dtype}"}
-    for seq in (333, 517):  # two lengths, one compile
-        x = torch.randn(2, seq, 384, device=device)
-        g = torch.randn(2, seq, 384, device=device)
+    for seq in lengths:  # two lengths, one compile
+        x = torch.randn(2, seq, d, device=device)
+        g = torch.randn(2, seq, d, device=device)
         xc = x.detach().to(dtype).clone().requires_grad_()
         out = compiled(xc)
         out.backward(g.to(dtype))
@@ -242,14 +265,47 @@ def main(argv: Sequence[str] = ()) -> int:
     checks = []
     for dt in ((torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)):
         try:
-            checks.append(check_block(device, dt, cache_dir))
+            checks.append(check_block(device, dt, cache_dir, args.tiny))
         except Exception as e:
             checks.append({"check": f"block fwd+bwd {dt}", "failed": f"{type(e).__name__}: {str(e)[:500]}"})
         print(json.dumps(checks[-1]), flush=True)
+    mm_rows: List[Dict[str, Any]] = []
+    if device.type == "cuda":
+        a = torch.randn(8192, 8192, device=device, dtype=dtype)
+        mm_ms = bench(lambda: a @ a, device)[0]
+        env["mm_TFLOPs"] = round(2 * 8192 ** 3 / (mm_ms * 1e-3) / 1e12, 1)
+        del a
+    for name, fn, shapes, flops in matmul_workloads(args.tiny):
+        if args.only and not any(name.startswith(o) for o in args.only.split(",")):
+            continue
+        torch.manual_seed(0)
+        inputs = [torch.randn(s, device=device, dtype=dtype) / (s[-1] ** 0.25) for s in shapes]
+        row = {"workload": name, "shapes": [list(s) for s in shapes], "flops": flops}
+        try:
+            t0 = time.perf_counter()
+            fused, ctx = flashfx_compile(fn, inputs, cache_dir)
+            out = fused(*inputs)
+            row["flashfx_setup_s"] = round(time.perf_counter() - t0, 1)
+            ref = fn(*[t.double() for t in inputs])
+            row["flashfx_rel_err"] = rel_error(out, ref)
+            row["eager_rel_err"] = rel_error(fn(*inputs), ref)
+            row["kernels"] = [k for k, _ in ctx.artifacts.get("kernels", [])]
+            providers = {"eager": fn, "flashfx": fused}
+            if device.type == "cuda":
+                providers["torch.compile"] = torch.compile(fn)
+                providers["torch.compile"](*inputs)
+            for pname, f in providers.items():
+                ms = bench(lambda: f(*inputs), device)
+                row[f"{pname}_ms"] = [round(m, 4) for m in ms]
+                row[f"{pname}_TFLOPs"] = round(flops / (ms[0] * 1e-3) / 1e12, 1)
+        except Exception as e:
+            row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        mm_rows.append(row)
+        print(json.dumps(row), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "fusion.json"), "w") as f:
-            json.dump({"env": env, "checks": checks, "rows": rows}, f, indent=1)
+            json.dump({"env": env, "checks": checks, "rows": rows, "matmul_rows": mm_rows}, f, indent=1)
     print(f"\n{env['device']}, torch {env['torch']}, Triton {env['triton']}, {env['date']}, {env['dtype']}; "
           f"copy ceiling {ceiling:.0f} GB/s")
     print("| workload | eager GB/s | torch.compile GB/s | flashfx GB/s | flashfx % of copy | flashfx rel err | kernels |")
@@ -261,6 +317,15 @@ def main(argv: Sequence[str] = ()) -> int:
         pct = 100 * r["flashfx_GBps"] / ceiling
         print(f"| {r['workload']} | {r['eager_GBps']} | {r.get('torch.compile_GBps', '-')} | {r['flashfx_GBps']} | "
               f"{pct:.0f}% | {r['flashfx_rel_err']:.1e} | {len(r['kernels'])} |")
+    print(f"\nmatmul ceiling (bf16 8192^3 torch.mm, same run): {env.get('mm_TFLOPs', '-')} TFLOP/s")
+    print("| workload | eager TFLOP/s | torch.compile TFLOP/s | flashfx TFLOP/s | flashfx rel err | kernels |")
+    print("|---|---|---|---|---|---|")
+    for r in mm_rows:
+        if "failed" in r:
+            print(f"| {r['workload']} | failed: {r['failed']} |")
+            continue
+        print(f"| {r['workload']} | {r['eager_TFLOPs']} | {r.get('torch.compile_TFLOPs', '-')} | "
+              f"{r['flashfx_TFLOPs']} | {r['flashfx_rel_err']:.1e} | {len(r['kernels'])} |")
     return 0
 
 

@@ -190,6 +190,7 @@ class _Exporter:
                 acc = out
         else:
             raise _NotExact  # floor division, min/max, ...: not worth a Shape program
+        self.value_info.append(helper.make_tensor_value_info(name, TensorProto.INT64, [1]))
         self.size_values[expr] = (name, first)
         return name
 
@@ -227,6 +228,14 @@ class _Exporter:
 
     def placeholder(self, node: fx.Node) -> None:
         val = node_value(node)
+        if val is None and "val" not in node.meta and "example_value" not in node.meta:
+            # A graph traced without metadata: an input of unknown dtype and shape.
+            name = self.fresh(pretty_input_name(str(node.target)))
+            self.values[node] = name
+            info = helper.make_tensor_value_info(name, TensorProto.UNDEFINED, ["?"])
+            info.doc_string = "dtype and shape unknown: the FX node has no metadata"
+            self.inputs.append(info)
+            return
         if not isinstance(val, torch.Tensor):
             self.values[node] = _Scalar(self.expr(val) if val is not None else node.name)
             return
@@ -271,8 +280,11 @@ class _Exporter:
                 name = alias
             seen.add(name)
             self.value_info = [v for v in self.value_info if v.name != name]
-            info = self.vinfo(name, val) if isinstance(val, torch.Tensor) else \
-                helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None)
+            if isinstance(val, torch.Tensor):
+                info = self.vinfo(name, val)
+            else:  # ONNX wants a type and a rank for every graph output: say plainly that they are unknown
+                info = helper.make_tensor_value_info(name, TensorProto.UNDEFINED, ["?"])
+                info.doc_string = "dtype and shape unknown: the FX node has no metadata"
             self.outputs.append(info)
 
     def call(self, node: fx.Node) -> None:
@@ -283,7 +295,10 @@ class _Exporter:
             self.values[node] = picked if picked is not None else _Scalar(node.name)
             return
         if val is None and "val" not in node.meta and "example_value" not in node.meta:
-            val = _UNKNOWN  # a node a pass added without metadata: assume one tensor result of unknown shape
+            if not node.users:  # grad-mode switches, API-usage logging: calls for their side effect only
+                self.values[node] = _Scalar(node.name)
+                return
+            val = _propagate(node)  # a node a pass added without metadata: compute it from its inputs
         if not _tensor_leaves(val) and val is not _UNKNOWN:
             # Size arithmetic (sym_size, s0 * s1) and side-effect calls: no tensor flows, nothing to draw.
             self.values[node] = _Scalar(self.expr(val) if val is not None else node.name)
@@ -368,6 +383,28 @@ class _Exporter:
 
 
 _UNKNOWN = object()
+
+
+def _propagate(node: fx.Node) -> Any:
+    """The fake value of a node without metadata, run on its inputs' fake values; `_UNKNOWN` if that fails."""
+    from torch._guards import detect_fake_mode
+
+    def value(a: Any) -> Any:
+        return node_value(a) if isinstance(a, fx.Node) else a
+
+    args = fx.node.map_aggregate(node.args, value)
+    kwargs = fx.node.map_aggregate(node.kwargs, value)
+    mode = detect_fake_mode([v for v in _leaves((args, kwargs)) if isinstance(v, torch.Tensor)])
+    if mode is None or node.op not in ("call_function", "call_method"):
+        return _UNKNOWN
+    try:
+        with mode:
+            fn = getattr(args[0], node.target) if node.op == "call_method" else node.target
+            result = fn(*args[1:], **kwargs) if node.op == "call_method" else fn(*args, **kwargs)
+    except Exception:  # any failure only costs the shapes in the drawing
+        return _UNKNOWN
+    node.meta["val"] = result
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

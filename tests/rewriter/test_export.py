@@ -216,3 +216,24 @@ def test_svg_without_graphviz_says_what_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "graphviz", None)  # `import graphviz` now fails
     with pytest.raises(draw.GraphvizMissing, match="Python package 'graphviz' is not installed"):
         draw.require_graphviz()
+
+
+def test_nodes_without_metadata():
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, 1) + 1
+
+    # A node a pass added without meta['val']: its value is computed from its inputs' fake values.
+    g = capture(M(), (torch.randn(2, 3),))[0]
+    for node in g.gm.graph.nodes:
+        if node.op == "call_function":
+            node.meta.pop("val", None)
+            node.meta.pop("example_value", None)
+    proto = to_onnx(g.gm, g.symbol_names)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [d.dim_param or d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == ["B", 3]
+    # No metadata at all (plain symbolic_trace): still a valid file, types marked unknown.
+    proto = to_onnx(torch.fx.symbolic_trace(M()))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED
+    assert [n.op_type for n in proto.graph.node] == ["cumsum", "add"]

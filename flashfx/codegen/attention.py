@@ -384,7 +384,8 @@ def _empty_out(q: Tensor) -> Tensor:
 
 
 def _use_kernels(q: Tensor) -> bool:
-    return triton_runs_on(q.device)
+    # The Triton interpreter computes bf16 wrongly on the CPU (relative error ~1e9 measured): the reference runs there.
+    return triton_runs_on(q.device) and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
 
 
 @torch.library.custom_op("flashfx::attention_fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))

@@ -209,7 +209,8 @@ def _bwd_preprocess(Out, DO, Delta,       # Out, DO: [B, H, L, D]; Delta: [B * H
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, dq_ptrs, offs_m, offs_n, offs_d,
-                    n_last, lo, hi, L, S, D, sm_scale, qk_scale, seed, bh, drop_threshold, drop_scale, stride_qm, stride_dom,
+                    n_last, lo, hi, L, S, D, sm_scale, qk_scale, seed, bh, drop_threshold, drop_scale, stride_qm,
+                    stride_dom,
                     stride_bm, stride_dqm, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr,
                     DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     PRECISION: tl.constexpr):
@@ -313,7 +314,8 @@ def _bwd_dkdv_kernel(
                        + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd)
         if SINGLE_LOOP:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, dq_ptrs, offs_m,
-                                     offs_n, offs_d, start_n + BLOCK_N - 1, lo, L, L, S, D, sm_scale, qk_scale, seed, bh,
+                                     offs_n, offs_d, start_n + BLOCK_N - 1, lo, L, L, S, D, sm_scale, qk_scale,
+                                     seed, bh,
                                      drop_threshold, drop_scale, stride_qm, stride_dom, stride_bm, stride_dqm,
                                      2, IS_CAUSAL, BIAS_KIND, DROPOUT, ATOMIC_DQ, EVEN_D, BLOCK_M, PRECISION)
         else:
@@ -329,7 +331,8 @@ def _bwd_dkdv_kernel(
                     s_lo = tl.maximum(lo, mid_hi)
                     s_hi = L
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, bias_ptrs, lse_ptr, delta_ptr, dq_ptrs,
-                                         offs_m, offs_n, offs_d, start_n + BLOCK_N - 1, s_lo, s_hi, L, S, D, sm_scale, qk_scale, seed, bh,
+                                         offs_m, offs_n, offs_d, start_n + BLOCK_N - 1, s_lo, s_hi, L, S, D,
+                                         sm_scale, qk_scale, seed, bh,
                                          drop_threshold, drop_scale, stride_qm, stride_dom, stride_bm, stride_dqm,
                                          0 if stage == 1 else 1, IS_CAUSAL, BIAS_KIND, DROPOUT, ATOMIC_DQ, EVEN_D,
                                          BLOCK_M, PRECISION)

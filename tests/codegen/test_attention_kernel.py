@@ -128,6 +128,15 @@ def test_reference_path_matches_float64():
     assert fwd.call_count == 0
 
 
+def test_bf16_on_cpu_runs_the_reference():
+    """The interpreter gets bf16 wrong on the CPU, so bf16 CPU tensors take the ATen reference there."""
+    q, k, v = make(1, 2, 1, 21, 19, 64, torch.bfloat16)
+    with mock.patch.object(A, "_launch_forward") as fwd:
+        out = torch.ops.flashfx.attention(q, k, v, None, True)
+    assert fwd.call_count == 0 and out.dtype == torch.bfloat16
+    assert rel(out, ref64(q, k, v, None, True)) < 1e-2
+
+
 @pytest.mark.parametrize("use_kernels", [True, False])
 def test_fully_masked_rows_give_zero_output_and_gradient(use_kernels):
     B, H, L, S, D = 1, 2, 12, 20, 32

@@ -407,6 +407,8 @@ def _plan_and_split(a: _Analysis, config: Config,
         status = "over_budget"
         reason = _why_minimum(a, solution.smallest, budget)
     compressed = [p.names[v] for v in plan.saved if v in a.compressible] if config.remat_compress == "fp8" else []
+    if config.remat_compress == "fp8" and getattr(torch, "float8_e4m3fn", None) is None:
+        notes.append("fp8: this torch has no float8_e4m3fn; saved activations stay at full precision")
     if compressed:
         notes.append(f"fp8: {len(compressed)} saved activations stored as float8_e4m3fn with a per-tensor scale; "
                      "the backward reads them back with ~6% relative error per element")

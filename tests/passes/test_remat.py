@@ -2,6 +2,7 @@
 graphs, never recomputes random ops, and declines what it does not understand."""
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -169,6 +170,7 @@ def test_remat_never_changes_results(make, budget):
     assert set(plan.as_dict()) >= {"saved", "recomputed", "activation_bytes", "activation_bytes_no_remat",
                                    "budget_bytes", "extra_flops", "peak_bytes"}
     assert "saves" in plan.text()
+    json.dumps(plan.as_dict())  # goes into the JSON report as is
 
 
 def test_smaller_budgets_save_less_and_recompute_more():

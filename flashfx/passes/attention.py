@@ -457,8 +457,9 @@ def _match_explicit(softmax: fx.Node) -> Optional[Site]:
     walk = _Walk()
     node, prev = x, softmax
     while not _is_matmul(node):
-        if not isinstance(node, fx.Node):
-            raise Decline(softmax, f"the softmax input {node!r} is not a graph value")
+        if not isinstance(node, fx.Node) or node.op in ("placeholder", "get_attr"):
+            raise Decline(softmax, f"the softmax input comes from {getattr(node, 'name', node)}, not from q @ kᵀ "
+                                   "computed in this graph")
         _check_single_use(node, prev, softmax, chain)
         walk.nodes.append(node)
         nxt = None
@@ -711,14 +712,14 @@ def _check_and_prepare(site: Site) -> None:
     out = tensor(site.out) if site.form != "mha" else None
     if out is not None and out.dtype != qt.dtype:
         raise Decline(site.out, f"the attention output is {out.dtype} but q is {qt.dtype}")
-    if not (qt.dim() == len(k_shape) == vt.dim()) or qt.dim() not in (3, 4):
+    if not (qt.dim() == len(k_shape) == vt.dim()) or qt.dim() not in (2, 3, 4):
         raise Decline(site.out, f"q/k/v of ranks {qt.dim()}/{len(k_shape)}/{vt.dim()}: the op takes "
-                                "[B, H, L, D] (or [B, L, D])")
+                                "[B, H, L, D] (or [B, L, D], [L, D])")
     if not same_size(qt.shape[-1], k_shape[-1]) or not same_size(vt.shape[-1], qt.shape[-1]):
         raise Decline(site.out, "q, k and v head dims differ")
     if not same_size(k_shape[-2], vt.shape[-2]):
         raise Decline(site.out, "k and v sequence lengths differ")
-    if not same_size(qt.shape[0], k_shape[0]) or not same_size(qt.shape[0], vt.shape[0]):
+    if qt.dim() > 2 and (not same_size(qt.shape[0], k_shape[0]) or not same_size(qt.shape[0], vt.shape[0])):
         raise Decline(site.out, "q and k/v batch sizes differ (broadcast batch dims are not supported)")
     if qt.dim() == 4:
         hq, hk, hv = qt.shape[1], k_shape[1], vt.shape[1]
@@ -772,14 +773,16 @@ def _emit(graph: fx.Graph, site: Site, op: Any) -> fx.Node:
             site.nodes += ku[2] + vu[2]
             site.notes.append(f"grouped-query attention: K/V repeated {ku[1]}x are read un-repeated")
         bias = _combine_masks(site, call)
-        three_d = tensor(q).dim() == 3
-        if three_d:  # [B, L, D] -> [B, 1, L, D]
+        rank = tensor(q).dim()
+        if rank == 3:  # [B, L, D] -> [B, 1, L, D], views
             q, k, v = (call(torch.unsqueeze, x, 1) for x in (q, k, v))
             if bias is not None and tensor(bias).dim() == 3:
                 bias = call(torch.unsqueeze, bias, 1)
+        elif rank == 2:  # [L, D] -> [1, 1, L, D]; a bias of rank <= 2 broadcasts as it is
+            q, k, v = (call(torch.unsqueeze, call(torch.unsqueeze, x, 0), 0) for x in (q, k, v))
         out = call(op, q, k, v, bias, site.is_causal, site.scale, site.dropout_p)
-        if three_d:
-            out = call(torch.squeeze, out, 1)
+        if rank < 4:
+            out = call(torch.squeeze, out, 1) if rank == 3 else call(torch.squeeze, out, (0, 1))
     return out
 
 

@@ -547,3 +547,29 @@ def test_inside_torch_compile_backend_with_gradients(fn):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6)
     for g, e in zip(got_grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_odd_graphs_never_crash():
+    """Graphs near the pattern but outside it: the pass declines or ignores them, and outputs stay the same."""
+    def fn(x, w, q, k, v):
+        a = torch.softmax(x, 0) @ w  # softmax of an input, not of scores
+        b = torch.softmax(q[0, 0] @ k[0, 0].T, -1) @ v[0, 0]  # 2-D attention (no batch / head dims)
+        c = torch.softmax(q @ k.transpose(-2, -1) * torch.tensor(0.5), -1) @ v  # scale is a tensor
+        d = torch.softmax(q @ k.transpose(-2, -1), -1) @ v.transpose(-2, -1)  # "v" is [.., D, S]: shapes differ
+        e = torch.softmax((q @ k.transpose(-2, -1)).tanh(), -1) @ v  # soft-capping: unsupported score op
+        return a, b, c, d, e
+
+    q, k, v = qkv(length=D)  # L == D so the transposed v still multiplies
+    ctx, ops, before, after = rewrite(fn, torch.randn(5), torch.randn(5, 3), q, k, v)
+    assert counts(ctx) == (2, 3)  # b (2-D) and d are attention; a, c, e are declined with a reason
+    reasons = " | ".join(d.reason for d in ctx.declined)
+    for expected in ("not from q @ kᵀ", "unsupported op %mul", "unsupported op %tanh"):
+        assert expected in reasons
+    assert_close(before, after)
+
+
+def test_hugging_face_output_attentions_declines():
+    model, inputs = _hf("llama", "eager", layers=1)
+    ctx, ops, before, after = rewrite(model, **inputs, output_attentions=True)
+    assert counts(ctx) == (0, 1)
+    assert "probabilities are also used" in ctx.declined[0].reason

@@ -377,6 +377,9 @@ def _plan_and_split(a: _Analysis, config: Config,
     base_fw, base_bw = _split(a, no_remat, compress=False)
     base_peak = _peak(base_fw, base_bw, a.num_fwd_outputs)
     notes = list(a.notes)
+    if isinstance(config.remat, int) and not isinstance(config.remat, bool) and config.remat <= 1:
+        notes.append(f"remat={config.remat} is a byte count ({config.remat} B), so everything possible is "
+                     "recomputed; write remat=1.0 for a fraction")
 
     if config.remat == "auto":
         free = _free_bytes(device)

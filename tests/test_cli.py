@@ -202,13 +202,16 @@ def test_dump_onnx_is_valid_with_shapes_and_flashfx_ops(tmp_path):
 
 
 @pytest.mark.skipif(not graphviz_available(), reason="Graphviz (python package and `dot`) not installed")
-def test_dump_svg_captured(tmp_path):
-    result = run_cli("dump", "gpt2-tiny", "--format", "svg", "--stage", "captured", "--out", str(tmp_path))
+def test_dump_svg_draws_captured_and_rewritten(tmp_path):
+    result = run_cli("dump", "gpt2-tiny", "--format", "svg", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    (path,) = result.stdout.split()
-    assert path.endswith("gpt2-tiny-graph0-captured.svg")
-    svg = open(path).read()
-    assert svg.rstrip().endswith("</svg>") and "softmax" in svg and "[B, S, 64]" in svg
+    paths = result.stdout.split()
+    assert paths == [str(tmp_path / f"gpt2-tiny-graph0-{stage}.svg") for stage in ("captured", "rewritten")]
+    captured, rewritten = (open(p).read() for p in paths)
+    for svg in (captured, rewritten):
+        assert svg.rstrip().endswith("</svg>") and "[B, S, 64]" in svg
+    assert "softmax" in captured and "flashfx.attention" not in captured
+    assert "flashfx.attention.default" in rewritten and 'fill="#fdba74"' in rewritten  # flashfx ops in orange
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is only switched on without a GPU")

@@ -437,7 +437,9 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.count("fusion.bytes_saved", int(saved) if saved == saved else 0)
         modified = True
     for mms, members in mm_groups:
-        name = _group_name(mms + members, index).replace("fused_", "fused_mm_", 1)
+        ops = [m.target.overloadpacket.__name__.strip("_") for m in members if part.kind(m) == "pw"]
+        words = list(dict.fromkeys(o for o in ops if o != "to_copy"))[:3] or ["cast"]
+        name = f"fused_{'mm2' if len(mms) == 2 else 'mm'}_{'_'.join(words)}_{index}"
         try:
             kernel, src = _matmul_kernel(name, mms, members, ctx)
         except LoweringError as e:
@@ -531,7 +533,8 @@ def _register_cost(kernel: Any, before: Any, after: Any, members: List[fx.Node])
 
 def _decline_neighbours(gm: fx.GraphModule, part: _Partitioner, fused: Set[fx.Node], ctx: PassContext) -> None:
     """Say why each node next to a fused kernel stayed an ATen call."""
-    kernels = {n for n in gm.graph.nodes if n.op == "call_function" and type(n.target).__name__ == "FusedKernel"}
+    kernels = {n for n in gm.graph.nodes if n.op == "call_function"
+               and type(n.target).__name__ in ("FusedKernel", "MatmulKernel")}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node in kernels or node.target is operator.getitem:
             continue

@@ -69,16 +69,17 @@ class _Emitter:
         expr = base if inner == 1 else f"({base} // ({inner}))"
         return f"{expr} % ({size_expr(self.plan, d)})" if pos > 0 else expr
 
-    def offset(self, prefix: str, layout: Layout, kind: str) -> str:
+    def offset(self, prefix: str, layout: Layout, kind: str, shift: Optional[Tuple[int, int, int]] = None) -> str:
         if layout == "c":
             if not self.reduction or kind == "row":
                 return "xindex"
             return str(sympy.Symbol("xindex") * sympy.Symbol("rnumel") + sympy.Symbol("rindex"))
-        terms = [sympy.Symbol(f"i{d}") * sympy.Symbol(f"{prefix}_s{d}") for d in layout]
+        terms = [(sympy.Symbol(f"i{d}") - (shift[1] if shift and shift[0] == d else 0)) *
+                 sympy.Symbol(f"{prefix}_s{d}") for d in layout]
         return str(sympy.Add(*terms)) if terms else "0"
 
     def strided_dims(self) -> Set[int]:
-        dims: Set[int] = set()
+        dims: Set[int] = {t.shift[0] for t in self.plan.inputs if t.shift}  # cat selects by this index
         for layout in list(self.sig.inputs) + list(self.sig.outputs):
             if layout not in ("c", "s"):
                 dims.update(layout)
@@ -94,8 +95,12 @@ class _Emitter:
             layout = self.sig.inputs[v.arg]
             if layout == "s":
                 return [f"{v.name} = tl.load(in{v.arg}_ptr)  # {v.source}"]
-            off = self.offset(f"in{v.arg}", layout, t.kind)
-            return [f"{v.name} = tl.load(in{v.arg}_ptr + ({off}), mask={self.mask(t.kind)}, other=0)  # {v.source}"]
+            off = self.offset(f"in{v.arg}", layout, t.kind, t.shift)
+            mask = self.mask(t.kind)
+            if t.shift:  # a cat operand: only the lanes of its range read it
+                d, lo, size = t.shift
+                mask = f"{mask} & (i{d} >= {lo}) & (i{d} < {lo + size})"
+            return [f"{v.name} = tl.load(in{v.arg}_ptr + ({off}), mask={mask}, other=0)  # {v.source}"]
         if v.op == "scalar":
             return [f"{v.name} = sc{v.arg}  # {v.source}"]
         if v.op == "compute":

@@ -24,7 +24,7 @@ def cache_stats() -> Dict[str, int]:
 
 def _layout(plan: Plan, spec: Any, strides: Dict[int, Any], sizes: Sequence[Any], mode: str) -> Layout:
     """'s' for a scalar, 'c' when the tensor is one contiguous run in iteration order, else its strided P dims."""
-    if spec.kind == "scalar":
+    if spec.kind == "scalar" and not spec.shift:
         return "s"
     space = nonunit(plan.P) if spec.kind == "full" else x_dims(plan.P, plan.rdims)
     trailing_r = not plan.rdims or nonunit(plan.P) == x_dims(plan.P, plan.rdims) + [
@@ -34,7 +34,7 @@ def _layout(plan: Plan, spec: Any, strides: Dict[int, Any], sizes: Sequence[Any]
         if strides.get(d, 0) != expected:
             contiguous = False
         expected = expected * sizes[d]
-    if contiguous and all(d in strides for d in space):
+    if contiguous and all(d in strides for d in space) and not spec.shift:
         return "c"
     return tuple(d for d in sorted(strides) if strides[d] != 0)
 

@@ -132,6 +132,8 @@ class TensorArg:
     kind: str
     dtype: torch.dtype
     value: str = ""              # output: the Value stored
+    # a `cat` operand: (P dim, offset, extent): read at i - offset where offset <= i < offset + extent
+    shift: Optional[Tuple[int, int, int]] = None
 
 
 @dataclass
@@ -164,10 +166,12 @@ class Plan:
 
 class _Lowerer:
     def __init__(self, name: str, nodes: Sequence[fx.Node], P: Shape, rdims: Sequence[int],
-                 find_symbol: Callable[[sympy.Symbol], Optional[fx.Node]]) -> None:
+                 find_symbol: Callable[[sympy.Symbol], Optional[fx.Node]],
+                 shifted: Sequence[fx.Node] = ()) -> None:
         self.plan = Plan(name, tuple(P), tuple(sorted(rdims)))
         self.members = set(nodes)
         self.nodes = list(nodes)
+        self.shifted = set(shifted)  # members only a `cat` reads: lowered inside the cat, once per operand range
         self.env: Dict[fx.Node, str] = {}
         self.loads: Dict[Tuple[fx.Node, Tuple], str] = {}
         self.scalar_vals: Dict[fx.Node, str] = {}
@@ -240,8 +244,12 @@ class _Lowerer:
         self.plan.index()
         for node in self.nodes:
             self.plan.covered.append(node.format_node())
+            if node in self.shifted:
+                continue
             packet = node.target.overloadpacket
-            if packet in UNIT_VIEWS:
+            if node.target is aten.cat.default:
+                self.env[node] = self.cat(node)
+            elif packet in UNIT_VIEWS:
                 self.env[node] = self.plan.value(self.env[node.args[0]]).name if node.args[0] in self.members \
                     else self.load_own(node.args[0]).name
             elif packet in REDUCTIONS:
@@ -255,6 +263,66 @@ class _Lowerer:
         self.resolve_symbols()
         self.plan.index()
         return self.plan
+
+    def cat(self, node: fx.Node) -> str:
+        """`cat` along one dim: each lane picks the operand whose range holds its index, read shifted."""
+        if self.plan.rdims:
+            raise LoweringError(f"{node.name}: cat inside a reduction group is not generated")
+        parts, dim = node.args[0], (node.args[1] if len(node.args) > 1 else 0)
+        out_shape = shape_of(node)
+        d = dim % len(out_shape)
+        out_map = map_to_p(out_shape, self.plan.P, self.plan.rdims, "full")
+        pd = out_map[d]
+        if pd is None:
+            raise LoweringError(f"{node.name} concatenates along a size-1 dim")
+        pieces, lo = [], 0
+        for t in parts:
+            size = shape_of(t)[d]
+            if not size.is_Integer:
+                raise LoweringError(f"{node.name}: cat of a symbolic extent {size}")
+            pieces.append((lo, int(size), self.shifted_value(t, out_map, (pd, lo, int(size)))))
+            lo += int(size)
+        expr = pieces[-1][2]
+        for start, size, name in reversed(pieces[:-1]):
+            expr = f"tl.where(i{pd} < {start + size}, {name}, {expr})"
+        dtype = max((self.plan.value(n).dtype for _, _, n in pieces), key=lambda t: t.is_floating_point)
+        return self.new(op="compute", kind="full", dtype=dtype, expr=expr, deps=tuple(n for _, _, n in pieces),
+                        source=node.name).name
+
+    def shifted_value(self, node: fx.Node, out_map: List[Optional[int]], shift: Tuple[int, int, int]) -> str:
+        """The value of cat operand `node` (an outside tensor, or a pointwise member only the cat reads)."""
+        if node not in self.shifted:
+            return self.shifted_load(node, shape_of(node), out_map, shift).name
+        operands = []
+        for a in node.args:
+            if isinstance(a, fx.Node) and isinstance(val(a), torch.Tensor):
+                name = self.shifted_value(a, out_map, shift) if a in self.shifted else \
+                    self.shifted_load(a, shape_of(node), out_map, shift).name
+                operands.append(self._upcast(self.plan.value(name)))
+            else:
+                operands.append(self.operand(a, node))
+        kwargs = {k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node)}
+        expr = pw.render(node.target, operands, kwargs, self.plan.helpers)
+        dtype = compute_dtype(val(node).dtype)
+        if node.target.overloadpacket in CASTS:
+            dtype = val(node).dtype
+            expr = f"({expr}).to({TL_DTYPES[dtype]})"
+        deps = tuple(o.expr.split(".")[0] for o in operands if o.dtype is not None)
+        return self.new(op="compute", kind="full", dtype=dtype, expr=expr, deps=deps,
+                        source=f"{node.name} (cat operand)").name
+
+    def shifted_load(self, node: fx.Node, user_shape: Shape, out_map: List[Optional[int]],
+                     shift: Tuple[int, int, int]) -> Value:
+        dmap = broadcast_map(shape_of(node), user_shape, out_map) if len(user_shape) == len(out_map) else None
+        if dmap is None:
+            raise LoweringError(f"{node.name} {list(shape_of(node))} does not broadcast into the cat operand")
+        key = (node, tuple(dmap), shift)
+        if key not in self.loads:
+            idx = len(self.plan.inputs)
+            self.plan.inputs.append(TensorArg(node, tuple(dmap), "full", val(node).dtype, shift=shift))
+            self.loads[key] = self.new(op="load", kind="full", dtype=val(node).dtype, arg=idx,
+                                       source=node.name).name
+        return self.plan.value(self.loads[key])
 
     def compute(self, node: fx.Node, packet: Any) -> str:
         operands = [self.operand(a, node) for a in node.args]
@@ -350,6 +418,8 @@ class _Lowerer:
 
 
 def lower_group(name: str, nodes: Sequence[fx.Node], P: Shape, rdims: Sequence[int],
-                find_symbol: Callable[[sympy.Symbol], Optional[fx.Node]] = lambda s: None) -> Plan:
-    """Lower `nodes` (in graph order) iterating over `P`, reducing `rdims`, into a Plan."""
-    return _Lowerer(name, nodes, P, rdims, find_symbol).lower()
+                find_symbol: Callable[[sympy.Symbol], Optional[fx.Node]] = lambda s: None,
+                shifted: Sequence[fx.Node] = ()) -> Plan:
+    """Lower `nodes` (in graph order) iterating over `P`, reducing `rdims`, into a Plan. `shifted` members are
+    pointwise ops that only a `cat` in the group reads (they are computed per cat operand range)."""
+    return _Lowerer(name, nodes, P, rdims, find_symbol, shifted).lower()

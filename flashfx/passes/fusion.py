@@ -61,6 +61,7 @@ class _Partitioner:
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.group_of: Dict[fx.Node, _Group] = {}
         self.claimed: Set[fx.Node] = set()  # taken by a matmul-epilogue group
+        self.shifted: Set[fx.Node] = set()  # pointwise ops only a cat reads: computed inside the cat's kernel
         self.epoch: Dict[fx.Node, int] = {}
         e = 0
         for n in self.nodes:
@@ -85,6 +86,12 @@ class _Partitioner:
             if not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat, int, float)):
                 return None
         packet = node.target.overloadpacket
+        if node.target is aten.cat.default:
+            parts = node.args[0]
+            dim = (node.args[1] if len(node.args) > 1 else 0) % value.dim()
+            static = all(isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor)
+                         and not isinstance(p.meta["val"].shape[dim], torch.SymInt) for p in parts)
+            return "cat" if static and len(parts) > 1 else None
         if packet in self.lower.UNIT_VIEWS:
             src = node.args[0]
             if not isinstance(src, fx.Node) or not isinstance(src.meta.get("val"), torch.Tensor):
@@ -167,6 +174,9 @@ class _Partitioner:
                 space = self.reduced_space(node)
                 if space is None:
                     continue
+            elif kind == "cat":
+                self.take_cat(node, epoch)
+                continue
             else:
                 space = (tuple(s for s in self.lower.shape_of(node) if s != 1), ())
             group = _Group([node], space[0], space[1], epoch)
@@ -178,6 +188,8 @@ class _Partitioner:
                 merged = self.merge_space((g.P, g.rdims), (group.P, group.rdims))
                 if merged is None or self.creates_cycle(set(g.members) | set(group.members)):
                     continue
+                if merged[1] and any(m.target is aten.cat.default for m in g.members + group.members):
+                    continue  # cat is generated in pointwise kernels only
                 if kind == "red" and node.args[0] in g.members and \
                         self.lower.classify(self.lower.shape_of(node.args[0]), merged[0], merged[1]) != "full":
                     continue
@@ -191,6 +203,24 @@ class _Partitioner:
         for g in roots.values():
             g.members.sort(key=self.index.get)
         return sorted(roots.values(), key=lambda g: self.index[g.members[0]])
+
+    def take_cat(self, node: fx.Node, epoch: int) -> None:
+        """A cat starts a pointwise group over its output; operands computed only for it come along (shifted)."""
+        group = _Group([node], tuple(s for s in self.lower.shape_of(node) if s != 1), (), epoch)
+        for part in dict.fromkeys(node.args[0]):
+            if part not in self.group_of:
+                continue
+            g = self.group_of[part].root()
+            private = all(u in g.members or u is node for m in g.members for u in m.users)
+            if g.rdims or g.epoch != epoch or not private or any(self.kind(m) != "pw" for m in g.members):
+                continue
+            if self.creates_cycle(set(group.members) | set(g.members)):
+                continue
+            group.members = sorted(group.members + g.members, key=self.index.get)
+            g.merged_into = group
+            self.shifted.update(g.members)
+        for m in group.members:
+            self.group_of[m] = group
 
     def take_view(self, node: fx.Node, epoch: int) -> None:
         src = node.args[0]
@@ -411,7 +441,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     index = 0
     for group in groups:
         members = set(group.members)
-        compute = [m for m in group.members if part.kind(m) in ("pw", "red")]
+        compute = [m for m in group.members if part.kind(m) in ("pw", "red", "cat")]
         if len(compute) < 2:
             continue
         before, after = _group_io(group, members)
@@ -421,7 +451,8 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         name = _group_name(group.members, index)
         try:
-            plan = lower_group(name, group.members, group.P, group.rdims, placeholders.get)
+            plan = lower_group(name, group.members, group.P, group.rdims, placeholders.get,
+                               [m for m in group.members if m in part.shifted])
             kernel = FusedKernel(plan, str(ctx.config.cache_dir), ctx.config.autotune)
             src, _ = kernel.variant(kernel.meta_signature())
         except LoweringError as e:

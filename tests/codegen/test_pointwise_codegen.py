@@ -112,3 +112,32 @@ def test_bool_and_integer_values(tmp_path):
     gm, ctx = fuse_function(fn, xs, tmp_path)
     assert ctx.counters.get("fusion.groups", 0) >= 1
     assert_close(gm(*xs), fn(*xs))
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_is_one_kernel_per_tensor(tmp_path, dtype):
+    def fn(q, k, cos, sin):
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, S, H, D] -> [B, H, S, D], not contiguous
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    xs = [torch.randn(2, 7, 4, 18, dtype=dtype), torch.randn(2, 7, 2, 18, dtype=dtype),
+          torch.randn(7, 18, dtype=dtype), torch.randn(7, 18, dtype=dtype)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.groups"] == 2  # q and k: neg, cat, 2 muls and the add each in one kernel
+    assert torch.ops.aten.cat.default not in [n.target for n in gm.graph.nodes]
+    assert_close(gm(*xs), fn(*xs))
+
+
+def test_cat_of_computed_and_broadcast_operands(tmp_path):
+    def fn(a, b, c):
+        return torch.cat([torch.exp(a) * 2.0, b, torch.sigmoid(c + 1.0)], dim=1) - 0.5
+
+    xs = [torch.randn(3, 5, 4), torch.randn(3, 2, 4), torch.randn(3, 6, 1)]
+    gm, ctx = fuse_function(lambda a, b, c: fn(a, b, c.expand(3, 6, 4)), xs, tmp_path)
+    assert ctx.counters["fusion.groups"] == 1
+    assert_close(gm(*xs), fn(xs[0], xs[1], xs[2].expand(3, 6, 4)))

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
@@ -200,8 +201,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
         raise UsageError(f"--format {args.format} draws the torch-level graphs; use --stage captured, rewritten or "
                          f"all (or --format text/json for the {args.stage} stage)")
     out_dir = args.out if args.out is not None else (DEFAULT_OUT if args.format in ("svg", "onnx") else None)
-    if out_dir is not None:
-        _check_out_dir(out_dir)
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out {out_dir!r} is a file, not a directory; give a directory path")
     if args.format == "svg":
         from flashfx.rewriter.draw import GraphvizMissing, require_graphviz
 
@@ -210,11 +211,16 @@ def cmd_dump(args: argparse.Namespace) -> int:
         except GraphvizMissing as e:
             raise UsageError(str(e)) from None
     config = _config(args.config)
-    model, inputs = _load(args.model, args.batch, args.seq)
+    import torch
+
+    # On a GPU the model runs there, so the kernels stage shows what flashfx compiles for it.
+    model, inputs = _load(args.model, args.batch, args.seq, device="cuda" if torch.cuda.is_available() else "cpu")
     if args.train:
         model.train()
 
     graphs, report = _trace(model, inputs, config, captured_only=args.stage == "captured")
+    if out_dir is not None:
+        _check_out_dir(out_dir)  # created only now, so that a typo in MODEL leaves no empty directory behind
     slug = _slug(args.model)
     if args.format == "text":
         return _emit(_dump_text(graphs, report, args.stage), out_dir, f"{slug}.txt")
@@ -309,8 +315,6 @@ def _emit(text: str, out_dir: Optional[str], filename: str) -> int:
 
 
 def _check_out_dir(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--out {path!r} is a file, not a directory; give a directory path")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -466,11 +470,10 @@ def _print_timings(model: Any, fast: Any, inputs: Dict[str, Any], params: List[T
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        times.sort()
-        results[label] = times[len(times) // 2]
+        results[label] = statistics.median(times)
+        p20, _, _, p80 = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
         peak = torch.cuda.max_memory_allocated() / 2**30
-        print(f"  {label:<8} {results[label]:9.2f} ms   (p20 {times[len(times) // 5]:.2f}, "
-              f"p80 {times[(4 * len(times)) // 5 - 1]:.2f})   peak memory {peak:.2f} GiB")
+        print(f"  {label:<8} {results[label]:9.2f} ms   (p20 {p20:.2f}, p80 {p80:.2f})   peak memory {peak:.2f} GiB")
     print(f"  speedup  {results['eager'] / results['flashfx']:.2f}x")
 
 

@@ -243,3 +243,27 @@ def test_demo_passes_on_a_tiny_model():
     assert len(checks) > 10 and all(line.endswith("PASS") for line in checks)
     assert "grad model.embed_tokens.weight" in out or "grad embed_tokens.weight" in out
     assert "flashfx report" in out and out.rstrip().splitlines()[-1].startswith("PASS")
+
+
+def test_demo_fails_with_exit_1_when_flashfx_is_wrong(capsys, monkeypatch):
+    # A stand-in for flashfx.optimize that is off by 1e-3 relative: every output and gradient must FAIL.
+    import flashfx
+
+    class Off(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **inputs):
+            return self.model(**inputs) * 1.001
+
+        @property
+        def report(self):
+            return type("R", (), {"text": lambda self: "stand-in report"})()
+
+    monkeypatch.setattr(flashfx, "optimize", lambda model, config=None: Off(model))
+    code, out, err = run_inprocess(["demo", "gpt2-tiny", "--batch", "1", "--seq", "4"], capsys)
+    assert code == 1, err
+    checks = [line for line in out.splitlines() if line.startswith(("output", "grad "))]
+    assert checks and all(line.endswith("FAIL") for line in checks)
+    assert "stand-in report" in out and out.rstrip().splitlines()[-1].startswith("FAIL")

@@ -573,3 +573,24 @@ def test_hugging_face_output_attentions_declines():
     ctx, ops, before, after = rewrite(model, **inputs, output_attentions=True)
     assert counts(ctx) == (0, 1)
     assert "probabilities are also used" in ctx.declined[0].reason
+
+
+def _finfo_min_row_kernel_bug() -> bool:
+    from flashfx._compat import triton_runs_on
+
+    return triton_runs_on(torch.device("cpu"))
+
+
+@pytest.mark.xfail(_finfo_min_row_kernel_bug(), strict=True,
+                   reason="attention kernel: a finfo.min float bias times log2(e) overflows to -inf, so a row masked "
+                          "only by finfo.min gives 0 instead of eager's mean of V (the reference path is right)")
+def test_row_fully_masked_by_finfo_min_matches_eager():
+    """Hugging Face masks with finfo.min: a fully masked row (left padding) averages V in eager, and must in the op."""
+    def fn(q, k, v, mask):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.25 + mask, -1) @ v
+
+    mask = torch.zeros(B, 1, L, L)
+    mask[1, :, 0, :] = torch.finfo(torch.float32).min  # row 0 of the second sequence sees no key
+    ctx, ops, before, after = rewrite(fn, *qkv(), mask)
+    assert counts(ctx) == (1, 0)
+    assert_close(before, after)

@@ -50,6 +50,7 @@ class FusedKernel:
         self._variants: Dict[Signature, Tuple[KernelSource, Any]] = {}
         self._configs: Dict[Tuple[Signature, str], Dict[str, int]] = {}
         self._fast: Dict[Any, Tuple] = {}
+        self.fallback = None  # a fallback.Fallback set by the fusion pass: the ATen ops, if the kernel fails
         exprs = list(plan.P)
         for o in plan.outputs:
             exprs += list(shape_of(o.node)) + list(strides_of(o.node))
@@ -105,7 +106,9 @@ class FusedKernel:
         key = tuple((tuple(t.shape), t.stride(), t.device) for t in args[:n_in]) + tuple(args[n_in:])
         fast = self._fast.get(key)
         if fast is None:
-            return self._call_slow(key, args)
+            if self.fallback is None:
+                return self._call_slow(key, args)
+            return self.fallback.guard(lambda: self._call_slow(key, args), args)
         out_specs, fn, param_plan, grid, meta = fast
         outs = [torch.empty_strided(shape, stride, dtype=dtype, device=dev) for shape, stride, dtype, dev in out_specs]
         call_args = [args[i] if kind == 0 else (outs[i] if kind == 1 else i) for kind, i in param_plan]

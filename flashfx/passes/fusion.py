@@ -414,7 +414,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         why = f"Triton cannot run on {', '.join(bad)}" if bad else "the graph has no tensors"
         ctx.notes.append(f"fusion: {why} (CUDA, or the CPU with TRITON_INTERPRET=1); the graph stays ATen")
         return PassResult(gm, False)
-    from flashfx.codegen import decompose
+    from flashfx.codegen import decompose, fallback
     from flashfx.codegen.kernel import FusedKernel
     from flashfx.codegen.lower import LoweringError, lower_group
 
@@ -458,6 +458,13 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         except LoweringError as e:
             ctx.decline(PASS, group.members[0], f"group of {len(members)} nodes not generated: {e}")
             continue
+        except Exception as e:  # a generator bug must not cost the user their model: say so, keep ATen
+            ctx.decline(PASS, group.members[0], f"group of {len(members)} nodes not generated (internal error "
+                                                f"{type(e).__name__}: {e})")
+            continue
+        kernel.fallback = fallback.Fallback(name, fallback.extract(
+            group.members, [t.node for t in plan.inputs] + list(plan.scalars), [o.node for o in plan.outputs]),
+            len(plan.inputs) + len(plan.scalars))
         index += 1
         _replace(gm, group.members, plan, kernel)
         _register_cost(kernel, before, after, group.members)
@@ -473,9 +480,16 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         name = f"fused_{'mm2' if len(mms) == 2 else 'mm'}_{'_'.join(words)}_{index}"
         try:
             kernel, src = _matmul_kernel(name, mms, members, ctx)
-        except LoweringError as e:
+        except Exception as e:  # LoweringError, or a generator bug: the matmul stays ATen, the report says why
             ctx.decline(PASS, mms[0], f"matmul epilogue not generated: {e}")
             continue
+        plan = kernel.plan
+        a_nodes = {(m.args[1] if m.target is aten.addmm.default else m.args[0]): plan.a for m in mms}
+        kernel.fallback = fallback.Fallback(name, fallback.extract(
+            sorted(set(mms) | set(members), key=part.index.get),
+            [plan.a, *plan.bs, *plan.inputs, *plan.scalars], [n for _, n in plan.outputs], a_nodes),
+            1 + len(plan.bs) + len(plan.inputs) + len(plan.scalars))
+        kernel.fallback.on_fallback = kernel._reference
         index += 1
         _replace_matmul(gm, kernel)
         kernels.append((name, src))

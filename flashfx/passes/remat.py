@@ -541,6 +541,12 @@ def _schedule_recompute_late(bw: fx.GraphModule) -> None:
             if expanded:
                 placed.add(n)
                 order.append(n)
+                # Take every element out of a tuple at once: the tuple keeps all of them alive until its last
+                # getitem, so a late getitem (norm statistics) would pin a big element across the backward.
+                for u in n.users:
+                    if u.target is operator.getitem and u not in placed:
+                        placed.add(u)
+                        order.append(u)
                 continue
             stack.append((n, True))
             stack.extend((i, False) for i in reversed(n.all_input_nodes) if i not in placed)
@@ -712,9 +718,13 @@ def _live_peak(gm: fx.GraphModule, held: int) -> int:
         o = owner.get(n)
         if o is None:
             continue
-        born = order[n.args[0]] if n.target is operator.getitem and isinstance(n.args[0], fx.Node) else order[n]
-        start.setdefault(o, born)
         last = order[n]
+        born = order[n]
+        if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+            born = order[n.args[0]]
+            # the tuple holds every element until its last getitem has run
+            last = max(order[g] for g in n.args[0].users)
+        start.setdefault(o, born)
         for u in n.users:
             last = max(last, len(nodes) if u.op == "output" else order[u])
         end[o] = max(end.get(o, 0), last)

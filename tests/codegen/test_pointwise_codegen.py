@@ -70,7 +70,8 @@ def make_inputs(in_shapes, transposed, dtype):
     return xs
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(programs())
 def test_random_pointwise_chains_match_aten(tmp_path_factory, program):
     shape, in_shapes, transposed, ops, dtype = program

@@ -10,8 +10,14 @@ so the file stays small whatever the model size.
 Example::
 
     >>> import onnx, torch
-    >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 3))   # any fx graph whose nodes carry meta['val']
-    >>> # model = to_onnx(gm); onnx.checker.check_model(model); onnx.save(model, "linear.onnx")
+    >>> from flashfx.rewriter.capture import capture
+    >>> g = capture(torch.nn.Linear(4, 3), (torch.randn(2, 4),))[0]
+    >>> model = to_onnx(g.gm, g.symbol_names)
+    >>> onnx.checker.check_model(model, full_check=True)
+    >>> [n.op_type for n in model.graph.node]
+    ['Transpose', 'MatMul', 'Add']
+    >>> [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    ['B', 3]
 """
 from __future__ import annotations
 

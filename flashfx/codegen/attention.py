@@ -7,7 +7,9 @@ bias: None, a float tensor added to the scores (-inf allowed), or a bool tensor 
 broadcastable to [B, Hq, L, S]; broadcast dimensions are read with stride 0, never expanded in memory.
 is_causal: query i sees keys j <= i (top-left aligned, as SDPA). scale: default 1/sqrt(D).
 dropout_p: dropout on the probabilities; the op draws its seed from torch's default generator at each call.
-Rows whose every key is masked output 0 (not NaN), and their gradients are 0.
+Rows whose every key is masked output 0 (not NaN), and their gradients are 0. A float bias value below -1e38 (the
+`torch.finfo(float32 / bfloat16).min` masks Hugging Face builds) counts as -inf: a query row masked that way
+everywhere outputs 0, where eager softmax would average V over the "masked" keys.
 
 How it is built, so that it passes through Dynamo and AOTAutograd as single nodes:
 - `flashfx::attention` is CompositeImplicitAutograd: Dynamo records it as one node of the torch-level graph;
@@ -114,12 +116,18 @@ def _reference_scores(q: Tensor, k: Tensor, bias: Optional[Tensor], is_causal: b
     """Masked, scaled scores in fp32: [B, Hq, L, S] (the reference materialises them; the kernels never do)."""
     s = torch.matmul(q.float(), _repeat_heads(k.float(), q.shape[1]).transpose(-1, -2)) * scale
     if bias is not None:
-        s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias.float()
+        s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + _finite_bias(bias)
     if is_causal:
         L, S = s.shape[-2:]
         keep = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     return s
+
+
+def _finite_bias(bias: Tensor) -> Tensor:
+    """The bias in fp32 with values below -1e38 (finfo.min-style masks) read as -inf, as the kernels read it."""
+    b = bias.float()
+    return b.masked_fill(b < -1e38, float("-inf"))
 
 
 def _reference_probs(s: Tensor) -> Tuple[Tensor, Tensor]:

@@ -61,7 +61,9 @@ def _scores_bias(s, bias_ptrs, row_ok, col_ok, BIAS_KIND: tl.constexpr, MASK_COL
     """Add a float bias (x log2 e) or apply a bool mask to the log2-domain scores s."""
     if BIAS_KIND == 1:
         b = _load2d(bias_ptrs, row_ok, col_ok, False, MASK_COLS).to(tl.float32)
-        s = s + b * LOG2E
+        # values below -1e38 (finfo(float32 / bfloat16).min masks) are -inf on purpose: x log2 e would overflow
+        # anyway, and a finite huge value would lose the row's log-sum-exp to rounding in the backward
+        s = s + tl.where(b < -1e38, float("-inf"), tl.maximum(b, -1e38) * LOG2E)
     elif BIAS_KIND == 2:
         b = _load2d(bias_ptrs, row_ok, col_ok, False, MASK_COLS)
         s = tl.where(b != 0, s, float("-inf"))

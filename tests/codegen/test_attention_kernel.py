@@ -156,6 +156,23 @@ def test_fully_masked_rows_give_zero_output_and_gradient(use_kernels):
             assert rel(out, ref64(q, k, v, b)) < 1e-5
 
 
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_finfo_min_bias_counts_as_masked(use_kernels):
+    """Hugging Face-style masks (finfo.min, not -inf): partially masked rows as eager; fully masked rows give 0."""
+    q, k, v = make(1, 2, 2, 10, 14, 32, torch.float32)
+    bias = torch.zeros(1, 1, 10, 14)
+    bias[..., 9:] = torch.finfo(torch.float32).min
+    bias[..., 4, :] = torch.finfo(torch.float32).min  # row 4 sees nothing
+    with mock.patch.object(A, "_use_kernels", return_value=use_kernels and triton_runs_on(q.device)):
+        out = torch.ops.flashfx.attention(q, k, v, bias)
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert (out[:, :, 4] == 0).all() and (grads[0][:, :, 4] == 0).all()
+    eager = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(32) + bias, -1) @ v
+    rows = [i for i in range(10) if i != 4]
+    assert rel(out[:, :, rows], eager[:, :, rows]) < 1e-5
+
+
 def _dropout_case():
     torch.manual_seed(11)
     B, H, L, S, D = 2, 2, 24, 24, 32

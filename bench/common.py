@@ -284,6 +284,7 @@ class Workload:
     build: Callable[["Options"], Case]
     providers: Sequence[str]
     quick_providers: Sequence[str]
+    quick_warm: Sequence[str] = ()         # providers re-compiled with warm caches in --quick (full: all)
     share: float = 1.0                     # relative share of a time budget (big models compile longer)
     est_scale: float = 1.0                 # provider time estimates (made on llama-train) scaled to this model
 
@@ -358,23 +359,23 @@ _ONLY = dict(attention="off", fusion=False, cross_entropy=False)
 PROVIDERS: Dict[str, Provider] = {p.name: p for p in [
     Provider("eager", "Hugging Face attn_implementation='eager' (math attention)", attn="eager", est_s=10),
     Provider("sdpa", "attn_implementation='sdpa'", est_s=8),
-    Provider("compile", "SDPA + torch.compile (default mode)", compiles=True, wrap=_compile(), est_s=70),
+    Provider("compile", "SDPA + torch.compile (default mode)", compiles=True, wrap=_compile(), est_s=45),
     Provider("compile-max-autotune", "SDPA + torch.compile(mode='max-autotune')", compiles=True,
              wrap=_compile("max-autotune"), est_s=400),
     Provider("compile-amb0.5", "SDPA + torch.compile, activation_memory_budget=0.5", compiles=True,
-             wrap=_compile(), context=_budget(0.5), training_only=True, est_s=60),
-    Provider("liger", "Liger-Kernel apply_liger_kernel_to_* (SDPA)", wrap=_liger, est_s=20),
-    Provider("flashfx", "flashfx.optimize(model): all default passes", compiles=True, wrap=_flashfx(), est_s=70),
+             wrap=_compile(), context=_budget(0.5), training_only=True, est_s=45),
+    Provider("liger", "Liger-Kernel apply_liger_kernel_to_* (SDPA)", wrap=_liger, est_s=15),
+    Provider("flashfx", "flashfx.optimize(model): all default passes", compiles=True, wrap=_flashfx(), est_s=85),
     Provider("flashfx-attention", "flashfx, attention pass only", compiles=True,
-             wrap=_flashfx(**{**_ONLY, "attention": "exact"}), est_s=50),
+             wrap=_flashfx(**{**_ONLY, "attention": "exact"}), est_s=75),
     Provider("flashfx-fusion", "flashfx, fusion pass only", compiles=True,
-             wrap=_flashfx(**{**_ONLY, "fusion": True}), est_s=60),
+             wrap=_flashfx(**{**_ONLY, "fusion": True}), est_s=80),
     Provider("flashfx-ce", "flashfx, fused linear + cross-entropy only", compiles=True,
-             wrap=_flashfx(**{**_ONLY, "cross_entropy": True}), training_only=True, est_s=50),
+             wrap=_flashfx(**{**_ONLY, "cross_entropy": True}), training_only=True, est_s=75),
     Provider("flashfx-remat0.5", "flashfx, all passes + remat=0.5", compiles=True, wrap=_flashfx(remat=0.5),
-             training_only=True, est_s=70),
+             training_only=True, est_s=85),
     Provider("flashfx-none", "flashfx with every pass off (capture + AOTAutograd overhead alone)", compiles=True,
-             wrap=_flashfx(**_ONLY), est_s=40),
+             wrap=_flashfx(**_ONLY), est_s=60),
 ]}
 # Liger patches model classes in place, so it runs after every other provider of a process.
 RUN_LAST = ("liger",)
@@ -564,9 +565,10 @@ def _rates(case: Case, record: Dict[str, Any], ceilings: Dict[str, float]) -> No
 
 
 def run_case(case: Case, providers: Sequence[str], opts: Options, ceilings: Dict[str, float],
-             emit: Callable[[Dict[str, Any]], None]) -> None:
-    """Every provider on `case`, one at a time; each becomes one record passed to `emit`."""
-    reference: Dict[str, Any] = {}
+             emit: Callable[[Dict[str, Any]], None], reference: Optional[Dict[str, Any]] = None) -> None:
+    """Every provider on `case`, one at a time; each becomes one record passed to `emit`. `reference` holds the
+    first successful provider's outputs (filled here when empty), so a later call can compare against it."""
+    reference = {} if reference is None else reference
     cache_root = tempfile.mkdtemp(prefix=f"bench-{case.name}-")
     context_lost: Optional[str] = None
     for name in order_providers(providers):

@@ -56,5 +56,5 @@ def build(opts: common.Options) -> common.Case:
 
 WORKLOADS = {
     "llama-decode": common.Workload("llama-decode", "Llama decode, 1 token vs a 2048-token KV cache", build,
-                                    DECODE_PROVIDERS, DECODE_QUICK, share=1.0, est_scale=0.6),
+                                    DECODE_PROVIDERS, DECODE_QUICK, share=0.9, est_scale=0.6),
 }

@@ -18,7 +18,7 @@ except ImportError:  # run as a file
 
 PREFILL_PROVIDERS = ("eager", "sdpa", "compile", "compile-max-autotune", "flashfx", "flashfx-attention",
                      "flashfx-fusion", "flashfx-none", "liger")
-PREFILL_QUICK = ("eager", "sdpa", "flashfx", "compile", "flashfx-attention", "liger")
+PREFILL_QUICK = ("eager", "sdpa", "flashfx", "compile", "liger")
 
 
 def build(opts: common.Options) -> common.Case:

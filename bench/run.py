@@ -37,8 +37,6 @@ EXTERNAL = {"attention": "bench/attention.py", "fusion": "bench/fusion.py", "cro
 DOC_BEGIN = "<!-- BEGIN GENERATED: bench/run.py suite (do not edit by hand) -->"
 DOC_END = "<!-- END GENERATED: bench/run.py suite -->"
 QUICK_BUDGET_S = 540.0
-# Quick mode re-compiles with warm caches only for flashfx (a warm re-compile of every provider would double it).
-QUICK_WARM_COMPILE = ("flashfx",)
 GRACE_S = 30.0  # a child past its workload's deadline is killed this much later
 
 
@@ -80,6 +78,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--run-id", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--ceilings", help=argparse.SUPPRESS)
+    ap.add_argument("--plan", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for w in args.workloads:
         if w != "all" and w not in known:
@@ -136,6 +135,21 @@ def _default_out(args: argparse.Namespace) -> str:
     return os.path.join(REPO, "bench", "results", f"suite-{common.today()}{tag}.jsonl")
 
 
+Plan = List[Tuple[str, str]]  # (workload, provider) pairs in the order they run
+
+
+def make_plan(names: Sequence[str], args: argparse.Namespace) -> Plan:
+    """Every workload's providers in order; the providers that patch classes (Liger) after all the others, so
+    no other provider of the process runs on patched classes."""
+    table = workloads()
+    first: Plan = []
+    last: Plan = []
+    for name in names:
+        for p in common.order_providers(common.parse_providers(args.providers, _default_providers(table[name], args))):
+            (last if p in common.RUN_LAST else first).append((name, p))
+    return first + last
+
+
 def _parent(args: argparse.Namespace, device: Any) -> int:
     out = args.out or _default_out(args)
     run_id = args.run_id or datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
@@ -150,20 +164,12 @@ def _parent(args: argparse.Namespace, device: Any) -> int:
     progress.update("measuring the card's ceilings (bf16 matmul, device copy)")
     ceilings = common.measure_ceilings(device, quick=args.quick)
     common.append_jsonl(out, {"type": "ceilings", "run_id": run_id, **ceilings})
-    isolate = args.isolate or (device.type == "cuda" and not args.no_isolate)
-    table = workloads()
-    shares = {n: table[n].share for n in own}
-    for i, name in enumerate(own):
-        deadline = None
-        if budget is not None:
-            left = budget - (time.time() - start)
-            deadline = time.time() + left * shares[name] / sum(shares[n] for n in own[i:])
-        providers = [p for p in common.parse_providers(args.providers, _default_providers(table[name], args))]
-        progress.update(f"{name}: {len(providers)} providers")
-        if isolate:
-            _run_isolated(name, providers, args, out, run_id, deadline, ceilings)
-        else:
-            _run_in_process(name, providers, args, device, out, run_id, deadline, ceilings, progress)
+    deadline = None if budget is None else start + budget
+    plan = make_plan(own, args)
+    if args.isolate or (device.type == "cuda" and not args.no_isolate):
+        _run_isolated(plan, args, out, run_id, deadline, ceilings)
+    else:
+        execute_plan(plan, args, device, out, run_id, deadline, ceilings)
     for name in external:
         _run_external(name, out, run_id, progress)
     progress.done()
@@ -182,53 +188,90 @@ def _default_providers(wl: common.Workload, args: argparse.Namespace) -> Sequenc
     return wl.quick_providers if args.quick else wl.providers
 
 
+def _groups(plan: Plan) -> List[Tuple[str, List[str]]]:
+    """Consecutive pairs of one workload → (workload, providers): one model build each."""
+    out: List[Tuple[str, List[str]]] = []
+    for name, p in plan:
+        if out and out[-1][0] == name:
+            out[-1][1].append(p)
+        else:
+            out.append((name, [p]))
+    return out
+
+
+def execute_plan(plan: Plan, args: argparse.Namespace, device: Any, out: str, run_id: str,
+                 deadline: Optional[float], ceilings: Dict[str, float]) -> None:
+    """Run the plan in this process. A budget is shared among the workloads left by their `share`; a workload
+    seen again later in the plan (its Liger row) keeps its eager reference for the numerics."""
+    table = workloads()
+    groups = _groups(plan)
+    references: Dict[str, Dict[str, Any]] = {}
+    for i, (name, providers) in enumerate(groups):
+        group_deadline = deadline
+        if deadline is not None:
+            later = [n for n, _ in groups[i:]]
+            first_time = [n for j, n in enumerate(later) if n not in later[:j]]
+            weight = table[name].share if name not in references else 0.3
+            total = sum(table[n].share if n not in references else 0.3 for n in first_time)
+            group_deadline = time.time() + max(deadline - time.time(), 0.0) * weight / total
+        keep = any(n == name for n, _ in groups[i + 1:])
+        reference = references.setdefault(name, {}) if keep or name in references else {}
+        _run_group(name, providers, args, device, out, run_id, group_deadline, ceilings, reference)
+        if not keep:
+            references.pop(name, None)
+
+
 def _options(args: argparse.Namespace, device: Any, deadline: Optional[float], name: str) -> common.Options:
+    wl = workloads()[name]
     return common.Options(device=device, quick=args.quick, tiny=args.tiny, warmup=args.warmup, repeat=args.repeat,
                           warm_compile=not args.no_warm_compile,
-                          warm_compile_only=QUICK_WARM_COMPILE if args.quick else None,
-                          deadline=deadline, est_scale=workloads()[name].est_scale, progress=common.Progress())
+                          warm_compile_only=wl.quick_warm if args.quick else None,
+                          deadline=deadline, est_scale=wl.est_scale, progress=common.Progress())
 
 
-def _run_in_process(name: str, providers: Sequence[str], args: argparse.Namespace, device: Any, out: str,
-                    run_id: str, deadline: Optional[float], ceilings: Dict[str, float],
-                    progress: common.Progress) -> None:
+def _run_group(name: str, providers: Sequence[str], args: argparse.Namespace, device: Any, out: str,
+               run_id: str, deadline: Optional[float], ceilings: Dict[str, float],
+               reference: Dict[str, Any]) -> None:
     def emit(record: Dict[str, Any]) -> None:
         common.append_jsonl(out, {"type": "result" if record.get("status") != "started" else "event",
                                   "run_id": run_id, **record})
     opts = _options(args, device, deadline, name)
-    progress.update(f"{name}: building the model")
+    if deadline is not None and not args.tiny and time.time() >= deadline:
+        for p in providers:
+            emit({"workload": name, "provider": p, "status": "skipped", "error": "time budget spent"})
+        return
+    opts.progress.update(f"{name}: building the model")
     try:
         case = workloads()[name].build(opts)
     except Exception as exc:  # noqa: BLE001  (a workload that cannot build is a result for every provider)
         for p in providers:
             emit({"workload": name, "provider": p, "status": "failed", "error": f"build: {common.one_line(exc)}"})
         return
+    case.name = name  # records are keyed by the workload name the plan uses
     emit({"workload": name, "provider": "-", "status": "started", "describe": case.describe,
           "flops": case.flops, "bytes": case.bytes, "tokens": case.tokens, "items": case.items})
-    common.run_case(case, providers, opts, ceilings, emit)
+    common.run_case(case, providers, opts, ceilings, emit, reference)
     del case
     common.free_memory(device)
 
 
 def _child(args: argparse.Namespace, device: Any) -> int:
     ceilings = json.loads(args.ceilings) if args.ceilings else {}
-    providers = common.parse_providers(args.providers, [])
-    for name in args.workloads:
-        _run_in_process(name, providers, args, device, args.out, args.run_id, args.deadline, ceilings,
-                        common.Progress())
+    plan = [tuple(pair) for pair in json.loads(args.plan)]
+    execute_plan(plan, args, device, args.out, args.run_id, args.deadline, ceilings)  # type: ignore[arg-type]
     return 0
 
 
-def _run_isolated(name: str, providers: Sequence[str], args: argparse.Namespace, out: str, run_id: str,
-                  deadline: Optional[float], ceilings: Dict[str, float]) -> None:
-    """The workload in child processes; a child that dies costs the provider it was running, then the rest
-    go on in a fresh child."""
-    remaining = list(providers)
-    for _attempt in range(len(providers) + 1):
+def _run_isolated(plan: Plan, args: argparse.Namespace, out: str, run_id: str, deadline: Optional[float],
+                  ceilings: Dict[str, float]) -> None:
+    """The plan in a child process. A child that dies costs the provider it was running (recorded as failed),
+    then a fresh child goes on with the rest; at the budget's end (plus a grace) the child is killed."""
+    remaining = list(plan)
+    for _attempt in range(len(plan) + 1):
         if not remaining:
             return
-        cmd = [sys.executable, os.path.join(REPO, "bench", "run.py"), name, "--child", "--out", out,
-               "--run-id", run_id, "--providers", ",".join(remaining), "--device", args.device,
+        cmd = [sys.executable, os.path.join(REPO, "bench", "run.py"), remaining[0][0], "--child", "--out", out,
+               "--run-id", run_id, "--plan", json.dumps(remaining), "--device", args.device,
                "--ceilings", json.dumps(common.jsonable(ceilings))]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--tiny"] if args.tiny else []
@@ -238,11 +281,12 @@ def _run_isolated(name: str, providers: Sequence[str], args: argparse.Namespace,
         cmd += ["--repeat", str(args.repeat)] if args.repeat is not None else []
         timeout = None if deadline is None else max(deadline - time.time(), 0) + GRACE_S
         rc, tail, timed_out = _spawn(cmd, timeout)
-        records = [r for r in common.read_jsonl(out) if r.get("run_id") == run_id and r.get("workload") == name]
-        finished = {r["provider"] for r in records if r.get("type") == "result"}
-        started = [r["provider"] for r in records if r.get("type") == "event" and r.get("provider") in remaining]
-        crashed = [p for p in started if p not in finished]
-        for p in crashed[-1:]:
+        records = [r for r in common.read_jsonl(out) if r.get("run_id") == run_id]
+        finished = {(r["workload"], r["provider"]) for r in records if r.get("type") == "result"}
+        started = [(r["workload"], r["provider"]) for r in records
+                   if r.get("type") == "event" and (r.get("workload"), r.get("provider")) in remaining]
+        crashed = [pair for pair in started if pair not in finished]
+        for name, p in crashed[-1:]:
             last = next((line.strip() for line in reversed(tail) if line.strip()), "")
             if timed_out:  # the progress line says what it was doing: "[bench 46.5s] wl · p: compiling"
                 status, error = "timeout", f"unfinished at the time budget (was {last.rsplit(': ', 1)[-1][:60]})"
@@ -250,10 +294,10 @@ def _run_isolated(name: str, providers: Sequence[str], args: argparse.Namespace,
                 status, error = "failed", f"process died (exit {rc}): {last[:160]}"
             common.append_jsonl(out, {"type": "result", "run_id": run_id, "workload": name, "provider": p,
                                       "status": status, "describe": common.PROVIDERS[p].describe, "error": error})
-            finished.add(p)
-        remaining = [p for p in remaining if p not in finished]
+            finished.add((name, p))
+        remaining = [pair for pair in remaining if pair not in finished]
         if timed_out or (rc == 0 and remaining and not crashed):
-            for p in remaining:
+            for name, p in remaining:
                 common.append_jsonl(out, {"type": "result", "run_id": run_id, "workload": name, "provider": p,
                                           "status": "skipped", "describe": common.PROVIDERS[p].describe,
                                           "error": "time budget spent" if timed_out else "not run"})

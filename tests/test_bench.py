@@ -106,6 +106,7 @@ class _Tiny(torch.nn.Module):
 
 
 def _tiny_case(training):
+    torch.manual_seed(0)  # a rebuilt case has the same weights, as build_hf's seeded models do
     model = _Tiny()
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
 
@@ -150,6 +151,25 @@ def test_run_case_skips_past_the_deadline_and_training_only_on_inference(monkeyp
     assert [(r["provider"], r["status"], r["error"]) for r in records] == [
         ("eager", "skipped", "time budget spent"),
         ("amb", "skipped", "training-only provider on an inference workload")]
+
+
+def test_plan_runs_liger_last_and_keeps_the_eager_reference(monkeypatch, tmp_path):
+    providers = {"eager": common.Provider("eager", "plain"), "liger": common.Provider("liger", "patches classes"),
+                 "sdpa": common.Provider("sdpa", "plain")}
+    monkeypatch.setattr(common, "PROVIDERS", providers)
+    table = {n: common.Workload(n, n, lambda opts, t=t: _tiny_case(training=t), ("eager", "liger", "sdpa"),
+                                ("eager", "liger", "sdpa")) for n, t in (("a", True), ("b", False))}
+    monkeypatch.setattr(run, "workloads", lambda: table)
+    args = run.parse_args(["a", "b", "--device", "cpu", "--tiny", "--no-docs"])
+    plan = run.make_plan(["a", "b"], args)
+    assert plan == [("a", "eager"), ("a", "sdpa"), ("b", "eager"), ("b", "sdpa"), ("a", "liger"), ("b", "liger")]
+    out = tmp_path / "r.jsonl"
+    run.execute_plan(plan, args, torch.device("cpu"), str(out), "r1", None, {})
+    results = [r for r in common.read_jsonl(str(out)) if r["type"] == "result"]
+    assert [(r["workload"], r["provider"]) for r in results] == plan
+    liger = {r["workload"]: r for r in results if r["provider"] == "liger"}
+    assert liger["a"]["reference"] == "eager" and liger["a"]["loss_rel_err"] == 0.0
+    assert liger["b"]["reference"] == "eager" and liger["b"]["max_rel_err"] == 0.0
 
 
 def test_hf_llama_tiny_end_to_end_on_cpu(tmp_path):

@@ -476,6 +476,8 @@ def _describe(node: fx.Node) -> Tuple[str, str, str, List[str], set]:
         return TORCH_DOMAIN, type(module).__name__ if module is not None else str(target), str(target), [], set()
     name = getattr(target, "__name__", str(target))
     module = getattr(target, "__module__", None) or ("operator" if target in _OPERATORS else "torch")
+    if target is operator.getitem:
+        return TORCH_DOMAIN, name, "operator.getitem", ["self", "index"], {"self"}  # x[index]
     try:
         params = [p.name for p in inspect.signature(target).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -139,6 +139,7 @@ def test_ops_without_exact_mapping_are_custom_nodes_with_attributes():
     assert {a.name: onnx.helper.get_attribute_value(a) for a in cumsum.attribute} == {"dim": 1}
     getitem = next(n for n in proto.graph.node if n.name == "b")
     assert getitem.op_type == "getitem"
+    assert getitem.attribute[0].name == "index"
     index = onnx.helper.get_attribute_value(getitem.attribute[0]).decode()
     assert index == "(:, None, ..., :2)"
     sdpa = by_type["scaled_dot_product_attention"]

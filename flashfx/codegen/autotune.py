@@ -15,6 +15,9 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+# Kernels over fewer elements than this use their first config (timing them would only cost compile time).
+TUNE_MIN_ELEMENTS = 1 << 20
+
 # Up to this extent a whole-row kernel is still timed against the looped one when autotuning on a GPU.
 PERSISTENT_TRY_RBLOCK = 32768
 

@@ -138,7 +138,8 @@ class FusedKernel:
         if xnumel == 0 or rnumel == 0:
             return self._empty_result(outs, rnumel)
         interpreting = _compat.triton_interpreting()
-        tune = self.tune and device.type == "cuda"
+        # small kernels are launch-bound whatever their blocks: time configs only where bandwidth matters
+        tune = self.tune and device.type == "cuda" and xnumel * rnumel >= autotune.TUNE_MIN_ELEMENTS
         modes = autotune.modes(plan.is_reduction, rnumel, tune)
 
         def strides_of_tensor(t: torch.Tensor, spec: Any) -> Dict[int, int]:

@@ -292,7 +292,7 @@ class MatmulKernel:
             with kernel_cache.triton_binaries_under(self.cache_dir):
                 if config is None:
                     configs = candidates(M, N, nb, _compat.triton_interpreting())
-                    config = autotune.pick(configs, launch, self.tune and a.is_cuda)
+                    config = autotune.pick(configs, launch, self.tune and a.is_cuda and M * N * K >= 1 << 27)
                     kernel_cache.save_choice(self.cache_dir, key, bucket, config)
                 launch(config)
             self._configs[bucket] = config

@@ -107,8 +107,14 @@ def _check_remat(value: Any) -> None:
         pass  # bool is an int subclass; reject it below with the general message
     elif isinstance(value, float) and 0.0 < value <= 1.0:
         return
-    elif isinstance(value, int) and value > 0:
+    elif isinstance(value, int) and value >= 1024:
         return
+    elif isinstance(value, int) and value > 0:
+        raise ValueError(
+            f"flashfx.Config: remat={value!r} is read as a byte count, and {value} bytes saves nothing; "
+            f"for a fraction of the activation memory write a float such as remat={float(value)!r}, "
+            "or give at least 1024 bytes"
+        )
     raise ValueError(
         f"flashfx.Config: remat={value!r} is not allowed; use None (off), a fraction in (0, 1] of the "
         "activation memory, a positive byte count (int), or 'auto'"

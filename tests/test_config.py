@@ -52,3 +52,8 @@ def test_replace_revalidates():
     assert c.fusion is False
     with pytest.raises(ValueError):
         c.replace(remat=2.0)
+
+
+def test_small_int_remat_suggests_a_fraction():
+    with pytest.raises(ValueError, match="remat=1.0"):
+        Config(remat=1)

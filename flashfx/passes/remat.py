@@ -201,7 +201,7 @@ def _analyse(joint: fx.GraphModule, num_fwd_outputs: int, compress: Optional[str
 
     hints: Dict[Any, int] = {}
     for node in graph.nodes:
-        cost_model._hints(cost_model.node_value(node), hints)
+        cost_model.size_hints(cost_model.node_value(node), hints)
     evaluate = _Evaluator(hints, notes)
 
     names, costs, flops, nbytes, raw_bytes, inputs, used, pinned = [], [], [], [], [], [], [], []
@@ -377,9 +377,6 @@ def _plan_and_split(a: _Analysis, config: Config,
     base_fw, base_bw = _split(a, no_remat, compress=False)
     base_peak = _peak(base_fw, base_bw, a.num_fwd_outputs)
     notes = list(a.notes)
-    if isinstance(config.remat, int) and not isinstance(config.remat, bool) and config.remat <= 1:
-        notes.append(f"remat={config.remat} is a byte count ({config.remat} B), so everything possible is "
-                     "recomputed; write remat=1.0 for a fraction")
 
     if config.remat == "auto":
         free = _free_bytes(device)

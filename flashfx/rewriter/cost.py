@@ -91,7 +91,7 @@ def _tensors(value: Any) -> List[torch.Tensor]:
     return [v for v in flat if isinstance(v, torch.Tensor)]
 
 
-def _hints(value: Any, into: Dict[sympy.Symbol, int]) -> None:
+def size_hints(value: Any, into: Dict[sympy.Symbol, int]) -> None:
     """Collect the example value of every size symbol found in `value`."""
     for t in _tensors(value):
         for d in t.shape:
@@ -265,7 +265,7 @@ def graph_cost(gm: fx.GraphModule) -> GraphCost:
     lower = ZERO
     for node in gm.graph.nodes:
         value = node_value(node)
-        _hints(value, hints)
+        size_hints(value, hints)
         if node.op == "placeholder":
             lower += _input_bytes_needed(node, gm)
             continue

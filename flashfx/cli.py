@@ -11,6 +11,7 @@ A bad input exits with status 2 and one line on stderr naming the problem and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -90,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "for svg and the rewritten one for onnx)")
     dump.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
     dump.add_argument("--out", metavar="DIR", help=f"directory to write into (default for svg/onnx: ./{DEFAULT_OUT}/)")
-    dump.add_argument("--train", action="store_true",
-                      help="trace in training mode, so the aten stage shows the forward and the backward graph")
+    mode = dump.add_mutually_exclusive_group()
+    mode.add_argument("--train", action="store_true",
+                      help="trace the model in training mode (dropout on); the aten stage shows forward and backward")
+    mode.add_argument("--inference", action="store_true",
+                      help="trace under torch.no_grad(): the aten stage shows the one inference graph")
     _add_config_option(dump)
     dump.set_defaults(run=cmd_dump)
 
@@ -218,7 +222,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
     if args.train:
         model.train()
 
-    graphs, report = _trace(model, inputs, config, captured_only=args.stage == "captured")
+    with torch.no_grad() if args.inference else contextlib.nullcontext():
+        graphs, report = _trace(model, inputs, config, captured_only=args.stage == "captured")
     if out_dir is not None:
         _check_out_dir(out_dir)  # created only now, so that a typo in MODEL leaves no empty directory behind
     slug = _slug(args.model)

@@ -62,6 +62,7 @@ BAD_INPUTS = {
     "no command": ([], ["required", "COMMAND"]),
     "unknown command": (["bench2"], ["invalid choice: 'bench2'"]),
     "unknown flag": (["models", "--verbose"], ["unrecognized arguments: --verbose"]),
+    "train and inference": (["dump", "gpt2-tiny", "--train", "--inference"], ["not allowed with argument --train"]),
     "svg without dot": (["dump", "gpt2-tiny", "--format", "svg", "--stage", "captured"],
                         ["'dot' is not on PATH", "pip install graphviz", "apt-get install graphviz"]),
 }
@@ -160,9 +161,12 @@ def test_dump_captured_text_and_json(factory_file):
 
 
 def test_dump_all_text_has_every_stage_and_the_report():
-    result = run_cli("dump", "gpt2-tiny", "--batch", "2", "--seq", "8")
+    result = run_cli("dump", "gpt2-tiny", "--batch", "2", "--seq", "8", "--inference")
     assert result.returncode == 0, result.stderr
     out = result.stdout
+    assert [line for line in out.splitlines() if line.startswith("# ---- graph 0: aten")] == [
+        "# ---- graph 0: aten (inference)"]  # under no_grad: one inference graph, no backward
+    assert "@triton.jit" in out.split("######## kernels")[1]
     sections = [line for line in out.splitlines() if line.startswith("######## ")]
     assert sections == [f"######## {s}" for s in ("captured", "rewritten", "aten", "kernels", "report")]
     assert "flashfx.attention" in out.split("######## rewritten")[1].split("######## aten")[0]

@@ -139,6 +139,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         print(f"flashfx {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"flashfx {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `flashfx dump ... | head`: the reader has gone; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         return 0

@@ -18,7 +18,13 @@ How it is built, so that it passes through Dynamo and AOTAutograd as single node
 - `attention_fwd` / `attention_bwd` are `torch.library.custom_op`s with fake implementations (symbolic sizes) and
   the autograd formula registered on `attention_fwd`.
 - Where `flashfx._compat.triton_runs_on(device)` is False they run an ATen reference (fp32 math); otherwise the
-  Triton kernels of `flashfx.codegen.attention_kernels` (on CPU through the interpreter).
+  Triton kernels of `flashfx.codegen.attention_kernels` (on CPU through the interpreter; bf16 on CPU takes the
+  reference, the interpreter gets bf16 wrong).
+
+Environment knobs (read at each launch): FLASHFX_ATTENTION_TUNE=0 (one default config, no autotuning),
+FLASHFX_ATTENTION_BWD=split|atomic, FLASHFX_ATTENTION_LOOP=split|single (kernel variants; see the kernels file).
+Limits: head dim <= 256 on the kernel path; dropout needs L * S < 2**31; a float bias that needs a gradient
+materialises an fp32 [B, Hq, L, S] dS buffer (reduced to the bias's shape).
 """
 from __future__ import annotations
 

@@ -20,7 +20,9 @@ Decisions (also in flashfx/passes/README.md):
   so -inf masks are rewritten and the site gets a note. A *finite* fill (`masked_fill(m, -1e9)`) makes eager
   average V on such rows, so it is rewritten only when the mask is proven causal (no row is fully masked),
   otherwise declined. Fill values at or below -1e4 count as "masked" (their exp underflows to 0 next to any
-  score within ~1e4 of the row max). A float additive bias (HF's finfo.min masks) is passed through unchanged.
+  score within ~1e4 of the row max). A float additive bias is passed through unchanged; the op reads values
+  below -1e38 (HF's fp32/bf16 finfo.min masks) as -inf, so a row masked that way everywhere (left padding) gives
+  0 where eager averages V, as HF's own sdpa path does: rewritten, with a note.
 - Dropout in training (p > 0) becomes the op's dropout_p: the same distribution, a different random stream.
 """
 from __future__ import annotations
@@ -278,6 +280,49 @@ def _is_zeros(node: Any) -> bool:
     if is_call(node, (torch.zeros, torch.zeros_like), ("new_zeros",)):
         return True
     return is_call(node, (torch.full,), ("new_full",)) and len(node.args) >= 2 and _number(node.args[1]) == 0.0
+
+
+_AND = ((operator.and_, torch.logical_and, torch.bitwise_and), ("logical_and", "bitwise_and", "__and__"))
+
+
+def _and_terms(node: Any, depth: int = 0) -> List[Any]:
+    """The leaves of a bool AND tree (`a & b & c`, through broadcasts and same-device `.to`), or [node]."""
+    if depth < 8 and isinstance(node, fx.Node) and tensor(node) is not None and tensor(node).dtype == torch.bool:
+        if is_call(node, *_AND) and len(node.args) == 2:
+            return [t for a in node.args for t in _and_terms(a, depth + 1)]
+        if is_call(node, methods=("expand", "to")) and tensor(node.args[0]) is not None and \
+                tensor(node.args[0]).dtype == torch.bool:
+            return _and_terms(node.args[0], depth + 1)  # broadcasting the AND = AND of the broadcasts
+    return [node]
+
+
+def _all_true(node: Any) -> bool:
+    """`new_ones(..., dtype=bool)`, `ones(...)`, or `arange(...) + c >= 0` with c >= 0 (HF's q_indices >= 0)."""
+    t = tensor(node)
+    if t is None or t.dtype != torch.bool:
+        return False
+    if is_call(node, (torch.ones,), ("new_ones",)):
+        return True
+    if is_call(node, (operator.ge, torch.ge), ("ge",)) and len(node.args) == 2 and node.args[1] == 0:
+        vec = _index_vector(node.args[0])
+        return vec is not None and vec[2] >= 0
+    if is_call(node, methods=("to",)):
+        return _all_true(node.args[0])
+    return False
+
+
+def _simplify_attend(mask: Any, L: Any, S: Any, causal_ok: bool) -> Optional[Tuple[bool, List[Any]]]:
+    """A bool attend-mask as (is_causal, smaller terms to AND): all-true terms dropped, broadcasts not
+    materialised, and a proven-causal term (when `causal_ok`, i.e. L == S) turned into is_causal. None when
+    nothing gets simpler. The op computes is_causal AND every term: the same bool semantics."""
+    terms = _and_terms(mask)
+    if terms == [mask]:
+        return None
+    causal = None
+    if causal_ok:
+        causal = next((t for t in terms
+                       if _causal_bool(t) == "attend" and same_shape(_last_two(tensor(t)), (L, S))), None)
+    return causal is not None, [t for t in terms if t is not causal and not _all_true(t)]
 
 
 def _is_causal_mask(kind: str, node: Any) -> bool:
@@ -743,12 +788,29 @@ def _check_and_prepare(site: Site) -> None:
             else:
                 kept.append((kind, mask))
         site.masks = kept
+    # bool AND-trees (HF: causal & padding, expanded to [B, 1, L, S]): read only the small terms
+    kept = []
+    for kind, mask in site.masks:
+        simpler = _simplify_attend(mask, L, S, same_size(L, S) and not site.is_causal) if kind == "attend" else None
+        if simpler is None or not all(tensor(t) is not None and _broadcastable(tensor(t), target)
+                                      for t in simpler[1]):
+            kept.append((kind, mask))
+            continue
+        causal, terms = simpler
+        site.is_causal = site.is_causal or causal
+        kept += [("attend", t) for t in terms]
+        site.notes.append(f"mask {mask.name} = {'causal & ' if causal else ''}{len(terms)} smaller term(s): the kernel "
+                          f"reads {', '.join(t.name for t in terms) or 'no mask'}")
+    site.masks = kept
     for kind, mask in site.masks:
         if kind.endswith("_finite"):
             raise Decline(site.out, f"mask {mask.name} fills with a finite value: rows with every key masked would "
                                     "average V in eager but give 0 in the fused op, and no row is proven unmasked")
         if kind in ("masked", "attend") and site.form == "explicit":
             site.notes.append(f"mask {mask.name}: rows with every key masked give 0 (eager gives NaN with -inf)")
+        if kind == "float" and site.form == "explicit":
+            site.notes.append(f"bias {mask.name}: a row whose every bias value is below -1e38 (finfo.min masks) "
+                              "gives 0, where eager averages V (HF's sdpa path gives 0 too)")
 
 
 def _emit(graph: fx.Graph, site: Site, op: Any) -> fx.Node:
@@ -788,6 +850,11 @@ def _emit(graph: fx.Graph, site: Site, op: Any) -> fx.Node:
 
 def _combine_masks(site: Site, call: Callable[..., fx.Node]) -> Optional[fx.Node]:
     """One op bias from the site's masks: a float additive bias, or a bool attend-mask."""
+    if site.masks and all(kind == "attend" for kind, _ in site.masks):  # several bool masks: one AND
+        total = site.masks[0][1]
+        for _, mask in site.masks[1:]:
+            total = call(torch.logical_and, total, mask)
+        return total
     terms = []
     for kind, mask in site.masks:
         kind = kind.replace("_finite", "")

@@ -396,6 +396,23 @@ def test_sdpa_gqa_repeat_kv_unrepeated():
     assert_close(before, after)
 
 
+def test_sdpa_causal_and_padding_reads_only_the_padding():
+    """HF builds (causal & padding).expand(B, 1, L, S): the op gets is_causal and the [B, 1, 1, S] padding only."""
+    def fn(q, k, v, keep):  # keep: [B, S], True = a real token
+        i = torch.arange(L)
+        allowed = (i[None, None, None, :] <= i[None, None, :, None]) & keep[:, None, None, :]
+        mask = (torch.ones((), dtype=torch.bool) & allowed).expand(B, 1, L, L)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[1, :3] = False  # left padding: rows 0-2 of the second sequence see no key (0 in SDPA and in the op)
+    ctx, ops, before, after = rewrite(fn, *qkv(), keep)
+    (node,) = ops
+    assert node.args[4] is True
+    assert tuple(node.args[3].meta["val"].shape) == (B, 1, 1, L) and node.args[3].meta["val"].dtype == torch.bool
+    assert_close(before, after)
+
+
 def test_sdpa_dropout_kept():
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
@@ -575,22 +592,18 @@ def test_hugging_face_output_attentions_declines():
     assert "probabilities are also used" in ctx.declined[0].reason
 
 
-def _finfo_min_row_kernel_bug() -> bool:
-    from flashfx._compat import triton_runs_on
-
-    return triton_runs_on(torch.device("cpu"))
-
-
-@pytest.mark.xfail(_finfo_min_row_kernel_bug(), strict=True,
-                   reason="attention kernel: a finfo.min float bias times log2(e) overflows to -inf, so a row masked "
-                          "only by finfo.min gives 0 instead of eager's mean of V (the reference path is right)")
-def test_row_fully_masked_by_finfo_min_matches_eager():
-    """Hugging Face masks with finfo.min: a fully masked row (left padding) averages V in eager, and must in the op."""
+def test_row_fully_masked_by_finfo_min_gives_zero():
+    """The op reads bias values below -1e38 (HF's finfo.min masks) as -inf: a row masked that way everywhere gives
+    0 (as SDPA and HF's sdpa path do) where eager averages V; every other row matches eager, and the site says so."""
     def fn(q, k, v, mask):
         return torch.softmax(q @ k.transpose(-2, -1) * 0.25 + mask, -1) @ v
 
     mask = torch.zeros(B, 1, L, L)
     mask[1, :, 0, :] = torch.finfo(torch.float32).min  # row 0 of the second sequence sees no key
-    ctx, ops, before, after = rewrite(fn, *qkv(), mask)
+    mask[0, :, :, -2:] = torch.finfo(torch.float32).min  # partly masked rows behave exactly as in eager
+    ctx, ops, [(before,)], [(after,)] = rewrite(fn, *qkv(), mask)
     assert counts(ctx) == (1, 0)
-    assert_close(before, after)
+    assert any("finfo.min" in note for note in ctx.notes)
+    assert torch.equal(after[1, :, 0], torch.zeros_like(after[1, :, 0]))
+    torch.testing.assert_close(after[0], before[0], rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(after[1, :, 1:], before[1, :, 1:], rtol=1e-5, atol=2e-6)

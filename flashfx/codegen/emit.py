@@ -81,7 +81,7 @@ class _Emitter:
     def strided_dims(self) -> Set[int]:
         dims: Set[int] = {t.shift[0] for t in self.plan.inputs if t.shift}  # cat selects by this index
         for layout in list(self.sig.inputs) + list(self.sig.outputs):
-            if layout not in ("c", "s"):
+            if layout not in ("c", "s", "p"):
                 dims.update(layout)
         return dims
 
@@ -119,6 +119,12 @@ class _Emitter:
         out = self.plan.outputs[k]
         layout = self.sig.outputs[k]
         v = self.plan.value(out.value)
+        if out.kind == "col":  # add this program's rows into its own row of the partials (no other program writes it)
+            rcol = "roffset + tl.arange(0, RBLOCK)" if self.sig.mode == "looped" else "tl.arange(0, RBLOCK)"
+            return [f"rcol = {rcol}",
+                    f"pcol = out{k}_ptr + tl.program_id(0) * rnumel + rcol",
+                    f"tl.store(pcol, tl.load(pcol, mask=rcol < rnumel) + "
+                    f"tl.sum(tl.where(xrmask, {v.deps[0]}, 0.0), 0), mask=rcol < rnumel)  # {out.node.name}"]
         expr = v.name
         if out.kind != v.kind and out.kind != "scalar":
             shape = "[XBLOCK, RBLOCK]" if (self.reduction and out.kind == "full") else \
@@ -133,7 +139,8 @@ class _Emitter:
     def emit_pointwise_or_persistent(self) -> List[str]:
         body: List[str] = []
         for v in self.plan.values:
-            body += self.reduce_persistent(v) if v.op == "reduce" else self.line(v)
+            if v.op != "colsum":
+                body += self.reduce_persistent(v) if v.op == "reduce" else self.line(v)
         for k in range(len(self.plan.outputs)):
             body += self.store(k, "")
         return body
@@ -196,13 +203,15 @@ class _Emitter:
                 red = f"{TL_REDUCE[r.expr]}(acc_{r.name}, 1)[:, None]" + (" / rnumel" if r.mean else "")
                 body.append(f"{r.name} = {red}  # {r.source}")
 
-        full_outs = [k for k, o in enumerate(self.plan.outputs) if o.kind == "full"]
+        full_outs = [k for k, o in enumerate(self.plan.outputs) if o.kind in ("full", "col")]
         for k, o in enumerate(self.plan.outputs):
-            if o.kind != "full":
+            if o.kind not in ("full", "col"):
                 ensure(o.value)
                 body.extend(self.store(k, ""))
         if full_outs:
-            loop([self.plan.outputs[k].value for k in full_outs], stores=full_outs)
+            targets = [self.plan.value(o.value).deps[0] if o.kind == "col" else o.value
+                       for o in (self.plan.outputs[k] for k in full_outs)]
+            loop(targets, stores=full_outs)
         return body
 
     # ---------------------------------------------------------------------------------------------- module
@@ -214,10 +223,13 @@ class _Emitter:
         params += [f"ks{d}" for d in symbolic_dims(plan)]
         for prefix, layouts in (("in", sig.inputs), ("out", sig.outputs)):
             for k, layout in enumerate(layouts):
-                if layout not in ("c", "s"):
+                if layout not in ("c", "s", "p"):
                     params += [f"{prefix}{k}_s{d}" for d in layout]
         strided = self.strided_dims()
         pid = "tl.program_id(0).to(tl.int64)" if sig.index_bits == 64 else "tl.program_id(0)"
+        columns = any(o.kind == "col" for o in plan.outputs)
+        if columns:  # few programs, each over many row blocks, so the column partials stay small
+            pid = "xb"
         if self.reduction:
             head = [f"xindex = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
                     "xmask = xindex < xnumel", "rbase = tl.arange(0, RBLOCK)[None, :]"]
@@ -242,7 +254,11 @@ class _Emitter:
         for h in dict.fromkeys(plan.helpers):
             lines += [HELPERS[h], ""]
         lines += ["@triton.jit", f"def {plan.name}({', '.join(params + [consts])}):"]
-        lines += ["    " + s for s in head + body]
+        if columns:
+            lines += ["    for xb in range(tl.program_id(0), tl.cdiv(xnumel, XBLOCK), tl.num_programs(0)):"]
+            lines += ["        " + s for s in head + body]
+        else:
+            lines += ["    " + s for s in head + body]
         return KernelSource(plan.name, "\n".join(lines) + "\n", params)
 
 

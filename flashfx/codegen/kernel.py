@@ -24,6 +24,8 @@ def cache_stats() -> Dict[str, int]:
 
 def _layout(plan: Plan, spec: Any, strides: Dict[int, Any], sizes: Sequence[Any], mode: str) -> Layout:
     """'s' for a scalar, 'c' when the tensor is one contiguous run in iteration order, else its strided P dims."""
+    if spec.kind == "col":
+        return "p"  # partials: addressed by program and column, not through P
     if spec.kind == "scalar" and not spec.shift:
         return "s"
     space = nonunit(plan.P) if spec.kind == "full" else x_dims(plan.P, plan.rdims)
@@ -109,11 +111,26 @@ class FusedKernel:
             if self.fallback is None:
                 return self._call_slow(key, args)
             return self.fallback.guard(lambda: self._call_slow(key, args), args)
-        out_specs, fn, param_plan, grid, meta = fast
-        outs = [torch.empty_strided(shape, stride, dtype=dtype, device=dev) for shape, stride, dtype, dev in out_specs]
+        out_specs, fn, param_plan, grid, meta, columns = fast
+        outs = [torch.empty_strided(shape, stride, dtype=dtype, device=dev) if stride is not None else
+                torch.zeros(shape, dtype=dtype, device=dev) for shape, stride, dtype, dev in out_specs]
         call_args = [args[i] if kind == 0 else (outs[i] if kind == 1 else i) for kind, i in param_plan]
         fn[grid](*call_args, **meta)
+        return self._finish(outs, columns)
+
+    @staticmethod
+    def _finish(outs: List[torch.Tensor], columns: List[Tuple[int, List[int], torch.dtype]]) -> Tuple:
+        """Column sums: add the programs' partial rows (a small [programs, columns] fp32 buffer)."""
+        for k, shape, dtype in columns:
+            outs[k] = outs[k].sum(0).reshape(shape).to(dtype)
         return tuple(outs)
+
+    @staticmethod
+    def max_programs(device: torch.device) -> int:
+        """Programs of a kernel with column sums: enough to fill the GPU, few enough for small partials."""
+        if device.type == "cuda":
+            return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 8
 
     def _call_slow(self, key: Any, args: Sequence[Any]) -> Tuple[torch.Tensor, ...]:
         """First call for these shapes/strides: choose the variant and config, then remember how to launch."""
@@ -137,6 +154,14 @@ class FusedKernel:
             xnumel *= P[d]
         if xnumel == 0 or rnumel == 0:
             return self._empty_result(outs, rnumel)
+        columns = [(k, list(outs[k].shape), o.dtype) for k, o in enumerate(plan.outputs) if o.kind == "col"]
+        maxp = self.max_programs(device) if columns else 0
+        for k, _, _ in columns:
+            outs[k] = torch.zeros((maxp, rnumel), dtype=torch.float32, device=device)
+
+        def grid_of(config: Dict[str, Any]) -> Tuple[int]:
+            blocks = triton.cdiv(xnumel, config["XBLOCK"])
+            return (min(blocks, maxp) if columns else blocks,)
         interpreting = _compat.triton_interpreting()
         # small kernels are launch-bound whatever their blocks: time configs only where bandwidth matters
         tune = self.tune and device.type == "cuda" and xnumel * rnumel >= autotune.TUNE_MIN_ELEMENTS
@@ -173,7 +198,9 @@ class FusedKernel:
         def launch(config: Dict[str, Any]) -> None:
             _, src, fn = variants[config["mode"]]
             meta = {k: v for k, v in config.items() if k != "mode"}
-            fn[(triton.cdiv(xnumel, config["XBLOCK"]),)](*[values[p] for p in src.params], **meta)
+            for k, _, _ in columns:  # partials accumulate: every launch starts from zero
+                outs[k].zero_()
+            fn[grid_of(config)](*[values[p] for p in src.params], **meta)
 
         # one autotune entry per group source (its first mode's variant) and shape bucket
         first_sig, first_src, _ = variants[modes[0]]
@@ -200,9 +227,11 @@ class FusedKernel:
         marks.update({f"out{k}_ptr": (1, k) for k in range(len(outs))})
         param_plan = [marks.get(p, (2, values[p])) for p in src.params]
         meta = {k: v for k, v in config.items() if k != "mode"}
-        out_specs = [(tuple(o.shape), o.stride(), o.dtype, o.device) for o in outs]
-        self._fast[key] = (out_specs, fn, param_plan, (triton.cdiv(xnumel, config["XBLOCK"]),), meta)
-        return tuple(outs)
+        col_ks = {k for k, _, _ in columns}
+        out_specs = [(tuple(o.shape), None if k in col_ks else o.stride(), o.dtype, o.device)
+                     for k, o in enumerate(outs)]
+        self._fast[key] = (out_specs, fn, param_plan, grid_of(config), meta, columns)
+        return self._finish(outs, columns)
 
     def _empty_result(self, outs: List[torch.Tensor], rnumel: int) -> Tuple[torch.Tensor, ...]:
         """Zero-size groups: nothing to launch; a reduction over nothing is computed by the ATen reference."""

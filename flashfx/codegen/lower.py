@@ -167,8 +167,9 @@ class Plan:
 class _Lowerer:
     def __init__(self, name: str, nodes: Sequence[fx.Node], P: Shape, rdims: Sequence[int],
                  find_symbol: Callable[[sympy.Symbol], Optional[fx.Node]],
-                 shifted: Sequence[fx.Node] = ()) -> None:
+                 shifted: Sequence[fx.Node] = (), colsums: Sequence[fx.Node] = ()) -> None:
         self.plan = Plan(name, tuple(P), tuple(sorted(rdims)))
+        self.colsums = set(colsums)  # sums over the rows: kind "col", reduced across programs by the launcher
         self.members = set(nodes)
         self.nodes = list(nodes)
         self.shifted = set(shifted)  # members only a `cat` reads: lowered inside the cat, once per operand range
@@ -252,6 +253,8 @@ class _Lowerer:
             elif packet in UNIT_VIEWS:
                 self.env[node] = self.plan.value(self.env[node.args[0]]).name if node.args[0] in self.members \
                     else self.load_own(node.args[0]).name
+            elif node in self.colsums:
+                self.env[node] = self.column_sum(node)
             elif packet in REDUCTIONS:
                 self.env[node] = self.reduction(node, packet)
             elif pw.is_pointwise(node.target):
@@ -364,6 +367,14 @@ class _Lowerer:
                      mean=packet is aten.mean)
         return v.name
 
+    def column_sum(self, node: fx.Node) -> str:
+        src = node.args[0]
+        if src not in self.members or self.node_kind(src) != "full":
+            raise LoweringError(f"{node.name}: a column sum must reduce a full value of its group")
+        operand = self._upcast(self.plan.value(self.env[src]))
+        return self.new(op="colsum", kind="col", dtype=torch.float32, expr=operand.expr,
+                        deps=(operand.expr.split(".")[0],), source=node.name).name
+
     def load_own(self, node: fx.Node) -> Value:
         """Load an outside tensor by its own shape (it is P, or P's rows, up to size-1 dims)."""
         kind = classify(shape_of(node), self.plan.P, self.plan.rdims)
@@ -383,6 +394,9 @@ class _Lowerer:
     def outputs(self) -> None:
         for node in self.nodes:
             if all(u in self.members for u in node.users):
+                continue
+            if node in self.colsums:  # partials [programs, rnumel]; the launcher sums them
+                self.plan.outputs.append(TensorArg(node, (), "col", val(node).dtype, value=self.env[node]))
                 continue
             kind = self.node_kind(node)
             dmap = map_to_p(shape_of(node), self.plan.P, self.plan.rdims, kind)
@@ -419,7 +433,7 @@ class _Lowerer:
 
 def lower_group(name: str, nodes: Sequence[fx.Node], P: Shape, rdims: Sequence[int],
                 find_symbol: Callable[[sympy.Symbol], Optional[fx.Node]] = lambda s: None,
-                shifted: Sequence[fx.Node] = ()) -> Plan:
+                shifted: Sequence[fx.Node] = (), colsums: Sequence[fx.Node] = ()) -> Plan:
     """Lower `nodes` (in graph order) iterating over `P`, reducing `rdims`, into a Plan. `shifted` members are
     pointwise ops that only a `cat` in the group reads (they are computed per cat operand range)."""
-    return _Lowerer(name, nodes, P, rdims, find_symbol, shifted).lower()
+    return _Lowerer(name, nodes, P, rdims, find_symbol, shifted, colsums).lower()

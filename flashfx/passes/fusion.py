@@ -62,6 +62,7 @@ class _Partitioner:
         self.group_of: Dict[fx.Node, _Group] = {}
         self.claimed: Set[fx.Node] = set()  # taken by a matmul-epilogue group
         self.shifted: Set[fx.Node] = set()  # pointwise ops only a cat reads: computed inside the cat's kernel
+        self.colsums: Set[fx.Node] = set()  # sums over a row group's rows (weight gradients): per-program partials
         self.epoch: Dict[fx.Node, int] = {}
         e = 0
         for n in self.nodes:
@@ -172,7 +173,7 @@ class _Partitioner:
                 continue
             if kind == "red":
                 space = self.reduced_space(node)
-                if space is None:
+                if space is None or self.take_column_sum(node, space, epoch):
                     continue
             elif kind == "cat":
                 self.take_cat(node, epoch)
@@ -183,8 +184,8 @@ class _Partitioner:
             self.group_of[node] = group
             producers = {self.group_of[a].root() for a in node.all_input_nodes if a in self.group_of}
             for g in sorted(producers, key=lambda g: -len(g.members)):
-                if g.epoch != epoch:
-                    continue
+                if g.epoch != epoch or any(a in self.colsums and a in g.members for a in node.all_input_nodes):
+                    continue  # a column sum is finished only after the kernel: nothing in it can read it
                 merged = self.merge_space((g.P, g.rdims), (group.P, group.rdims))
                 if merged is None or self.creates_cycle(set(g.members) | set(group.members)):
                     continue
@@ -203,6 +204,28 @@ class _Partitioner:
         for g in roots.values():
             g.members.sort(key=self.index.get)
         return sorted(roots.values(), key=lambda g: self.index[g.members[0]])
+
+    def take_column_sum(self, node: fx.Node, space: Tuple, epoch: int) -> bool:
+        """A sum over exactly the rows of its input's row group (a norm's weight gradient) joins that group: each
+        program adds its rows into a partial, so `dy * x_hat` is never written to HBM."""
+        src = node.args[0]
+        if node.target is not aten.sum.dim_IntList or src not in self.group_of or src in self.colsums:
+            return False
+        g = self.group_of[src].root()
+        P, sum_dims = space
+        cols = tuple(d for d in range(len(P)) if d not in sum_dims)
+        # only into a group that already reduces its rows: a plain sum over the leading dims is a row reduction
+        # of its own (taking it as a column sum would split the row group that follows)
+        if g.epoch != epoch or g.P != P or not cols or g.rdims != cols:
+            return False
+        if not node.meta["val"].dtype.is_floating_point or not node.meta["val"].is_contiguous():
+            return False
+        if any(m.target is aten.cat.default for m in g.members) or self.creates_cycle(set(g.members) | {node}):
+            return False
+        g.members = sorted(g.members + [node], key=self.index.get)
+        self.group_of[node] = g
+        self.colsums.add(node)
+        return True
 
     def take_cat(self, node: fx.Node, epoch: int) -> None:
         """A cat starts a pointwise group over its output; operands computed only for it come along (shifted)."""
@@ -452,7 +475,8 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         name = _group_name(group.members, index)
         try:
             plan = lower_group(name, group.members, group.P, group.rdims, placeholders.get,
-                               [m for m in group.members if m in part.shifted])
+                               [m for m in group.members if m in part.shifted],
+                               [m for m in group.members if m in part.colsums])
             kernel = FusedKernel(plan, str(ctx.config.cache_dir), ctx.config.autotune)
             src, _ = kernel.variant(kernel.meta_signature())
         except LoweringError as e:

@@ -126,3 +126,24 @@ def test_dynamic_sequence_length_reuses_the_kernel(tmp_path):
     assert [c.stage for c in backend.contexts] == ["forward", "backward"]  # compiled once for every length
     kernels = [s for c in backend.contexts for _, s in c.artifacts["kernels"]]
     assert kernels and all("xnumel" in s for s in kernels)
+
+
+@pytest.mark.parametrize("looped", [False, True])
+def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch, looped):
+    if looped:
+        monkeypatch.setattr(autotune, "PERSISTENT_MAX_RBLOCK", 16)
+
+    def fn(x, w, b, g):
+        x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+        return torch.autograd.grad(F.layer_norm(h, (h.shape[-1],), w, b), (x, w, b), g)
+
+    xs = [torch.randn(3, 11, 40), torch.randn(40), torch.randn(40), torch.randn(3, 11, 40)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.groups"] == 1  # forward recompute, dx and both weight gradients
+    [k] = [n.target for n in kernel_nodes(gm)]
+    assert sum(o.kind == "col" for o in k.plan.outputs) == 2
+    sums = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList]
+    assert [n.args[0].name for n in sums] == ["g_1"]  # only the bias gradient, a sum of an input, stays ATen
+    assert_close(gm(*xs), fn(*xs))
+    assert_close(gm(*xs), fn(*xs))  # the launch fast path zeroes the partials too

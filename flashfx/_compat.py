@@ -41,3 +41,12 @@ def triton_version() -> str:
     import triton
 
     return triton.__version__
+
+
+def autotune_disk_cache_kwargs() -> dict:
+    """Keyword arguments that make `triton.autotune` keep its results on disk, where this Triton can (>= 3.2)."""
+    import inspect
+
+    import triton
+
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}

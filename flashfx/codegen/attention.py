@@ -39,6 +39,7 @@ import sympy
 import torch
 from torch import Tensor
 
+from flashfx import _compat
 from flashfx._compat import triton_runs_on
 from flashfx.rewriter.cost import NodeCost, node_value, numel, register_cost, tensor_bytes
 
@@ -226,15 +227,6 @@ _SPACES = {
 }
 
 
-def _autotune_kwargs() -> dict:
-    import inspect
-
-    import triton
-
-    # Triton >= 3.2 can keep autotune results on disk (keyed by kernel source, key and configs).
-    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-
-
 def _kernels(big_head: bool) -> Any:
     # FLASHFX_ATTENTION_TUNE=0: one default config per kernel (no autotuning: quick correctness runs).
     # FLASHFX_ATTENTION_CONFIG=i: only the i-th config of each kernel (to fill Triton's compile cache from
@@ -264,7 +256,7 @@ def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> An
         return space if only is None else [space[only % len(space)]]
 
     key = ["D_PAD", "IS_CAUSAL", "BIAS_KIND", "DROPOUT", "SINGLE_LOOP", "L_BUCKET", "S_BUCKET"]
-    extra = _autotune_kwargs()
+    extra = _compat.autotune_disk_cache_kwargs()
     return types.SimpleNamespace(
         fwd=triton.autotune(configs("fwd"), key=key, **extra)(K._attn_fwd_kernel),
         dkdv=triton.autotune(configs("dkdv"), key=key + ["ATOMIC_DQ"], **extra)(K._bwd_dkdv_kernel),

@@ -421,9 +421,11 @@ def verdicts(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
         peers = {p: r for p, r in ok.items() if not _is_flashfx(p)}
         broken = [p for p, r in rows.items() if _is_flashfx(p) and r.get("status") == "failed"]
         if not fx:
-            what = "failed" if broken else "was not run"
-            lines.append(f"- **{wl}**: flashfx {what} here, so it loses by default"
-                         + (f" ({', '.join(broken)} failed)." if broken else "."))
+            if broken:
+                lines.append(f"- **{wl}**: every flashfx variant run here failed ({', '.join(broken)}): "
+                             "**flashfx loses**.")
+            else:
+                lines.append(f"- **{wl}**: flashfx not measured in this run (see the table for why).")
             continue
         best_fx = min(fx, key=lambda p: fx[p]["ms"])
         text = f"- **{wl}**: best flashfx variant `{best_fx}` {fx[best_fx]['ms']:.2f} ms"
@@ -527,8 +529,8 @@ def summary_text(records: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-METHOD = """Whole models, every provider side by side in one process per workload (`python bench/run.py`, i.e.
-`flashfx bench`; JSON lines under `bench/results/`). Times are medians of CUDA-event timings after warm-up, with
+METHOD = """Whole models, providers side by side in one process (`python bench/run.py`, i.e. `flashfx bench`; JSON
+lines under `bench/results/`; Liger-Kernel rows run last because its patch changes the model classes). Times are medians of CUDA-event timings after warm-up, with
 the 20th–80th percentile range; peak memory is `torch.cuda.max_memory_allocated` over one step, weights included;
 compile time is the first call minus one steady-state call with empty on-disk kernel caches (cold) and, where
 shown, again after `torch._dynamo.reset()` with those caches filled (warm). Numerics compare each provider with the
@@ -571,6 +573,8 @@ def plot(results: Dict[str, Dict[str, Dict[str, Any]]], img_dir: str, title: str
     for wl, rows in results.items():
         names = list(rows)
         ok = [rows[p].get("status") == "ok" for p in names]
+        if sum(ok) < 2:  # nothing to compare: no plot
+            continue
         ms = [rows[p]["ms"] if k else 0.0 for p, k in zip(names, ok)]
         lo = [rows[p]["ms"] - rows[p]["ms_p20"] if k else 0.0 for p, k in zip(names, ok)]
         hi = [rows[p]["ms_p80"] - rows[p]["ms"] if k else 0.0 for p, k in zip(names, ok)]
@@ -602,8 +606,9 @@ def _render(records: Sequence[Dict[str, Any]], args: argparse.Namespace) -> int:
     doc_dir = os.path.dirname(os.path.abspath(args.docs))
     rel = {wl: os.path.relpath(p, doc_dir) for wl, p in img.items()}
     if not rel and not meta.get("tiny"):  # keep links to plots already made (matplotlib absent here)
-        rel = {wl: os.path.relpath(os.path.join(args.img_dir, f"bench_{wl}.png"), doc_dir) for wl in results
-               if os.path.exists(os.path.join(args.img_dir, f"bench_{wl}.png"))}
+        rel = {wl: os.path.relpath(os.path.join(args.img_dir, f"bench_{wl}.png"), doc_dir) for wl, rows in results.items()
+               if os.path.exists(os.path.join(args.img_dir, f"bench_{wl}.png"))
+               and sum(r.get("status") == "ok" for r in rows.values()) >= 2}
     update_doc(args.docs, render_section(records, rel))
     print(f"updated {args.docs}" + (f" and {len(img)} plots in {args.img_dir}" if img else ""), file=sys.stderr)
     return 0

@@ -172,6 +172,26 @@ def test_plan_runs_liger_last_and_keeps_the_eager_reference(monkeypatch, tmp_pat
     assert liger["b"]["reference"] == "eager" and liger["b"]["max_rel_err"] == 0.0
 
 
+def test_loss_only_wrapper_returns_the_models_loss_and_shares_parameters():
+    class Out:
+        def __init__(self, loss, logits):
+            self.loss, self.logits = loss, logits
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x, labels):
+            logits = self.head(x)
+            return Out(torch.nn.functional.cross_entropy(logits, labels), logits)
+    lm = LM()
+    x, y = torch.randn(5, 4), torch.tensor([0, 2, 1, 1, 0])
+    wrapped = common.LossOnly(lm)
+    assert torch.equal(wrapped(x=x, labels=y), lm(x, labels=y).loss)
+    assert [p is q for p, q in zip(wrapped.parameters(), lm.parameters())] == [True, True]
+
+
 def test_hf_llama_tiny_end_to_end_on_cpu(tmp_path):
     """The real workload path (HF model build, providers, JSON lines) at tiny size: eager vs SDPA agree."""
     out = tmp_path / "r.jsonl"

@@ -192,6 +192,47 @@ def test_loss_only_wrapper_returns_the_models_loss_and_shares_parameters():
     assert [p is q for p, q in zip(wrapped.parameters(), lm.parameters())] == [True, True]
 
 
+def test_isolated_runner_records_a_crash_and_restarts_for_the_rest(monkeypatch, tmp_path):
+    """A child that dies mid-provider costs that provider alone; a fresh child gets the remaining pairs."""
+    out = str(tmp_path / "r.jsonl")
+    plans = []
+
+    def fake_spawn(cmd, timeout):
+        plan = [tuple(p) for p in json.loads(cmd[cmd.index("--plan") + 1])]
+        plans.append(plan)
+        for i, (wl, p) in enumerate(plan):
+            common.append_jsonl(out, {"type": "event", "run_id": "r1", "workload": wl, "provider": p,
+                                      "status": "started"})
+            if len(plans) == 1 and i == 1:  # the first child dies in its second provider
+                return -11, ["[bench 3.0s] a · sdpa: compiling\n", "Segmentation fault\n"], False
+            common.append_jsonl(out, {"type": "result", "run_id": "r1", "workload": wl, "provider": p,
+                                      "status": "ok", "ms": 1.0})
+        return 0, [], False
+    monkeypatch.setattr(run, "_spawn", fake_spawn)
+    args = run.parse_args(["llama-train", "--no-docs"])
+    plan = [("a", "eager"), ("a", "sdpa"), ("b", "eager"), ("a", "liger")]
+    run._run_isolated(plan, args, out, "r1", None, {})
+    assert plans == [plan, [("b", "eager"), ("a", "liger")]]
+    results = {(r["workload"], r["provider"]): r for r in common.read_jsonl(out) if r["type"] == "result"}
+    assert set(results) == set(plan)
+    assert results[("a", "sdpa")]["status"] == "failed"
+    assert results[("a", "sdpa")]["error"] == "process died (exit -11): Segmentation fault"
+
+
+def test_isolated_runner_marks_the_rest_skipped_at_the_budget(monkeypatch, tmp_path):
+    out = str(tmp_path / "r.jsonl")
+
+    def fake_spawn(cmd, timeout):
+        common.append_jsonl(out, {"type": "event", "run_id": "r1", "workload": "a", "provider": "eager",
+                                  "status": "started"})
+        return -9, ["[bench 99.0s] a · eager: compiling\n"], True
+    monkeypatch.setattr(run, "_spawn", fake_spawn)
+    run._run_isolated([("a", "eager"), ("a", "sdpa")], run.parse_args(["--no-docs"]), out, "r1", 0.0, {})
+    results = [(r["provider"], r["status"], r["error"]) for r in common.read_jsonl(out) if r["type"] == "result"]
+    assert results == [("eager", "timeout", "unfinished at the time budget (was compiling)"),
+                       ("sdpa", "skipped", "time budget spent")]
+
+
 def test_hf_llama_tiny_end_to_end_on_cpu(tmp_path):
     """The real workload path (HF model build, providers, JSON lines) at tiny size: eager vs SDPA agree."""
     out = tmp_path / "r.jsonl"

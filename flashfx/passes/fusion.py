@@ -159,8 +159,29 @@ class _Partitioner:
                     stack.append(a)
         return False
 
+    def is_column_reduction(self, node: fx.Node, space: Tuple) -> bool:
+        """A sum over leading dims of a value whose group reduces nothing yet (a weight gradient met before the
+        row reductions of its norm's backward)."""
+        P, rdims = space
+        src = node.args[0]
+        return node.target is aten.sum.dim_IntList and (len(P) - 1) not in rdims and src in self.group_of \
+            and not self.group_of[src].root().rdims
+
+    def place_postponed(self, postponed: List[Tuple[fx.Node, Tuple, int]]) -> None:
+        for node, space, epoch in postponed:
+            if self.take_column_sum(node, space, epoch):
+                continue
+            g = self.group_of[node.args[0]].root()
+            if g.rdims or g.P != space[0] or g.epoch != epoch or self.creates_cycle(set(g.members) | {node}) \
+                    or any(m.target is aten.cat.default for m in g.members):
+                continue  # stays an ATen sum
+            g.rdims = space[1]
+            g.members = sorted(g.members + [node], key=self.index.get)
+            self.group_of[node] = g
+
     def partition(self) -> List[_Group]:
         epoch = 0
+        postponed: List[Tuple[fx.Node, Tuple, int]] = []
         for node in self.nodes:
             if _is_mutating(node):
                 epoch += 1
@@ -174,6 +195,9 @@ class _Partitioner:
             if kind == "red":
                 space = self.reduced_space(node)
                 if space is None or self.take_column_sum(node, space, epoch):
+                    continue
+                if self.is_column_reduction(node, space):
+                    postponed.append((node, space, epoch))  # decide once the row reductions have their groups
                     continue
             elif kind == "cat":
                 self.take_cat(node, epoch)
@@ -200,6 +224,7 @@ class _Partitioner:
                 group = g
             for m in group.members:
                 self.group_of[m] = group
+        self.place_postponed(postponed)
         roots = {id(g.root()): g.root() for g in self.group_of.values()}
         for g in roots.values():
             g.members.sort(key=self.index.get)
@@ -313,6 +338,8 @@ def _claim_matmul(part: _Partitioner, anchor: fx.Node) -> Optional[Tuple[List[fx
             continue
         if not me.flat_ok(shape, M, N) or not node.meta["val"].is_contiguous():
             continue
+        if any(part.kind(u) == "red" for u in node.users):
+            continue  # it feeds a reduction: its place is in that reduction's kernel (a norm's backward)
         if len(shape) != 2:
             if view_shape is not None and tuple(shape) != view_shape:
                 continue

@@ -13,7 +13,6 @@ backward. The rules the partitioner keeps:
 """
 from __future__ import annotations
 
-import heapq
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -427,29 +426,6 @@ def _devices(gm: fx.GraphModule) -> Set[torch.device]:
     return devices
 
 
-def _topological_sort(graph: fx.Graph) -> None:
-    """Reorder nodes so every node follows its inputs, keeping the original order wherever it is free."""
-    nodes = list(graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    indeg = {n: len(set(n.all_input_nodes)) for n in nodes}
-    ready = [(index[n], n.name) for n in nodes if indeg[n] == 0]
-    by_name = {n.name: n for n in nodes}
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        _, name = heapq.heappop(ready)
-        n = by_name[name]
-        order.append(n)
-        for u in n.users:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                heapq.heappush(ready, (index[u], u.name))
-    assert len(order) == len(nodes), "fusion created a cycle"
-    if order != nodes:
-        for a, b in zip(order, order[1:]):
-            a.append(b)
-
-
 def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Fuse pointwise / reduction groups of an ATen graph into generated Triton kernels.
 
@@ -464,7 +440,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         why = f"Triton cannot run on {', '.join(bad)}" if bad else "the graph has no tensors"
         ctx.notes.append(f"fusion: {why} (CUDA, or the CPU with TRITON_INTERPRET=1); the graph stays ATen")
         return PassResult(gm, False)
-    from flashfx.codegen import decompose, fallback
+    from flashfx.codegen import decompose, fallback, splice
     from flashfx.codegen.kernel import FusedKernel
     from flashfx.codegen.lower import LoweringError, lower_group
 
@@ -517,8 +493,8 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             group.members, [t.node for t in plan.inputs] + list(plan.scalars), [o.node for o in plan.outputs]),
             len(plan.inputs) + len(plan.scalars))
         index += 1
-        _replace(gm, group.members, plan, kernel)
-        _register_cost(kernel, before, after, group.members)
+        splice.replace_group(gm, group.members, plan, kernel)
+        splice.register_kernel_cost(kernel, group.members)
         kernels.append((name, src.source))
         fused |= members
         ctx.count("fusion.groups")
@@ -542,7 +518,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             1 + len(plan.bs) + len(plan.inputs) + len(plan.scalars))
         kernel.fallback.on_fallback = kernel._reference
         index += 1
-        _replace_matmul(gm, kernel)
+        splice.replace_matmul_group(gm, kernel)
         kernels.append((name, src))
         fused |= set(mms) | set(members)
         ctx.count("fusion.matmul_epilogues")
@@ -551,7 +527,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         modified = True
     _decline_neighbours(gm, part, fused, ctx)
     if modified:
-        _topological_sort(gm.graph)
+        splice.topological_sort(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, modified)
@@ -559,72 +535,14 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _matmul_kernel(name: str, mms: List[fx.Node], members: List[fx.Node], ctx: PassContext) -> Tuple[Any, str]:
     from flashfx.codegen import matmul_epilogue as me
+    from flashfx.codegen import splice
 
     plan = me.lower_matmul(name, mms, members)
     kernel = me.MatmulKernel(plan, str(ctx.config.cache_dir), ctx.config.autotune)
     src, _ = kernel.source(ieee=plan.a.meta["val"].dtype == torch.float32 and
                            not torch.backends.cuda.matmul.allow_tf32)
-    flops = sum((cost_model.node_cost(m).flops for m in mms + members), sympy.Integer(0))
-
-    @cost_model.register_cost(kernel)
-    def _cost(node: fx.Node, inputs: List[Any], output: Any) -> cost_model.NodeCost:
-        read = sum((cost_model.tensor_bytes(t) for v in inputs for t in cost_model._tensors(v)), sympy.Integer(0))
-        write = sum((cost_model.tensor_bytes(t) for t in cost_model._tensors(output)), sympy.Integer(0))
-        return cost_model.NodeCost(flops, read, write)
-
+    splice.register_kernel_cost(kernel, list(mms) + list(members))
     return kernel, src
-
-
-def _replace_matmul(gm: fx.GraphModule, kernel: Any) -> None:
-    plan = kernel.plan
-    graph = gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    members = sorted(set(plan.mms) | set(plan.members), key=order.get)
-    template = plan.mms[0].meta["val"]
-    with graph.inserting_after(members[-1]):
-        call = graph.call_function(kernel, (plan.a, *plan.bs, *plan.inputs, *plan.scalars))
-    call.meta["val"] = tuple(template.new_empty(template.shape, dtype=n.meta["val"].dtype) for _, n in plan.outputs)
-    prev = call
-    for i, (_, node) in enumerate(plan.outputs):
-        with graph.inserting_after(prev):
-            item = graph.call_function(operator.getitem, (call, i))
-        item.meta["val"] = call.meta["val"][i]
-        result = item
-        if len(node.meta["val"].shape) != 2:  # back to the node's [..., N] shape, with the graph's own size args
-            with graph.inserting_after(item):
-                result = graph.call_function(aten.view.default, (item, list(plan.view_shape)))
-            result.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(result, delete_user_cb=lambda u, keep=(item, result): u not in keep)
-        prev = result
-    for m in reversed(members):
-        graph.erase_node(m)
-
-
-def _replace(gm: fx.GraphModule, members: List[fx.Node], plan: Any, kernel: Any) -> None:
-    graph = gm.graph
-    args = tuple(t.node for t in plan.inputs) + tuple(plan.scalars)
-    with graph.inserting_after(members[-1]):
-        call = graph.call_function(kernel, args)
-    call.meta["val"] = tuple(o.node.meta["val"] for o in plan.outputs)
-    prev = call
-    for i, o in enumerate(plan.outputs):
-        with graph.inserting_after(prev):
-            item = graph.call_function(operator.getitem, (call, i))
-        item.meta["val"] = o.node.meta["val"]
-        o.node.replace_all_uses_with(item, delete_user_cb=lambda u: u is not item)
-        prev = item
-    for m in reversed(members):
-        graph.erase_node(m)
-
-
-def _register_cost(kernel: Any, before: Any, after: Any, members: List[fx.Node]) -> None:
-    flops = sum((cost_model.node_cost(m).flops for m in members), sympy.Integer(0))
-
-    @cost_model.register_cost(kernel)
-    def _cost(node: fx.Node, inputs: List[Any], output: Any) -> cost_model.NodeCost:
-        read = sum((cost_model.tensor_bytes(t) for v in inputs for t in cost_model._tensors(v)), sympy.Integer(0))
-        write = sum((cost_model.tensor_bytes(t) for t in cost_model._tensors(output)), sympy.Integer(0))
-        return cost_model.NodeCost(flops, read, write)
 
 
 def _decline_neighbours(gm: fx.GraphModule, part: _Partitioner, fused: Set[fx.Node], ctx: PassContext) -> None:

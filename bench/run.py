@@ -17,7 +17,6 @@ import collections
 import datetime
 import importlib
 import json
-import math
 import os
 import subprocess
 import sys

@@ -344,7 +344,18 @@ def _prob_dropout(node: fx.Node, prev: fx.Node) -> bool:
     return found is not None and found[0] is prev
 
 
-PROB_OPS: Dict[str, Callable[[fx.Node, fx.Node], bool]] = {"cast": _prob_cast, "dropout": _prob_dropout}
+def _is_copy(node: Any) -> bool:
+    """`x.contiguous()` / `x.clone()`: the same values (only the layout may change)."""
+    return is_call(node, (torch.clone,), ("contiguous", "clone")) and len(node.args) == 1
+
+
+def _prob_copy(node: fx.Node, prev: fx.Node) -> bool:
+    return _is_copy(node) and node.args[0] is prev
+
+
+PROB_OPS: Dict[str, Callable[[fx.Node, fx.Node], bool]] = {
+    "cast": _prob_cast, "dropout": _prob_dropout, "copy": _prob_copy,
+}
 
 
 def _find_pv(softmax: fx.Node) -> Optional[List[fx.Node]]:
@@ -380,7 +391,7 @@ def _score_scale(node: fx.Node, walk: _Walk) -> Optional[fx.Node]:
 
 
 def _score_cast(node: fx.Node, walk: _Walk) -> Optional[fx.Node]:
-    return node.args[0] if is_dtype_cast(node) else None
+    return node.args[0] if is_dtype_cast(node) or _is_copy(node) else None
 
 
 def _score_add(node: fx.Node, walk: _Walk) -> Optional[fx.Node]:
@@ -442,7 +453,7 @@ def _reaches_matmul(node: Any, depth: int = 0) -> bool:
         return True
     if _scalar_factor(node) is not None:
         return _reaches_matmul(_scalar_factor(node)[0], depth + 1)
-    if is_dtype_cast(node) or (is_call(node, *MASKED_FILL) and len(node.args) == 3):
+    if is_dtype_cast(node) or _is_copy(node) or (is_call(node, *MASKED_FILL) and len(node.args) == 3):
         return _reaches_matmul(node.args[0], depth + 1)
     if is_call(node, *ADD) and len(node.args) == 2:
         return any(_reaches_matmul(a, depth + 1) for a in node.args)

@@ -129,6 +129,11 @@ def upcast_and_back(q, k, v):
     return torch.softmax(s.float(), dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
+def contiguous_copies(q, k, v):
+    s = (q @ k.transpose(-2, -1)).contiguous() * 0.25
+    return torch.softmax(s, -1).contiguous().clone() @ v
+
+
 def dropout_eval(q, k, v):
     p = F.dropout(torch.softmax(q @ k.transpose(-2, -1) * 0.25, -1), p=0.1, training=False)
     return p @ v
@@ -174,6 +179,7 @@ EXPLICIT = {
     "alibi_bias": (alibi_bias, ("slopes",), H, False, 0.25),
     "upcast_and_back": (upcast_and_back, (), H, False, 0.25),
     "dropout_eval": (dropout_eval, (), H, False, 0.25),
+    "contiguous_copies": (contiguous_copies, (), H, False, 0.25),
     "gqa_repeat_kv": (gqa_repeat_kv, (), 1, False, 0.25),
     "gqa_repeat_interleave": (gqa_repeat_interleave, (), 1, False, 0.25),
     "gqa_expand_flatten": (gqa_expand_flatten, (), 1, False, 0.25),

@@ -124,7 +124,9 @@ class _Emitter:
             return [f"rcol = {rcol}",
                     f"pcol = out{k}_ptr + tl.program_id(0) * rnumel + rcol",
                     f"tl.store(pcol, tl.load(pcol, mask=rcol < rnumel) + "
-                    f"tl.sum(tl.where(xrmask, {v.deps[0]}, 0.0), 0), mask=rcol < rnumel)  # {out.node.name}"]
+                    f"tl.sum(tl.where(xrmask, {v.deps[0]}, 0.0), 0), mask=rcol < rnumel)  # {out.node.name}",
+                    # the next read of this row may come from another thread of the program
+                    "tl.debug_barrier()"]
         expr = v.name
         if out.kind != v.kind and out.kind != "scalar":
             shape = "[XBLOCK, RBLOCK]" if (self.reduction and out.kind == "full") else \

@@ -12,8 +12,11 @@ Runs on the canonical torch-level graph (after `flashfx.rewriter.canonicalize`).
   (packed in-projection, key_padding_mask / attn_mask / is_causal, dropout; not bias_k/bias_v, add_zero_attn,
   separate projection weights, or used attention weights): split into projections + the op + out-projection.
 
-K/V repeated for grouped-query attention (`repeat_kv`: unsqueeze → expand → reshape, or `repeat_interleave` on the
-head dim) are passed un-repeated: the op reads kv head h // (Hq // Hkv), never materialising the repeat.
+K/V repeated for grouped-query attention (`repeat_kv`: unsqueeze → expand → reshape / flatten, or
+`repeat_interleave` on the head dim) are passed un-repeated: the op reads kv head h // (Hq // Hkv), never
+materialising the repeat. Masks are made cheap to read: a causal mask built in the graph (arange comparisons,
+tril/triu) becomes `is_causal=True`, and a bool AND-tree (HF's `causal & padding`, expanded to [B, 1, L, S]) becomes
+is_causal plus its small terms ([B, 1, 1, S]); all-true terms are dropped.
 
 Decisions (also in flashfx/passes/README.md):
 - Rows whose every key is masked: the op outputs 0. Eager softmax gives NaN there with -inf masks (SDPA gives 0),
@@ -891,6 +894,14 @@ def _combine_masks(site: Site, call: Callable[..., fx.Node]) -> Optional[fx.Node
 
 # ----------------------------------------------------------------------------------------------- the pass
 
+# form -> (the functions its anchor node calls, matcher(anchor) -> Site | MHA arguments | None, or raises Decline)
+FORMS: Dict[str, Tuple[Tuple[Any, ...], Callable[[fx.Node], Any]]] = {
+    "explicit": ((torch.softmax,), _match_explicit),
+    "sdpa": (SDPA_FUNCTIONS, _match_sdpa),
+    "mha": (MHA_FUNCTIONS, _match_mha),
+}
+
+
 def attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace every provable attention in `gm` by `torch.ops.flashfx.attention` (counts `attention.replaced`)."""
     if getattr(ctx.config, "attention", "exact") == "off":
@@ -901,15 +912,11 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in list(graph.nodes):
         if getattr(node, "_erased", False) or node.op not in ("call_function", "call_method"):
             continue
+        form = next((name for name, (anchor, _) in FORMS.items() if is_call(node, anchor)), None)
+        if form is None:
+            continue
         try:
-            if is_call(node, (torch.softmax,)):
-                site = _match_explicit(node)
-            elif is_call(node, SDPA_FUNCTIONS):
-                site = _match_sdpa(node)
-            elif is_call(node, MHA_FUNCTIONS):
-                site = _match_mha(node)
-            else:
-                continue
+            site = FORMS[form][1](node)
             if site is None:
                 continue
             op = op or _attention_op()

@@ -511,6 +511,9 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             ctx.decline(PASS, mms[0], f"matmul epilogue not generated: {e}")
             continue
         plan = kernel.plan
+        everything = sorted(set(mms) | set(members), key=part.index.get)
+        before, after = _group_io(_Group(everything, (), (), 0), set(everything))
+        saved = _bytes(before - after, hints)
         a_nodes = {(m.args[1] if m.target is aten.addmm.default else m.args[0]): plan.a for m in mms}
         kernel.fallback = fallback.Fallback(name, fallback.extract(
             sorted(set(mms) | set(members), key=part.index.get),
@@ -522,6 +525,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kernels.append((name, src))
         fused |= set(mms) | set(members)
         ctx.count("fusion.matmul_epilogues")
+        ctx.count("fusion.bytes_saved", int(saved) if saved == saved else 0)
         ctx.count("fusion.groups")
         ctx.count("fusion.nodes_fused", len(mms) + sum(part.kind(m) == "pw" for m in members))
         modified = True

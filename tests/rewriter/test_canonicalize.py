@@ -169,3 +169,31 @@ def test_canonical_graph_is_a_fixed_point():
     assert canonicalize(g.gm, ctx).modified
     again = PassContext(Config())
     assert not canonicalize(g.gm, again).modified and not again.counters
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+_STEPS = {
+    "transpose": lambda t, a, b: t.transpose(a, b),
+    "swapaxes": lambda t, a, b: torch.swapaxes(t, a, b),
+    "mT": lambda t, a, b: t.mT,
+    "permute_roll": lambda t, a, b: t.permute(*[(i + a) % t.dim() for i in range(t.dim())]),
+}
+
+
+@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.given(st.lists(st.tuples(st.sampled_from(sorted(_STEPS)), st.integers(-4, 3), st.integers(-4, 3)),
+                           min_size=1, max_size=4))
+def test_chains_of_permutations_become_one_permute(steps):
+    torch._dynamo.reset()
+
+    def fn(t):
+        for name, a, b in steps:
+            t = _STEPS[name](t, a, b)
+        return (t * 2.0,)
+
+    ctx, gm, _ = run(fn, torch.randn(2, 3, 4, 5))
+    perms = [n for n in calls(gm) if n.target is torch.permute]
+    assert len(perms) <= 1  # the whole chain composed into one view
+    assert all(n.target in (torch.permute, operator.mul) for n in calls(gm))

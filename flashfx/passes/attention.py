@@ -737,7 +737,8 @@ def _unrepeat(node: Any) -> Optional[Tuple[fx.Node, int, List[fx.Node]]]:
     if not isinstance(n_rep, int):
         return None
     kept = [e.shape[i] for i in (0, 1, 3, 4)]
-    if not same_shape(kept, s.shape) or not same_size(t.shape[1], s.shape[1] * n_rep):
+    merged = [s.shape[0], s.shape[1] * n_rep, s.shape[2], s.shape[3]]
+    if not same_shape(kept, s.shape) or not same_shape(t.shape, merged):  # exactly dims 1 and 2 merged
         return None
     return src, n_rep, [node, expanded, unsq]
 
@@ -786,6 +787,7 @@ def _check_and_prepare(site: Site) -> None:
             raise Decline(site.out, f"head counts q={hq} k={hk} v={hv} are not grouped-query compatible")
     L, S = qt.shape[-2], k_shape[-2]
     target = torch.Size([*qt.shape[:-2], L, S])
+    site.masks = [_undo_negation(kind, mask) for kind, mask in site.masks]
     for kind, mask in site.masks:
         m = tensor(mask)
         if m is None or not _broadcastable(m, target):
@@ -825,6 +827,15 @@ def _check_and_prepare(site: Site) -> None:
         if kind == "float" and site.form == "explicit":
             site.notes.append(f"bias {mask.name}: a row whose every bias value is below -1e38 (finfo.min masks) "
                               "gives 0, where eager averages V (HF's sdpa path gives 0 too)")
+
+
+def _undo_negation(kind: str, mask: Any) -> Tuple[str, Any]:
+    """("masked", ~m) is ("attend", m): the op wants True = attend, and m may simplify further."""
+    negated = is_call(mask, (torch.logical_not, operator.invert), ("logical_not", "__invert__"))
+    if kind.startswith("masked") and negated and tensor(mask.args[0]) is not None \
+            and tensor(mask.args[0]).dtype == torch.bool:
+        return kind.replace("masked", "attend"), mask.args[0]
+    return kind, mask
 
 
 def _emit(graph: fx.Graph, site: Site, op: Any) -> fx.Node:
@@ -872,10 +883,8 @@ def _combine_masks(site: Site, call: Callable[..., fx.Node]) -> Optional[fx.Node
     terms = []
     for kind, mask in site.masks:
         kind = kind.replace("_finite", "")
-        if kind == "masked":  # the op wants True = attend: undo a `~m` instead of adding a second negation
-            negated = is_call(mask, (torch.logical_not, operator.invert), ("logical_not", "__invert__"))
-            undo = negated and tensor(mask.args[0]) is not None and tensor(mask.args[0]).dtype == torch.bool
-            mask = mask.args[0] if undo else call(torch.logical_not, mask)
+        if kind == "masked":  # the op wants True = attend (a `~m` was already undone when preparing)
+            mask = call(torch.logical_not, mask)
             kind = "attend"
         terms.append((kind, mask))
     if not terms:

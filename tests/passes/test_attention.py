@@ -254,6 +254,22 @@ def test_padding_mask_becomes_attend_mask():
     assert_close(before, after)
 
 
+def test_negated_causal_and_padding_mask():
+    """masked_fill(~(causal & keep), -inf): the negation is undone, then is_causal + the [B, 1, 1, S] padding."""
+    def fn(q, k, v, keep):
+        i = torch.arange(L)
+        allowed = (i[None, :] <= i[:, None]) & keep[:, None, None, :]
+        s = q @ k.transpose(-2, -1) * 0.25
+        return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[1, -2:] = False  # right padding: every row keeps key 0
+    ctx, (node,), before, after = rewrite(fn, *qkv(), keep)
+    assert node.args[4] is True
+    assert tuple(node.args[3].meta["val"].shape) == (B, 1, 1, L)
+    assert_close(before, after)
+
+
 def test_fp16_upcast_softmax():
     ctx, ops, before, after = rewrite(upcast_and_back, *qkv(dtype=torch.float16))
     assert counts(ctx) == (1, 0)

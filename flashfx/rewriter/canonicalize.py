@@ -159,10 +159,14 @@ def _einsum(node: fx.Node) -> Optional[Tuple[bool, bool]]:
         return None
     ins, arrow, out = node.args[0].replace(" ", "").partition("->")
     terms = ins.split(",")
+    if all(t.startswith("...") for t in (*terms, out)):  # leading broadcast dims: matmul broadcasts them the same
+        terms, out = [t[3:] for t in terms], out[3:]
     if not arrow or len(terms) != 2 or not all(_EINSUM_TERM.match(t) for t in (*terms, out)):
         return None
     ta, tb = terms
     if any(len(set(t)) != len(t) for t in (ta, tb, out)) or len(ta) < 2 or len(ta) != len(tb) or len(out) != len(ta):
+        return None
+    if tensor(node.args[1]).dim() != tensor(node.args[2]).dim():  # with "...", operands of different ranks
         return None
     batch, i, k = out[:-2], out[-2], out[-1]
     contracted = (set(ta) & set(tb)) - set(out)

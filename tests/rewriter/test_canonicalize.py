@@ -55,6 +55,7 @@ MATMULS = {
     "Tensor.bmm": lambda a, b: a[0].bmm(b[0]),
     "mm": lambda a, b: torch.mm(a[0, 0], b[0, 0]),
     "einsum": lambda a, b: torch.einsum("bhqd,bhdk->bhqk", a, b),
+    "einsum_ellipsis": lambda a, b: torch.einsum("...qd,...dk->...qk", a, b),
 }
 
 

@@ -178,6 +178,26 @@ class _Partitioner:
             g.members = sorted(g.members + [node], key=self.index.get)
             self.group_of[node] = g
 
+    def merge_siblings(self) -> None:
+        """Pointwise groups over the same space that read a common input become one kernel (RoPE on q and k with as
+        many k heads as q heads): the shared input is read once and one launch is saved."""
+        roots = list({id(g.root()): g.root() for g in self.group_of.values()}.values())
+        pointwise = [g for g in roots if not g.rdims and len(g.members) > 1]
+        for i, a in enumerate(pointwise):
+            if a.merged_into is not None:
+                continue
+            for b in pointwise[i + 1:]:
+                if b.merged_into is not None or a.P != b.P or a.epoch != b.epoch:
+                    continue
+                reads_a = {x for m in a.members for x in m.all_input_nodes if x not in a.members}
+                reads_b = {x for m in b.members for x in m.all_input_nodes if x not in b.members}
+                if not (reads_a & reads_b) or self.creates_cycle(set(a.members) | set(b.members)):
+                    continue
+                a.members = sorted(a.members + b.members, key=self.index.get)
+                b.merged_into = a
+                for m in b.members:
+                    self.group_of[m] = a
+
     def partition(self) -> List[_Group]:
         epoch = 0
         postponed: List[Tuple[fx.Node, Tuple, int]] = []
@@ -224,6 +244,7 @@ class _Partitioner:
             for m in group.members:
                 self.group_of[m] = group
         self.place_postponed(postponed)
+        self.merge_siblings()
         roots = {id(g.root()): g.root() for g in self.group_of.values()}
         for g in roots.values():
             g.members.sort(key=self.index.get)

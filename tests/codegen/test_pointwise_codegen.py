@@ -142,3 +142,14 @@ def test_cat_of_computed_and_broadcast_operands(tmp_path):
     gm, ctx = fuse_function(lambda a, b, c: fn(a, b, c.expand(3, 6, 4)), xs, tmp_path)
     assert ctx.counters["fusion.groups"] == 1
     assert_close(gm(*xs), fn(xs[0], xs[1], xs[2].expand(3, 6, 4)))
+
+
+def test_rope_on_q_and_k_with_as_many_heads_is_one_kernel(tmp_path):
+    def fn(q, k, cos, sin):
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    xs = [torch.randn(2, 7, 4, 18), torch.randn(2, 7, 4, 18), torch.randn(7, 18), torch.randn(7, 18)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.groups"] == 1  # siblings over one space sharing cos/sin: one launch
+    assert_close(gm(*xs), fn(*xs))

@@ -918,6 +918,8 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
     op = None
     changed = False
+    totals = [sympy.Integer(0), sympy.Integer(0)]  # HBM bytes of the replaced sites before / after
+    sites = 0
     for node in list(graph.nodes):
         if getattr(node, "_erased", False) or node.op not in ("call_function", "call_method"):
             continue
@@ -961,10 +963,17 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.count(f"{PASS}.replaced")
         ctx.count(f"{PASS}.{site.form}")
         after = _bytes(gm, [new])
+        totals[0] += before
+        totals[1] += after
+        sites += 1
         names = name_symbols(gm)
         ctx.notes.append(f"{new.name} ({site.form}{', causal' if site.is_causal else ''}): HBM bytes "
                          f"{before.subs(names)} -> {after.subs(names)}" + "".join(f"; {n}" for n in site.notes))
     if changed:
+        names = name_symbols(gm)
+        ctx.notes.insert(0, f"attention: {sites} site(s), HBM bytes "
+                            f"{sympy.simplify(totals[0]).subs(names)} -> {sympy.simplify(totals[1]).subs(names)} "
+                            "(each node of the matched chains run as its own kernel, vs the fused op)")
         graph.lint()
         gm.recompile()
     return PassResult(gm, changed)

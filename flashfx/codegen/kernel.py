@@ -3,6 +3,7 @@ strides the ATen graph promised, reads the symbolic sizes from its inputs, picks
 layouts it is given (contiguous run or strided, per tensor), and launches it with an autotuned config."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List, Sequence, Tuple
 
 import sympy
@@ -39,6 +40,13 @@ def _layout(plan: Plan, spec: Any, strides: Dict[int, Any], sizes: Sequence[Any]
     if contiguous and all(d in strides for d in space) and not spec.shift:
         return "c"
     return tuple(d for d in sorted(strides) if strides[d] != 0)
+
+
+def on_device(device: torch.device) -> Any:
+    """Triton launches on the current CUDA device: make it the tensors' one (a no-op on one GPU)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
 
 
 class FusedKernel:
@@ -115,7 +123,8 @@ class FusedKernel:
         outs = [torch.empty_strided(shape, stride, dtype=dtype, device=dev) if stride is not None else
                 torch.zeros(shape, dtype=dtype, device=dev) for shape, stride, dtype, dev in out_specs]
         call_args = [args[i] if kind == 0 else (outs[i] if kind == 1 else i) for kind, i in param_plan]
-        fn[grid](*call_args, **meta)
+        with on_device(out_specs[0][3]):
+            fn[grid](*call_args, **meta)
         return self._finish(outs, columns)
 
     @staticmethod
@@ -200,7 +209,8 @@ class FusedKernel:
             meta = {k: v for k, v in config.items() if k != "mode"}
             for k, _, _ in columns:  # partials accumulate: every launch starts from zero
                 outs[k].zero_()
-            fn[grid_of(config)](*[values[p] for p in src.params], **meta)
+            with on_device(device):
+                fn[grid_of(config)](*[values[p] for p in src.params], **meta)
 
         # one autotune entry per group source (its first mode's variant) and shape bucket
         first_sig, first_src, _ = variants[modes[0]]

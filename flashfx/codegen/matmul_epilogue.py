@@ -20,6 +20,7 @@ import triton
 
 from flashfx import _compat
 from flashfx.codegen import autotune, kernel_cache
+from flashfx.codegen.kernel import on_device
 from flashfx.codegen import pointwise as pw
 from flashfx.codegen.lower import CASTS, COMPARISONS, LoweringError, UNIT_VIEWS, shape_of, val
 from flashfx.codegen.pointwise import HELPERS, LOW_PRECISION, TL_DTYPES, compute_dtype
@@ -282,8 +283,9 @@ class MatmulKernel:
         def launch(c: Dict[str, int]) -> None:
             stride_args = [a.stride(0), a.stride(1)] + [s for b in bs for s in (b.stride(0), b.stride(1))]
             stride_args += [s for t in flat for s in (t.stride(0), t.stride(1))]
-            fn[grid_of(c)](a, *bs, *flat, *outs, *scalars, M, N, K, *stride_args,
-                           EVEN_K=K % c["BLOCK_K"] == 0, **c)
+            with on_device(a.device):
+                fn[grid_of(c)](a, *bs, *flat, *outs, *scalars, M, N, K, *stride_args,
+                               EVEN_K=K % c["BLOCK_K"] == 0, **c)
 
         config = self._configs.get(bucket)
         if config is None:

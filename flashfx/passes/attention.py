@@ -9,8 +9,8 @@ Runs on the canonical torch-level graph (after `flashfx.rewriter.canonicalize`).
   probability ops between the softmax and `@ v` from the PROB_OPS table: one pattern, variants from tables.
 - sdpa: `F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)`.
 - mha: `F.multi_head_attention_forward` as Dynamo records `nn.MultiheadAttention` / `nn.TransformerEncoderLayer`
-  (packed in-projection, key_padding_mask / attn_mask / is_causal, dropout; not bias_k/bias_v, add_zero_attn,
-  separate projection weights, or used attention weights): split into projections + the op + out-projection.
+  (packed or separate in-projections, cross-attention, key_padding_mask / attn_mask / is_causal, dropout; not
+  bias_k/bias_v, add_zero_attn, or used attention weights): split into projections + the op + out-projection.
 
 K/V repeated for grouped-query attention (`repeat_kv`: unsqueeze → expand → reshape / flatten, or
 `repeat_interleave` on the head dim) are passed un-repeated: the op reads kv head h // (Hq // Hkv), never
@@ -625,7 +625,7 @@ def _match_mha(node: fx.Node) -> Optional[Dict[str, Any]]:
         if user.args[1] == 1 and user.users:
             raise Decline(node, "the attention weights (need_weights=True) are used; the fused op never makes them")
     unsupported = [name for name in ("bias_k", "bias_v", "static_k", "static_v") if a[name] is not None]
-    unsupported += [name for name in ("add_zero_attn", "use_separate_proj_weight") if a[name]]
+    unsupported += [name for name in ("add_zero_attn",) if a[name]]
     if unsupported:
         raise Decline(node, f"nn.MultiheadAttention with {', '.join(unsupported)} is not rewritten")
     for name in ("key_padding_mask", "attn_mask"):
@@ -642,8 +642,10 @@ def _match_mha(node: fx.Node) -> Optional[Dict[str, Any]]:
         raise Decline(node, "multi_head_attention_forward on unbatched or unknown inputs")
     if not all(isinstance(a[n], (int, float, bool)) for n in ("num_heads", "dropout_p", "training")):
         raise Decline(node, "num_heads, dropout_p or training is not a constant")
-    if a["in_proj_weight"] is None or not isinstance(a["in_proj_weight"], fx.Node):
-        raise Decline(node, "no packed in_proj_weight")
+    weights = ("q_proj_weight", "k_proj_weight", "v_proj_weight") if a["use_separate_proj_weight"] else \
+        ("in_proj_weight",)
+    if not all(isinstance(a[w], fx.Node) for w in weights):
+        raise Decline(node, f"projection weights {', '.join(weights)} are not graph values")
     return a
 
 
@@ -668,11 +670,15 @@ def _emit_mha(graph: fx.Graph, node: fx.Node, a: Dict[str, Any], op: Any) -> Tup
         return insert_node(graph, "call_method" if method else "call_function", target, args, kwargs, meta_from=node)
 
     with graph.inserting_before(node):
-        w_chunks = call(torch.chunk, a["in_proj_weight"], 3)
+        if a["use_separate_proj_weight"]:  # nn.MultiheadAttention(kdim=..., vdim=...)
+            ws = [a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]]
+        else:
+            w_chunks = call(torch.chunk, a["in_proj_weight"], 3)
+            ws = [call(operator.getitem, w_chunks, i) for i in range(3)]
         b_chunks = call(torch.chunk, a["in_proj_bias"], 3) if a["in_proj_bias"] is not None else None
         heads = []
         for i, x in enumerate((a["query"], a["key"], a["value"])):
-            w = call(operator.getitem, w_chunks, i)
+            w = ws[i]
             b = call(operator.getitem, b_chunks, i) if b_chunks is not None else None
             proj = call(torch._C._nn.linear, x, w, b)  # [T, N, E]
             split = call(torch.unflatten, proj, -1, (H, hd))  # [T, N, H, hd]; no symbolic sizes in the graph

@@ -496,6 +496,22 @@ def test_multihead_attention_masks(mask_kind):
     assert_close(before, after)
 
 
+def test_multihead_cross_attention_with_kdim_vdim():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, kdim=12, vdim=10, batch_first=True)
+
+        def forward(self, x, mem_k, mem_v):
+            return self.attn(x, mem_k, mem_v, need_weights=False)[0]
+
+    ctx, ops, before, after = rewrite(Cross().eval(), torch.randn(B, L, 16), torch.randn(B, 6, 12),
+                                      torch.randn(B, 6, 10))
+    assert counts(ctx) == (1, 0), ctx.declined
+    assert tuple(ops[0].args[1].meta["val"].shape) == (B, 4, 6, 4)
+    assert_close(before, after)
+
+
 def test_transformer_encoder_layer_with_padding():
     layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
     kpm = torch.zeros(B, L, dtype=torch.bool)

@@ -147,3 +147,47 @@ def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch
     assert [n.args[0].name for n in sums] == ["g_1"]  # only the bias gradient, a sum of an input, stays ATen
     assert_close(gm(*xs), fn(*xs))
     assert_close(gm(*xs), fn(*xs))  # the launch fast path zeroes the partials too
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROLOGUE = [lambda x: x * 1.5 - 0.25, torch.sigmoid, lambda x: torch.exp(x.clamp(max=3)), torch.tanh,
+            lambda x: x * x]
+EPILOGUE = [lambda h, r: h - r, lambda h, r: h * torch.rsqrt(r.abs() + 1.0), lambda h, r: torch.exp(h - r),
+            lambda h, r: (h > r).float() * h]
+REDUCE = {"sum": lambda t, d: t.sum(d, keepdim=True), "mean": lambda t, d: t.mean(d, keepdim=True),
+          "amax": lambda t, d: t.amax(d, keepdim=True)}
+
+
+@st.composite
+def reduction_programs(draw):
+    shape = draw(st.sampled_from([(5, 37), (3, 6, 11), (2, 3, 5, 7), (9, 1, 13)]))
+    dims = tuple(sorted(draw(st.sets(st.integers(0, len(shape) - 1), min_size=1, max_size=len(shape) - 1))))
+    pro = draw(st.lists(st.integers(0, len(PROLOGUE) - 1), min_size=0, max_size=3))
+    red = draw(st.sampled_from(sorted(REDUCE)))
+    epi = draw(st.integers(0, len(EPILOGUE) - 1))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16]))
+    looped = draw(st.booleans())
+    return shape, dims, pro, red, epi, dtype, looped
+
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(reduction_programs())
+def test_random_reduction_programs_match_aten(tmp_path_factory, monkeypatch, program):
+    shape, dims, pro, red, epi, dtype, looped = program
+    monkeypatch.setattr(autotune, "PERSISTENT_MAX_RBLOCK", 8 if looped else 8192)
+
+    def fn(x, y):
+        h = x.float() if x.dtype == torch.float16 else x
+        for i in pro:
+            h = PROLOGUE[i](h)
+        r = REDUCE[red](h * y, dims)
+        return EPILOGUE[epi](h, r).to(x.dtype), r
+
+    torch.manual_seed(len(pro) + epi)
+    xs = [torch.randn(shape, dtype=dtype), torch.randn(shape[-1], dtype=dtype)]
+    gm, ctx = fuse_function(fn, xs, tmp_path_factory.mktemp("cache"))
+    assert ctx.counters.get("fusion.groups", 0) >= 1
+    assert_close(gm(*xs), fn(*xs), dtype=torch.float16 if dtype == torch.float16 else torch.float32)

@@ -18,6 +18,7 @@ import re
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 STAGES = ("captured", "rewritten", "aten", "kernels")
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iters", type=_positive_int, default=20, help="timed iterations on a GPU (default: 20)")
     _add_config_option(demo)
     demo.set_defaults(run=cmd_demo)
+
+    # Listed here for --help; main() hands everything after `bench` to bench/run.py unparsed.
+    commands.add_parser("bench", add_help=False, help="run the GPU benchmark suite (bench/run.py; needs CUDA)",
+                        description="See `flashfx bench --help`.")
     return parser
 
 
@@ -130,6 +135,9 @@ def _add_config_option(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["bench"]:
+        return cmd_bench(raw[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("dump", "demo"):
@@ -185,6 +193,21 @@ def _compiled_mode_kernels_loaded() -> bool:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+
+def cmd_bench(argv: List[str]) -> int:
+    """`flashfx bench [WORKLOAD ...] [--quick] ...`: bench/run.py of a source checkout, arguments passed through."""
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "bench" / "run.py").is_file():
+        print("flashfx bench: error: needs a source checkout of flashfx (bench/ is not installed with the package); "
+              "clone the repository and `pip install -e .`", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(repo))
+    from bench.run import main as bench_main
+
+    return bench_main(argv)
 
 
 # ---------------------------------------------------------------------------------------------------- models

@@ -271,3 +271,19 @@ def test_demo_fails_with_exit_1_when_flashfx_is_wrong(capsys, monkeypatch):
     checks = [line for line in out.splitlines() if line.startswith(("output", "grad "))]
     assert checks and all(line.endswith("FAIL") for line in checks)
     assert "stand-in report" in out and out.rstrip().splitlines()[-1].startswith("FAIL")
+
+
+def test_bench_dispatches_to_the_suite(capsys):
+    from flashfx.cli import main
+
+    assert main(["bench", "--list"]) == 0
+    assert "llama-train" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gets")
+def test_bench_without_cuda_is_one_line_exit_2(capsys):
+    from flashfx.cli import main
+
+    assert main(["bench", "llama-train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs a CUDA GPU" in err and len(err.splitlines()) == 1

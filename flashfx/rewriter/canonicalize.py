@@ -3,6 +3,7 @@
 | spellings (Dynamo torch-level graph)                                        | canonical form                      |
 |-----------------------------------------------------------------------------|-------------------------------------|
 | `a @ b`, `torch.matmul`, `Tensor.matmul`, `bmm`, `mm`, matmul-like `einsum` | `torch.matmul(a, b)`                |
+| `baddbmm(input, a, b, beta=β, alpha=α)`                                     | `matmul(a, b) * α + input * β`      |
 | `x / c`, `torch.div(x, c)`, `x.div(c)`, `true_divide` (c a Python number)   | `operator.mul(x, 1 / c)`            |
 | `c * x`, `torch.mul(x, c)`, `x.mul(c)`                                      | `operator.mul(x, c)`                |
 | `F.softmax`, `Tensor.softmax`, `torch.softmax`                              | `torch.softmax(x, dim[, dtype=])`   |
@@ -186,6 +187,37 @@ RULES: Dict[str, Callable[[fx.Node], Optional[Call]]] = {
 }
 
 
+def _rewrite_baddbmm(graph: fx.Graph, node: fx.Node) -> Optional[fx.Node]:
+    """`baddbmm(input, b1, b2, beta=, alpha=)` = beta·input + alpha·(b1 @ b2) → matmul, then the scale, then the add
+    (beta=0 drops input, as baddbmm ignores it then). Diffusers writes attention scores this way; the fusion pass
+    puts the scale and the add back into the matmul's epilogue."""
+    if not is_call(node, (torch.baddbmm,), ("baddbmm",)) or len(node.args) not in (3, 5):
+        return None
+    if set(node.kwargs) - {"beta", "alpha"}:
+        return None
+    inp, b1, b2 = node.args[:3]
+    beta = node.args[3] if len(node.args) == 5 else node.kwargs.get("beta", 1)
+    alpha = node.args[4] if len(node.args) == 5 else node.kwargs.get("alpha", 1)
+    if not (is_number(beta) and is_number(alpha)) or not _float_tensor(b1):
+        return None
+    with graph.inserting_after(node):
+        out = insert_node(graph, "call_function", torch.matmul, (b1, b2), meta_from=node)
+    if alpha != 1:
+        with graph.inserting_after(out):
+            out = insert_node(graph, "call_function", operator.mul, (out, float(alpha)), meta_from=node)
+    if beta != 0:
+        if beta != 1:
+            with graph.inserting_after(out):
+                inp = insert_node(graph, "call_function", operator.mul, (inp, float(beta)), meta_from=node)
+                out_prev = out
+            with graph.inserting_after(inp):
+                out = insert_node(graph, "call_function", operator.add, (out_prev, inp), meta_from=node)
+        else:
+            with graph.inserting_after(out):
+                out = insert_node(graph, "call_function", operator.add, (out, inp), meta_from=node)
+    return out
+
+
 def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite every spelling in the table above into its canonical form (counted as `canonicalize.<rule>`)."""
     graph = gm.graph
@@ -195,6 +227,8 @@ def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         new = _rewrite_einsum(graph, node)
         rule_name = "einsum"
+        if new is None:
+            new, rule_name = _rewrite_baddbmm(graph, node), "baddbmm"
         if new is None:
             for rule_name, rule in RULES.items():
                 call = rule(node)

@@ -95,6 +95,13 @@ def no_scale(q, k, v):
     return (q @ k.transpose(2, 3)).softmax(-1) @ v
 
 
+def diffusers_baddbmm(q, k, v):  # diffusers' get_attention_scores on [B*H, L, D]
+    q3, k3, v3 = (x.reshape(B * H, L, D) for x in (q, k, v))
+    empty = torch.empty(B * H, L, L, dtype=q.dtype)
+    scores = torch.baddbmm(empty, q3, k3.transpose(-1, -2), beta=0, alpha=0.25)
+    return torch.bmm(scores.softmax(dim=-1), v3)
+
+
 def causal_tril_masked_fill(q, k, v):
     keep = torch.ones(L, L, dtype=torch.bool).tril()
     s = (q @ k.transpose(-2, -1)) * 0.25
@@ -172,6 +179,7 @@ EXPLICIT = {
     "einsum": (einsum_form, (), H, False, 1 / math.sqrt(D)),
     "bmm_3d": (bmm_3d, (), H, False, 0.3),
     "no_scale": (no_scale, (), H, False, 1.0),
+    "diffusers_baddbmm": (diffusers_baddbmm, (), H, False, 0.25),
     "causal_tril_masked_fill": (causal_tril_masked_fill, (), H, True, 0.25),
     "causal_triu_additive": (causal_triu_additive, (), H, True, 0.25),
     "causal_arange_where": (causal_arange_where, (), H, True, 0.25),

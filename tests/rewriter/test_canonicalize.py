@@ -198,3 +198,13 @@ def test_chains_of_permutations_become_one_permute(steps):
     perms = [n for n in calls(gm) if n.target is torch.permute]
     assert len(perms) <= 1  # the whole chain composed into one view
     assert all(n.target in (torch.permute, operator.mul) for n in calls(gm))
+
+
+@pytest.mark.parametrize("beta,alpha", [(0.0, 0.125), (1.0, 0.5), (2.0, 1.0)])
+def test_baddbmm_expands(beta, alpha):
+    def fn(inp, a, b):
+        return (torch.baddbmm(inp, a, b, beta=beta, alpha=alpha),)
+
+    ctx, gm, _ = run(fn, torch.randn(6, 4, 7), torch.randn(6, 4, 5), torch.randn(6, 5, 7))
+    assert torch.baddbmm not in targets(gm) and torch.matmul in targets(gm)
+    assert (operator.add in targets(gm)) == (beta != 0)

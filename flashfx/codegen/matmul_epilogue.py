@@ -26,7 +26,7 @@ from flashfx.codegen.lower import CASTS, COMPARISONS, LoweringError, UNIT_VIEWS,
 from flashfx.codegen.pointwise import HELPERS, LOW_PRECISION, TL_DTYPES, compute_dtype
 
 aten = torch.ops.aten
-MM_TARGETS = (aten.mm.default, aten.addmm.default)
+MM_TARGETS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
 VIEWS = {aten.view, aten.reshape, aten._unsafe_view}
 
 
@@ -36,12 +36,13 @@ class MatmulPlan:
     a: fx.Node
     bs: List[fx.Node]                     # one or two [K, N] operands sharing `a`
     mms: List[fx.Node]
-    M: sympy.Expr
+    M: sympy.Expr                         # rows of the epilogue: batch x rows for bmm
     N: sympy.Expr
     K: sympy.Expr
+    batched: bool = False                 # bmm: one grid row of tiles per batch
     lines: List[Tuple[str, str, str]] = field(default_factory=list)   # (name, expr, source)
     inputs: List[fx.Node] = field(default_factory=list)               # epilogue tensors from outside
-    input_kinds: List[str] = field(default_factory=list)              # "full" [..., N] | "row" [N] | "scalar"
+    input_kinds: List[str] = field(default_factory=list)  # "full" [..., N] | "batchrow" | "row" [N] | "scalar"
     view_shape: Any = None        # the shape argument of the graph's own view to [..., N] (reused for outputs)
     members: List[fx.Node] = field(default_factory=list)
     scalars: List[fx.Node] = field(default_factory=list)
@@ -57,8 +58,9 @@ def emit_matmul(plan: MatmulPlan, ieee: bool) -> str:
     nb = len(plan.bs)
     params = ["a_ptr"] + [f"b{j}_ptr" for j in range(nb)] + [f"in{k}_ptr" for k in range(len(plan.inputs))]
     params += [f"out{k}_ptr" for k in range(len(plan.outputs))] + [f"sc{k}" for k in range(len(plan.scalars))]
-    params += ["M", "N", "K", "stride_am", "stride_ak"]
+    params += ["M", "N", "K", "stride_am", "stride_ak"] + (["stride_ab"] if plan.batched else [])
     params += [p for j in range(nb) for p in (f"stride_b{j}k", f"stride_b{j}n")]
+    params += [f"stride_b{j}b" for j in range(nb)] if plan.batched else []
     params += [p for k in range(len(plan.inputs)) for p in (f"in{k}_sm", f"in{k}_sn")]
     consts = "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, " \
              "EVEN_K: tl.constexpr"
@@ -81,8 +83,11 @@ def emit_matmul(plan: MatmulPlan, ieee: bool) -> str:
         "rk = tl.arange(0, BLOCK_K)",
         "a_ptrs = a_ptr + (ram[:, None] * stride_am + rk[None, :] * stride_ak)",
     ]
+    if plan.batched:  # M is the rows of one batch here; the epilogue sees batch * M + row
+        body += ["bid = tl.program_id(1)", "a_ptrs += bid * stride_ab"]
     for j in range(nb):
-        body += [f"b{j}_ptrs = b{j}_ptr + (rk[:, None] * stride_b{j}k + rbn[None, :] * stride_b{j}n)",
+        batch = f" + bid * stride_b{j}b" if plan.batched else ""
+        body += [f"b{j}_ptrs = b{j}_ptr + (rk[:, None] * stride_b{j}k + rbn[None, :] * stride_b{j}n){batch}",
                  f"acc{j} = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)"]
     body += ["for k in range(0, tl.cdiv(K, BLOCK_K)):",
              "    if EVEN_K:",
@@ -95,7 +100,8 @@ def emit_matmul(plan: MatmulPlan, ieee: bool) -> str:
         body += [f"    acc{j} = tl.dot(a, b{j}, acc{j}{precision})", f"    b{j}_ptrs += BLOCK_K * stride_b{j}k"]
     body += ["    a_ptrs += BLOCK_K * stride_ak",
              "# epilogue on the [BLOCK_M, BLOCK_N] tile",
-             "i0 = rm[:, None]", "i1 = rn[None, :]", "xmask = (i0 < M) & (i1 < N)"]
+             "i0 = (bid * M + rm)[:, None]" if plan.batched else "i0 = rm[:, None]", "i1 = rn[None, :]",
+             "xmask = (rm[:, None] < M) & (i1 < N)"]
     body += [f"{name} = {expr}  # {source}" for name, expr, source in plan.lines]
     for k, (value, node) in enumerate(plan.outputs):
         body.append(f"tl.store(out{k}_ptr + (i0 * N + i1), {value}.to(out{k}_ptr.dtype.element_ty), mask=xmask)"
@@ -119,10 +125,13 @@ def flat_ok(shape: Sequence[sympy.Expr], M: sympy.Expr, N: sympy.Expr) -> bool:
     return sympy.simplify(sympy.Mul(*shape[:-1]) - M) == 0
 
 
-def input_kind(shape: Sequence[sympy.Expr], M: sympy.Expr, N: sympy.Expr) -> str:
-    """How an outside tensor enters the [M, N] epilogue; LoweringError for any other broadcast."""
+def input_kind(shape: Sequence[sympy.Expr], M: sympy.Expr, N: sympy.Expr, rows: Any = None) -> str:
+    """How an outside tensor enters the [M, N] epilogue; LoweringError for any other broadcast. `rows`: a bmm's
+    rows per batch (a [rows, N] tensor is then the same for every batch: "batchrow")."""
     if flat_ok(shape, M, N):
         return "full"
+    if rows is not None and len(shape) >= 2 and tuple(shape[-2:]) == (rows, N) and all(s == 1 for s in shape[:-2]):
+        return "batchrow"
     if all(s == 1 for s in shape[:-1]) and shape and shape[-1] in (N, 1):
         return "row" if shape[-1] == N else "scalar"
     if all(s == 1 for s in shape):
@@ -135,10 +144,11 @@ def lower_matmul(name: str, mms: List[fx.Node], members: List[fx.Node]) -> Matmu
     """`mms` (sharing their left operand) and the epilogue `members` (graph order) -> MatmulPlan."""
     first = mms[0]
     a = first.args[1] if first.target is aten.addmm.default else first.args[0]
-    M, N = shape_of(first)
-    K = shape_of(a)[1]
+    out_shape = shape_of(first)
+    M, N = sympy.Mul(*out_shape[:-1]), out_shape[-1]
+    K = shape_of(a)[-1]
     bs = [m.args[2] if m.target is aten.addmm.default else m.args[1] for m in mms]
-    plan = MatmulPlan(name, a, bs, list(mms), M, N, K)
+    plan = MatmulPlan(name, a, bs, list(mms), M, N, K, batched=first.target is aten.bmm.default)
     plan.members = list(members)
     env: Dict[fx.Node, Tuple[str, torch.dtype]] = {}
     loads: Dict[fx.Node, str] = {}
@@ -160,8 +170,10 @@ def lower_matmul(name: str, mms: List[fx.Node], members: List[fx.Node]) -> Matmu
                 if arg not in loads:
                     k = len(plan.inputs)
                     plan.inputs.append(arg)
-                    plan.input_kinds.append(input_kind(shape_of(arg), M, N))
-                    loads[arg] = new(f"tl.load(in{k}_ptr + (i0 * in{k}_sm + i1 * in{k}_sn), mask=xmask, other=0)",
+                    kind = input_kind(shape_of(arg), M, N, out_shape[-2] if plan.batched else None)
+                    plan.input_kinds.append(kind)
+                    row = "rm[:, None]" if kind == "batchrow" else "i0"
+                    loads[arg] = new(f"tl.load(in{k}_ptr + ({row} * in{k}_sm + i1 * in{k}_sn), mask=xmask, other=0)",
                                      arg.name)
                 dtype = value.dtype
                 name = loads[arg]
@@ -191,7 +203,7 @@ def lower_matmul(name: str, mms: List[fx.Node], members: List[fx.Node]) -> Matmu
         packet = node.target.overloadpacket
         if packet in UNIT_VIEWS or packet in VIEWS:
             env[node] = env[node.args[0]]
-            if len(shape_of(node)) != 2 and plan.view_shape is None and packet in VIEWS:
+            if shape_of(node) != out_shape and plan.view_shape is None and packet in VIEWS:
                 plan.view_shape = node.args[1]
             continue
         ops = [operand(x, node) for x in node.args]
@@ -207,8 +219,15 @@ def lower_matmul(name: str, mms: List[fx.Node], members: List[fx.Node]) -> Matmu
             if dtype != torch.float32:
                 expr = f"({expr}).to({TL_DTYPES[dtype]})"
         env[node] = (new(expr, node.name), dtype)
+    view_dims = None
+    for node in members:
+        if node.target.overloadpacket in VIEWS and shape_of(node) != out_shape and plan.view_shape is node.args[1]:
+            view_dims = shape_of(node)
     for node in list(mms) + list(members):
         if any(u not in memberset for u in node.users):
+            if shape_of(node) != out_shape and shape_of(node) != view_dims:
+                raise LoweringError(f"{node.name} {list(shape_of(node))} is needed outside, in a shape the kernel's "
+                                    f"output {list(out_shape)} cannot be viewed as")
             plan.outputs.append((env[node][0], node))
     return plan
 
@@ -258,7 +277,11 @@ class MatmulKernel:
 
     def _reference(self, args: Sequence[Any]) -> Tuple[torch.Tensor, ...]:
         """The ATen ops' outputs as the kernel returns them: [M, N]."""
-        return tuple(t.reshape(-1, t.shape[-1]) for t in self.fallback(args))
+        outs = self.fallback(args)
+        if self.plan.batched:
+            a = args[0]
+            return tuple(t.reshape(a.shape[0], a.shape[1], t.shape[-1]) for t in outs)
+        return tuple(t.reshape(-1, t.shape[-1]) for t in outs)
 
     def _run(self, *args: Any) -> Tuple[torch.Tensor, ...]:
         plan = self.plan
@@ -266,22 +289,25 @@ class MatmulKernel:
         a, bs = args[0], args[1:1 + nb]
         ext = args[1 + nb:1 + nb + len(plan.inputs)]
         scalars = args[1 + nb + len(plan.inputs):]
-        M, K = a.shape
-        N = bs[0].shape[1]
+        batch = a.shape[0] if plan.batched else 1
+        M, K = a.shape[-2], a.shape[-1]  # rows of one batch
+        N = bs[0].shape[-1]
         # epilogue tensors as [M, N]: the product's own layout ("full"), a row of N broadcast, or one scalar
-        flat = [t.reshape(M, N) if kind == "full" else t.reshape(1, -1).expand(M, N)
-                for t, kind in zip(ext, plan.input_kinds)]
+        flat = [t.reshape(batch * M, N) if kind == "full" else t.reshape(M, N) if kind == "batchrow" else
+                t.reshape(1, -1).expand(batch * M, N) for t, kind in zip(ext, plan.input_kinds)]
         outs = []
         for _, node in plan.outputs:
             dtype = val(node).dtype
-            outs.append(torch.empty((M, N), dtype=dtype, device=a.device))
+            outs.append(torch.empty((batch * M, N), dtype=dtype, device=a.device))
         ieee = a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
         src, fn = self.source(ieee)
-        bucket = f"mm:m{autotune.next_pow2(M)}:n{N}:k{K}"
-        grid_of = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+        bucket = f"mm:b{batch}:m{autotune.next_pow2(M)}:n{N}:k{K}"
+        grid_of = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]), batch)
 
         def launch(c: Dict[str, int]) -> None:
-            stride_args = [a.stride(0), a.stride(1)] + [s for b in bs for s in (b.stride(0), b.stride(1))]
+            stride_args = [a.stride(-2), a.stride(-1)] + ([a.stride(0)] if plan.batched else [])
+            stride_args += [s for b in bs for s in (b.stride(-2), b.stride(-1))]
+            stride_args += [b.stride(0) for b in bs] if plan.batched else []
             stride_args += [s for t in flat for s in (t.stride(0), t.stride(1))]
             with on_device(a.device):
                 fn[grid_of(c)](a, *bs, *flat, *outs, *scalars, M, N, K, *stride_args,
@@ -294,10 +320,12 @@ class MatmulKernel:
             with kernel_cache.triton_binaries_under(self.cache_dir):
                 if config is None:
                     configs = candidates(M, N, nb, _compat.triton_interpreting())
-                    config = autotune.pick(configs, launch, self.tune and a.is_cuda and M * N * K >= 1 << 27)
+                    config = autotune.pick(configs, launch, self.tune and a.is_cuda and batch * M * N * K >= 1 << 27)
                     kernel_cache.save_choice(self.cache_dir, key, bucket, config)
                 launch(config)
             self._configs[bucket] = config
         else:
             launch(config)
-        return tuple(outs)  # [M, N]; the graph views them back to each node's shape
+        if plan.batched:
+            outs = [o.view(batch, M, N) for o in outs]
+        return tuple(outs)  # the product's shape; the graph views them back to each node's shape

@@ -71,7 +71,7 @@ def replace_matmul_group(gm: fx.GraphModule, kernel: Any) -> None:
             item = graph.call_function(operator.getitem, (call, i))
         item.meta["val"] = call.meta["val"][i]
         result = item
-        if len(node.meta["val"].shape) != 2:  # back to the node's [..., N] shape, with the graph's own size args
+        if tuple(node.meta["val"].shape) != tuple(template.shape):  # to the node's shape, with the graph's own sizes
             with graph.inserting_after(item):
                 result = graph.call_function(aten.view.default, (item, list(plan.view_shape)))
             result.meta["val"] = node.meta["val"]

@@ -339,10 +339,12 @@ def _claim_matmul(part: _Partitioner, anchor: fx.Node) -> Optional[Tuple[List[fx
     a = anchor.args[1] if anchor.target is aten.addmm.default else anchor.args[0]
     b = anchor.args[2] if anchor.target is aten.addmm.default else anchor.args[1]
     av, bv, ov = (x.meta.get("val") for x in (a, b, anchor))
+    batched = anchor.target is aten.bmm.default
     if not all(isinstance(v, torch.Tensor) for v in (av, bv, ov)) or av.dtype not in (
-            torch.float16, torch.bfloat16, torch.float32) or bv.dtype != av.dtype or ov.dim() != 2:
+            torch.float16, torch.bfloat16, torch.float32) or bv.dtype != av.dtype or ov.dim() != 2 + batched:
         return None
-    M, N = part.lower.shape_of(anchor)
+    out_shape = part.lower.shape_of(anchor)
+    M, N = sympy.Mul(*out_shape[:-1]), out_shape[-1]  # the epilogue's rows: batch x rows for bmm
     mms, members, inside = [anchor], [], {anchor}
     view_shape = None
     start = part.index[anchor]
@@ -360,7 +362,7 @@ def _claim_matmul(part: _Partitioner, anchor: fx.Node) -> Optional[Tuple[List[fx
             continue
         if any(part.kind(u) == "red" for u in node.users):
             continue  # it feeds a reduction: its place is in that reduction's kernel (a norm's backward)
-        if len(shape) != 2:
+        if tuple(shape) != tuple(out_shape):
             if view_shape is not None and tuple(shape) != view_shape:
                 continue
         extra_mms, extra_views = [], []
@@ -369,7 +371,8 @@ def _claim_matmul(part: _Partitioner, anchor: fx.Node) -> Optional[Tuple[List[fx
             if i in inside or not isinstance(i.meta.get("val"), torch.Tensor):
                 continue
             src, chain = _through_views(i, inside)
-            same_a = src.target in me.MM_TARGETS and src not in part.claimed and len(mms) + len(extra_mms) < 2 \
+            same_a = src.target in me.MM_TARGETS[:2] and not batched and src not in part.claimed \
+                and len(mms) + len(extra_mms) < 2 \
                 and _same_operand(src.args[1] if src.target is aten.addmm.default else src.args[0], a)
             if same_a and part.lower.shape_of(src) == (M, N) and all(
                     me.flat_ok(part.lower.shape_of(c), M, N) for c in chain):
@@ -377,13 +380,13 @@ def _claim_matmul(part: _Partitioner, anchor: fx.Node) -> Optional[Tuple[List[fx
                 extra_views += chain
                 continue
             try:
-                me.input_kind(part.lower.shape_of(i), M, N)
+                me.input_kind(part.lower.shape_of(i), M, N, out_shape[-2] if batched else None)
             except LoweringError:
                 ok = False
         trial = inside | {node} | set(extra_mms) | set(extra_views)
         if not ok or part.creates_cycle(trial):
             continue
-        if len(shape) != 2 and view_shape is None:
+        if tuple(shape) != tuple(out_shape) and view_shape is None:
             view_shape = tuple(shape)
         mms += extra_mms
         members += extra_views + [node]

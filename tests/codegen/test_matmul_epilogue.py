@@ -70,3 +70,18 @@ def test_matmul_feeding_a_reduction_is_left_to_aten(tmp_path):
     assert ctx.counters.get("fusion.matmul_epilogues", 0) == 0
     assert torch.ops.aten.mm.default in [n.target for n in gm.graph.nodes]
     assert_close(gm(*xs), fn(*xs))
+
+
+def test_bmm_with_scale_bias_and_cast(tmp_path):
+    def fn(q, k, bias):
+        s = torch.bmm(q, k.transpose(1, 2)) * 0.125 + bias  # [B*H, S, S] scores with an additive bias
+        return torch.tanh(s).to(torch.float16), s.view(2, 3, 9, 9)
+
+    xs = [torch.randn(6, 9, 20), torch.randn(6, 9, 20), torch.randn(9, 9)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.matmul_epilogues"] == 1 and ctx.counters["fusion.groups"] == 1
+    assert torch.ops.aten.bmm.default not in [n.target for n in gm.graph.nodes]  # bias [S, S] per batch, in-kernel
+    expected = fn(*[t.double() for t in xs])
+    for g, e in zip(gm(*xs), expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g.double(), e.double().to(g.dtype).double(), rtol=1e-2, atol=1e-2)

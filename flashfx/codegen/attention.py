@@ -35,13 +35,13 @@ import os
 import types
 from typing import Any, List, Optional, Tuple
 
-import sympy
 import torch
 from torch import Tensor
 
 from flashfx import _compat
 from flashfx._compat import triton_runs_on
-from flashfx.rewriter.cost import NodeCost, node_value, numel, register_cost, tensor_bytes
+from flashfx.rewriter.cost import (NodeCost, arg_value, bound_arguments, numel, register_cost, size_expr,
+                                   tensor_bytes)
 
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -494,31 +494,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, is
 
 # ------------------------------------------------------------------------------------------------- cost model
 
-def _bound_args(node: Any) -> dict:
-    schema = node.target._schema
-    named = {a.name: a.default_value for a in schema.arguments}
-    named.update(zip((a.name for a in schema.arguments), node.args))
-    named.update(node.kwargs)
-    return named
-
-
-def _value(arg: Any) -> Any:
-    return node_value(arg) if hasattr(arg, "meta") else arg
-
-
-def _size(d: Any) -> Any:
-    return sympy.sympify(d.node.expr) if isinstance(d, torch.SymInt) else sympy.Integer(int(d))
-
-
 def _attention_flops(q: Tensor, k: Tensor, is_causal: bool) -> Any:
     # two products of 2·L·S·D per (batch, query head); causal: half (the diagonal tiles are the approximation)
-    flops = 4 * numel(q) * _size(k.shape[2])
+    flops = 4 * numel(q) * size_expr(k.shape[2])
     return flops / 2 if is_causal else flops
 
 
 def _cost_forward(node: Any, inputs: List[Any], output: Any) -> NodeCost:
-    a = _bound_args(node)
-    q, k, v, bias = (_value(a[n]) for n in ("q", "k", "v", "bias"))
+    a = bound_arguments(node)
+    q, k, v, bias = (arg_value(a[n]) for n in ("q", "k", "v", "bias"))
     read = tensor_bytes(q) + tensor_bytes(k) + tensor_bytes(v)
     if isinstance(bias, Tensor):
         read = read + tensor_bytes(bias)  # its own size: broadcast dims are read with stride 0
@@ -530,12 +514,12 @@ def _cost_forward(node: Any, inputs: List[Any], output: Any) -> NodeCost:
 
 
 def _cost_backward(node: Any, inputs: List[Any], output: Any) -> NodeCost:
-    a = _bound_args(node)
+    a = bound_arguments(node)
     names = ("dout", "q", "k", "v", "bias", "out", "lse")
-    read = sum((tensor_bytes(_value(a[n])) for n in names if isinstance(_value(a[n]), Tensor)), 0)
+    read = sum((tensor_bytes(arg_value(a[n])) for n in names if isinstance(arg_value(a[n]), Tensor)), 0)
     write = sum((tensor_bytes(t) for t in output if isinstance(t, Tensor)), 0)
     # five products (the FLOP convention of FlashAttention: backward = 2.5x forward)
-    return NodeCost(_attention_flops(_value(a["q"]), _value(a["k"]), bool(a["is_causal"])) * 5 / 2, read, write)
+    return NodeCost(_attention_flops(arg_value(a["q"]), arg_value(a["k"]), bool(a["is_causal"])) * 5 / 2, read, write)
 
 
 register_cost(torch.ops.flashfx.attention.default)(_cost_forward)

@@ -42,12 +42,12 @@ from __future__ import annotations
 import math
 from typing import Any, List, Optional, Tuple
 
-import sympy
 import torch
 from torch import Tensor
 
 from flashfx._compat import triton_runs_on
-from flashfx.rewriter.cost import NodeCost, node_value, numel, register_cost, tensor_bytes
+from flashfx.rewriter.cost import (NodeCost, arg_value, bound_arguments, numel, register_cost, size_expr,
+                                   tensor_bytes)
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 256 * 2**20  # at most this many bytes of logits exist at once (one chunk buffer)
@@ -354,28 +354,15 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
 # ------------------------------------------------------------------------------------------------- cost model
 
-def _bound_args(node: Any) -> dict:
-    schema = node.target._schema
-    named = {a.name: a.default_value for a in schema.arguments}
-    named.update(zip((a.name for a in schema.arguments), node.args))
-    named.update(node.kwargs)
-    return named
-
-
-def _value(arg: Any) -> Any:
-    return node_value(arg) if hasattr(arg, "meta") else arg
-
-
 def _cost(node: Any, grads: bool) -> NodeCost:
     """FLOPs: the logits product 2·N·V·H (three products with the gradients), plus ~8 per logit for the row kernel.
     Bytes: inputs once, outputs once, plus the chunk buffer's HBM traffic — written by the matmul and read by the
     kernel (2 passes over the N·V logits), and with gradients also rewritten by the kernel and read by the two
     gradient matmuls (5 passes). The [N, V] logits are never stored whole.
     """
-    a = _bound_args(node)
-    x, w, b, y = (_value(a[n]) for n in ("input", "weight", "bias", "target"))
-    H = sympy.sympify(w.shape[1].node.expr) if isinstance(w.shape[1], torch.SymInt) else sympy.Integer(int(w.shape[1]))
-    V = sympy.sympify(w.shape[0].node.expr) if isinstance(w.shape[0], torch.SymInt) else sympy.Integer(int(w.shape[0]))
+    a = bound_arguments(node)
+    x, w, b, y = (arg_value(a[n]) for n in ("input", "weight", "bias", "target"))
+    H, V = size_expr(w.shape[1]), size_expr(w.shape[0])
     N = numel(x) / H
     read = tensor_bytes(x) + tensor_bytes(w) + tensor_bytes(y) + (tensor_bytes(b) if isinstance(b, Tensor) else 0)
     write = N * 4
@@ -392,7 +379,7 @@ def _cost_public(node: Any, inputs: List[Any], output: Any) -> NodeCost:
 
 
 def _cost_fwd(node: Any, inputs: List[Any], output: Any) -> NodeCost:
-    return _cost(node, bool(_bound_args(node)["grad_in_forward"]))
+    return _cost(node, bool(bound_arguments(node)["grad_in_forward"]))
 
 
 def _cost_bwd(node: Any, inputs: List[Any], output: Any) -> NodeCost:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import sympy
 import torch
@@ -72,14 +72,15 @@ def node_value(node: fx.Node) -> Any:
     return node.meta.get("example_value")
 
 
-def _dim(d: Any) -> Expr:
+def size_expr(d: Any) -> Expr:
+    """A size (int or SymInt) as a sympy expression."""
     if isinstance(d, torch.SymInt):
         return sympy.sympify(d.node.expr)
     return sympy.Integer(int(d))
 
 
 def numel(t: torch.Tensor) -> Expr:
-    return sympy.Mul(*[_dim(d) for d in t.shape]) if t.dim() else sympy.Integer(1)
+    return sympy.Mul(*[size_expr(d) for d in t.shape]) if t.dim() else sympy.Integer(1)
 
 
 def tensor_bytes(t: torch.Tensor) -> Expr:
@@ -201,9 +202,9 @@ def _matmul_flops(name: str, node: fx.Node, out: torch.Tensor) -> Expr:
         extra = numel(out)
     if not isinstance(a, torch.Tensor) or a.dim() == 0:
         return numel(out)
-    k = _dim(a.shape[-1])
+    k = size_expr(a.shape[-1])
     if name == "addbmm":
-        k = k * _dim(a.shape[0])
+        k = k * size_expr(a.shape[0])
     return 2 * numel(out) * k + extra
 
 
@@ -217,11 +218,25 @@ def argument(node: fx.Node, name: str, position: int, default: Any = None) -> An
     return node.args[position] if position < len(node.args) else default
 
 
+def bound_arguments(node: fx.Node) -> Dict[str, Any]:
+    """Every argument of an OpOverload call by schema name, defaults filled in."""
+    schema = node.target._schema
+    named = {a.name: a.default_value for a in schema.arguments}
+    named.update(zip((a.name for a in schema.arguments), node.args))
+    named.update(node.kwargs)
+    return named
+
+
+def arg_value(arg: Any) -> Any:
+    """The fake value of a node argument; a constant argument as it is."""
+    return node_value(arg) if isinstance(arg, fx.Node) else arg
+
+
 def _attention_flops(node: fx.Node, out: torch.Tensor) -> Expr:
     q, k = (node_value(a) for a in node.args[:2])
     causal = argument(node, "is_causal", 5, False) is True
     # out: [..., L, Dv]; q: [..., L, D]; k: [..., S, D]
-    flops = 2 * numel(q) * _dim(k.shape[-2]) + 2 * numel(out) * _dim(k.shape[-2])
+    flops = 2 * numel(q) * size_expr(k.shape[-2]) + 2 * numel(out) * size_expr(k.shape[-2])
     return flops / 2 if causal else flops
 
 

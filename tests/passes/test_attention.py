@@ -653,3 +653,13 @@ def test_row_fully_masked_by_finfo_min_gives_zero():
     assert torch.equal(after[1, :, 0], torch.zeros_like(after[1, :, 0]))
     torch.testing.assert_close(after[0], before[0], rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(after[1, :, 1:], before[1, :, 1:], rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["causal_arange_where", "padding_mask", "gqa_repeat_kv", "bmm_3d"])
+def test_reference_path_numerics(name, monkeypatch):
+    """The same rewrites checked through the op's ATen reference path (no Triton interpreter)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fn, extra, kv_heads, _, _ = EXPLICIT[name]
+    ctx, ops, before, after = rewrite(fn, *qkv(kv_heads), *(_extra(e) for e in extra))
+    assert counts(ctx) == (1, 0)
+    assert_close(before, after)

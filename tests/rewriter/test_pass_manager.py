@@ -102,3 +102,23 @@ def test_debug_bisection_through_the_backend(monkeypatch):
     fast = flashfx.optimize(Small(), config=Config(debug=True, fusion=False))
     with pytest.raises(Exception, match="add_to_sub"):
         fast(*_inputs())
+
+
+def test_debug_does_not_compare_graphs_that_draw_random_numbers():
+    class WithDropout(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.nn.functional.dropout(torch.relu(x + y), 0.5, True)
+
+    pm = PassManager([("relu_to_clamp", relu_to_clamp)], Config(debug=True))
+    pm.run(fx.symbolic_trace(WithDropout()), _inputs())
+    assert any("draws random numbers" in note for note in pm.records[0].notes)
+
+
+def test_debug_still_compares_dropout_in_eval():
+    class EvalDropout(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.nn.functional.dropout(x + y, 0.5, False)
+
+    pm = PassManager([("add_to_sub", add_to_sub)], Config(debug=True))
+    with pytest.raises(PassDivergence, match="add_to_sub"):
+        pm.run(fx.symbolic_trace(EvalDropout()), _inputs())

@@ -175,20 +175,14 @@ def _use_triton_interpreter_without_gpu(reexec: bool) -> None:
 
 
 def _compiled_mode_kernels_loaded() -> bool:
-    if "triton" not in sys.modules:
+    """Whether Triton's language module (imported by torch or flashfx already) made its functions for compiled mode;
+    then an interpreted kernel cannot call them (tl.sum and friends), and the interpreter must be on from the start."""
+    language = sys.modules.get("triton.language")
+    if language is None:
         return False
-    from triton.runtime.jit import JITFunction, KernelInterface
+    from triton.runtime.jit import JITFunction
 
-    def compiled_mode(v: Any) -> bool:
-        while not isinstance(v, JITFunction) and isinstance(v, KernelInterface) and hasattr(v, "fn"):
-            v = v.fn  # @triton.autotune / @triton.heuristics wrap the jitted function
-        return isinstance(v, JITFunction)  # an interpreted kernel is an InterpretedFunction, not a JITFunction
-
-    for name, module in list(sys.modules.items()):
-        if name.startswith("flashfx.") and module is not None:
-            if any(compiled_mode(v) for v in list(vars(module).values())):
-                return True
-    return False
+    return isinstance(getattr(language, "sum", None), JITFunction)
 
 
 def _one_line(text: str) -> str:

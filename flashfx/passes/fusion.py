@@ -441,6 +441,14 @@ def _group_io(group: _Group, members: Set[fx.Node]) -> Tuple[Any, Any]:
     return before, after
 
 
+def _interpreter_ready() -> bool:
+    """Triton picks interpreter or compiler per function when it is defined: its own library functions (tl.sum)
+    are interpreted only if TRITON_INTERPRET=1 was set before Triton was imported."""
+    import triton.language as tl
+
+    return type(tl.sum).__name__ == "InterpretedFunction"
+
+
 def _devices(gm: fx.GraphModule) -> Set[torch.device]:
     devices = set()
     for n in gm.graph.nodes:
@@ -460,6 +468,8 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, False)
     devices = _devices(gm)
     bad = sorted(str(d) for d in devices if not _compat.triton_runs_on(d))
+    if not bad and devices and _compat.triton_interpreting() and not _interpreter_ready():
+        bad = ["cpu: TRITON_INTERPRET=1 was set after Triton was imported (set it before the first import)"]
     if bad or not devices:
         why = f"Triton cannot run on {', '.join(bad)}" if bad else "the graph has no tensors"
         ctx.notes.append(f"fusion: {why} (CUDA, or the CPU with TRITON_INTERPRET=1); the graph stays ATen")

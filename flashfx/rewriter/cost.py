@@ -285,8 +285,7 @@ def graph_cost(gm: fx.GraphModule) -> GraphCost:
             lower += _input_bytes_needed(node, gm)
             continue
         if node.op == "output":
-            outs = [node_value(a) for a in node.all_input_nodes]
-            lower += sum((tensor_bytes(t) for v in outs for t in _tensors(v)), ZERO)
+            lower += _output_bytes_written(node, gm)
             continue
         c = node_cost(node, gm)
         flops += c.flops
@@ -294,6 +293,21 @@ def graph_cost(gm: fx.GraphModule) -> GraphCost:
         if not c.exact:
             approximate.append(node.name)
     return GraphCost(sympy.simplify(flops), sympy.simplify(moved), sympy.simplify(lower), hints, approximate)
+
+
+def _output_bytes_written(output: fx.Node, gm: fx.GraphModule) -> Expr:
+    """Bytes the graph must write for its outputs: each distinct tensor once; views of one tensor count once (the
+    largest), and views of a graph input write nothing."""
+    written: Dict[fx.Node, Expr] = {}
+    for arg in output.all_input_nodes:
+        base = arg
+        while base.op == "call_function" and op_name(base, gm) in VIEW_OPS and base.all_input_nodes:
+            base = base.all_input_nodes[0]
+        if base.op == "placeholder":
+            continue
+        size = sum((tensor_bytes(t) for t in _tensors(node_value(arg))), ZERO)
+        written[base] = sympy.Max(written[base], size) if base in written else size
+    return sum(written.values(), ZERO)
 
 
 def _input_bytes_needed(node: fx.Node, gm: fx.GraphModule) -> Expr:

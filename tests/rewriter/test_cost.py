@@ -101,3 +101,13 @@ def test_lower_bound_counts_only_the_sliced_part_of_a_buffer():
     lower = graph_cost(gm).lower_bound_value
     # the 5x5 slice of the mask, 5 rows of the table, the 5 indices; outputs: a scalar and 5 rows
     assert lower == 25 + 5 * 8 * 4 + 5 * 8 + (4 + 5 * 8 * 4)
+
+
+def test_lower_bound_writes_aliased_outputs_once():
+    x = torch.randn(6, 8)
+    gm = _aten_graph(lambda a: ((a + 1).view(48), (a + 1).view(8, 6), a.t()), x)
+    # a + 1 is computed twice here (two nodes), so two tensors are written; a.t() is a view of the input
+    assert graph_cost(gm).lower_bound_value == 6 * 8 * 4 + 2 * 6 * 8 * 4
+
+    gm = _aten_graph(lambda a: (lambda y: (y.view(48), y.view(8, 6), y))(a * 2), x)
+    assert graph_cost(gm).lower_bound_value == 6 * 8 * 4 + 6 * 8 * 4

@@ -66,7 +66,7 @@ def candidates(mode: str, xnumel: int, rnumel: int, interpreting: bool) -> List[
     return keep or configs[:1]
 
 
-def pick(configs: List[Dict[str, int]], run: Callable[[Dict[str, int]], Any], tune: bool) -> Dict[str, int]:
+def pick(configs: List[Dict[str, Any]], run: Callable[[Dict[str, Any]], Any], tune: bool) -> Dict[str, Any]:
     """Time `run(config)` for each config (median ms) and return the fastest; the first if not tuning."""
     if not tune or len(configs) == 1:
         return configs[0]

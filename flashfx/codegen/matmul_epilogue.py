@@ -5,11 +5,17 @@ Triton kernel. The product never goes to HBM unless the graph needs it elsewhere
 The epilogue works on the `[M, N]` tile of the product. Graph values of shape `[..., N]` whose leading dims
 multiply to M (the usual `view(addmm, [B, S, N])`) are the same elements; tensors from outside the group are
 flattened to `[M, N]` (broadcast dims get stride 0) by the launcher, so the kernel sees two strides per tensor.
+
+FLASHFX_MATMUL_BACKEND (read when the fusion pass builds a group) picks how a group runs: `triton` (the matmul
+and epilogue in one kernel), `aten` (torch.mm / bmm, i.e. cuBLAS, writes each product; a generated kernel of the
+same epilogue reads it), or `auto` (the default): on CUDA with autotuning, both race per shape bucket and the
+faster is cached with the other autotune choices; elsewhere `triton`.
 Order in this file: template (source emission) -> plan (lowering) -> launcher.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -28,6 +34,16 @@ from flashfx.codegen.pointwise import HELPERS, LOW_PRECISION, TL_DTYPES, compute
 aten = torch.ops.aten
 MM_TARGETS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
 VIEWS = {aten.view, aten.reshape, aten._unsafe_view}
+BACKENDS = ("auto", "triton", "aten")
+
+
+def matmul_backend() -> str:
+    """FLASHFX_MATMUL_BACKEND, checked: "auto" (the default), "triton" or "aten"."""
+    value = os.environ.get("FLASHFX_MATMUL_BACKEND", "auto")
+    if value not in BACKENDS:
+        raise ValueError(f"FLASHFX_MATMUL_BACKEND={value!r} is not a matmul backend: set it to one of "
+                         f"{', '.join(BACKENDS)}, or unset it for auto")
+    return value
 
 
 @dataclass
@@ -53,38 +69,17 @@ class MatmulPlan:
 
 # ------------------------------------------------------------------------------------------------ template
 
-def emit_matmul(plan: MatmulPlan, ieee: bool) -> str:
-    """Triton source: a grouped-ordering tiled matmul with fp32 accumulators, then the epilogue lines."""
+def _gemm_lines(plan: MatmulPlan, precision: str) -> List[str]:
+    """The K loop: acc{j} = a @ b{j} over [BLOCK_M, BLOCK_N] tiles."""
     nb = len(plan.bs)
-    params = ["a_ptr"] + [f"b{j}_ptr" for j in range(nb)] + [f"in{k}_ptr" for k in range(len(plan.inputs))]
-    params += [f"out{k}_ptr" for k in range(len(plan.outputs))] + [f"sc{k}" for k in range(len(plan.scalars))]
-    params += ["M", "N", "K", "stride_am", "stride_ak"] + (["stride_ab"] if plan.batched else [])
-    params += [p for j in range(nb) for p in (f"stride_b{j}k", f"stride_b{j}n")]
-    params += [f"stride_b{j}b" for j in range(nb)] if plan.batched else []
-    params += [p for k in range(len(plan.inputs)) for p in (f"in{k}_sm", f"in{k}_sn")]
-    consts = "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, " \
-             "EVEN_K: tl.constexpr"
-    precision = ', input_precision="ieee"' if ieee else ""
     body = [
-        "pid = tl.program_id(0)",
-        "num_pid_m = tl.cdiv(M, BLOCK_M)",
-        "num_pid_n = tl.cdiv(N, BLOCK_N)",
-        "# grouped ordering: GROUP_M row-blocks share their B columns in L2",
-        "num_pid_in_group = GROUP_M * num_pid_n",
-        "first_pid_m = (pid // num_pid_in_group) * GROUP_M",
-        "group_size_m = min(num_pid_m - first_pid_m, GROUP_M)",
-        "pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)",
-        "pid_n = (pid % num_pid_in_group) // group_size_m",
-        "rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
-        "rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
         "# wrap the rows/columns past the edge instead of masking every load (their results are not stored)",
         "ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)",
         "rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)",
         "rk = tl.arange(0, BLOCK_K)",
-        "a_ptrs = a_ptr + (ram[:, None] * stride_am + rk[None, :] * stride_ak)",
+        "a_ptrs = a_ptr + (ram[:, None] * stride_am + rk[None, :] * stride_ak)" +
+        (" + bid * stride_ab" if plan.batched else ""),
     ]
-    if plan.batched:  # M is the rows of one batch here; the epilogue sees batch * M + row
-        body += ["bid = tl.program_id(1)", "a_ptrs += bid * stride_ab"]
     for j in range(nb):
         batch = f" + bid * stride_b{j}b" if plan.batched else ""
         body += [f"b{j}_ptrs = b{j}_ptr + (rk[:, None] * stride_b{j}k + rbn[None, :] * stride_b{j}n){batch}",
@@ -98,16 +93,57 @@ def emit_matmul(plan: MatmulPlan, ieee: bool) -> str:
     body += [f"        b{j} = tl.load(b{j}_ptrs, mask=rk[:, None] < K - k * BLOCK_K, other=0.0)" for j in range(nb)]
     for j in range(nb):
         body += [f"    acc{j} = tl.dot(a, b{j}, acc{j}{precision})", f"    b{j}_ptrs += BLOCK_K * stride_b{j}k"]
-    body += ["    a_ptrs += BLOCK_K * stride_ak",
-             "# epilogue on the [BLOCK_M, BLOCK_N] tile",
+    return body + ["    a_ptrs += BLOCK_K * stride_ak"]
+
+
+def emit_matmul(plan: MatmulPlan, ieee: bool, product: bool = False) -> str:
+    """Triton source: a grouped-ordering tiled matmul with fp32 accumulators, then the epilogue lines. `product`:
+    no matmul; the kernel reads the products ATen (cuBLAS) wrote, contiguous [batch * M, N], as its accumulators."""
+    nb = len(plan.bs)
+    params = [f"p{j}_ptr" for j in range(nb)] if product else ["a_ptr"] + [f"b{j}_ptr" for j in range(nb)]
+    params += [f"in{k}_ptr" for k in range(len(plan.inputs))]
+    params += [f"out{k}_ptr" for k in range(len(plan.outputs))] + [f"sc{k}" for k in range(len(plan.scalars))]
+    if product:
+        params += ["M", "N"]
+    else:
+        params += ["M", "N", "K", "stride_am", "stride_ak"] + (["stride_ab"] if plan.batched else [])
+        params += [p for j in range(nb) for p in (f"stride_b{j}k", f"stride_b{j}n")]
+        params += [f"stride_b{j}b" for j in range(nb)] if plan.batched else []
+    params += [p for k in range(len(plan.inputs)) for p in (f"in{k}_sm", f"in{k}_sn")]
+    consts = "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr" if product else \
+        "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, " \
+        "EVEN_K: tl.constexpr"
+    precision = ', input_precision="ieee"' if ieee else ""
+    body = [
+        "pid = tl.program_id(0)",
+        "num_pid_m = tl.cdiv(M, BLOCK_M)",
+        "num_pid_n = tl.cdiv(N, BLOCK_N)",
+        "# grouped ordering: GROUP_M row-blocks share their B columns in L2",
+        "num_pid_in_group = GROUP_M * num_pid_n",
+        "first_pid_m = (pid // num_pid_in_group) * GROUP_M",
+        "group_size_m = min(num_pid_m - first_pid_m, GROUP_M)",
+        "pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)",
+        "pid_n = (pid % num_pid_in_group) // group_size_m",
+        "rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+    ]
+    if plan.batched:  # M is the rows of one batch here; the epilogue sees batch * M + row
+        body += ["bid = tl.program_id(1)"]
+    if not product:
+        body += _gemm_lines(plan, precision)
+    body += ["# epilogue on the [BLOCK_M, BLOCK_N] tile",
              "i0 = (bid * M + rm)[:, None]" if plan.batched else "i0 = rm[:, None]", "i1 = rn[None, :]",
              "xmask = (rm[:, None] < M) & (i1 < N)"]
+    if product:
+        body += [f"acc{j} = tl.load(p{j}_ptr + (i0 * N + i1), mask=xmask, other=0).to(tl.float32)"
+                 for j in range(nb)]
     body += [f"{name} = {expr}  # {source}" for name, expr, source in plan.lines]
     for k, (value, node) in enumerate(plan.outputs):
         body.append(f"tl.store(out{k}_ptr + (i0 * N + i1), {value}.to(out{k}_ptr.dtype.element_ty), mask=xmask)"
                     f"  # {node.name}")
     lines = [f"# {plan.name}: generated by flashfx (matmul [{plan.M}, {plan.K}] x [{plan.K}, {plan.N}] "
-             f"x{nb} + epilogue)", "# FX nodes covered:"] + [f"#   {c}" for c in plan.covered]
+             f"x{nb} + epilogue{'; the matmul by ATen' if product else ''})", "# FX nodes covered:"]
+    lines += [f"#   {c}" for c in plan.covered]
     lines += ["import triton", "import triton.language as tl", ""]
     for h in dict.fromkeys(plan.helpers):
         lines += [HELPERS[h], ""]
@@ -234,27 +270,41 @@ def lower_matmul(name: str, mms: List[fx.Node], members: List[fx.Node]) -> Matmu
 
 # --------------------------------------------------------------------------------------------------- launcher
 
-def candidates(M: int, N: int, nb: int, interpreting: bool) -> List[Dict[str, int]]:
-    if interpreting:
-        return [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}]
-    tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-             (64, 64, 64, 4, 4)]
-    if nb == 2:  # two accumulators: keep register use in check
-        tiles = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
-    return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s}
-            for m, n, k, w, s in tiles if m <= max(64, autotune.next_pow2(M)) and n <= max(64, autotune.next_pow2(N))]
+def candidates(M: int, N: int, nb: int, interpreting: bool, backend: str) -> List[Dict[str, Any]]:
+    """Configs to time for `backend`: "triton" (tiles of the whole kernel), "aten" (tiles of the epilogue kernel
+    after ATen's matmul; marked "backend": "aten"), or "auto" (both)."""
+    fits = lambda m, n: m <= max(64, autotune.next_pow2(M)) and n <= max(64, autotune.next_pow2(N))
+    configs = []
+    if backend in ("triton", "auto"):
+        tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                 (64, 64, 64, 4, 4)]
+        if nb == 2:  # two accumulators: keep register use in check
+            tiles = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
+        if interpreting:
+            tiles = [(16, 16, 16, 4, 1)]
+        configs += [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s}
+                    for m, n, k, w, s in tiles if interpreting or fits(m, n)]
+    if backend in ("aten", "auto"):
+        tiles = [(16, 16, 4)] if interpreting else [(64, 64, 4), (32, 128, 4), (64, 128, 8), (128, 128, 8)]
+        configs += [{"backend": "aten", "BLOCK_M": m, "BLOCK_N": n, "GROUP_M": 8, "num_warps": w}
+                    for m, n, w in tiles if interpreting or fits(m, n)]
+    return configs
 
 
 class MatmulKernel:
-    """Runs one matmul group: `kernel(a, b0, [b1], *epilogue_inputs, *scalars)` -> tuple of outputs."""
+    """Runs one matmul group: `kernel(a, b0, [b1], *epilogue_inputs, *scalars)` -> tuple of outputs.
 
-    def __init__(self, plan: MatmulPlan, cache_dir: str, tune: bool) -> None:
+    `backend`: "triton", "aten" or "auto" (see the module docstring); `choices` records, per shape bucket, which
+    one runs ("triton" or "aten")."""
+
+    def __init__(self, plan: MatmulPlan, cache_dir: str, tune: bool, backend: str = "triton") -> None:
         self.plan = plan
         self.__name__ = self.__qualname__ = plan.name
         self.__module__ = __name__
-        self.cache_dir, self.tune = cache_dir, tune
-        self._fns: Dict[bool, Tuple[str, Any]] = {}
-        self._configs: Dict[str, Dict[str, int]] = {}
+        self.cache_dir, self.tune, self.backend = cache_dir, tune, backend
+        self._fns: Dict[Tuple[bool, bool], Tuple[str, Any]] = {}
+        self._configs: Dict[str, Dict[str, Any]] = {}
+        self.choices: Dict[str, str] = {}
         self.fallback = None  # a fallback.Fallback set by the fusion pass: the ATen ops, if the kernel fails
 
     def __repr__(self) -> str:
@@ -263,12 +313,12 @@ class MatmulKernel:
     def __deepcopy__(self, memo: Any) -> "MatmulKernel":
         return self
 
-    def source(self, ieee: bool) -> Tuple[str, Any]:
-        if ieee not in self._fns:
-            src = emit_matmul(self.plan, ieee)
+    def source(self, ieee: bool, product: bool = False) -> Tuple[str, Any]:
+        if (ieee, product) not in self._fns:
+            src = emit_matmul(self.plan, ieee, product)
             module, _ = kernel_cache.load_module(self.plan.name, src, self.cache_dir)
-            self._fns[ieee] = (src, getattr(module, self.plan.name))
-        return self._fns[ieee]
+            self._fns[ieee, product] = (src, getattr(module, self.plan.name))
+        return self._fns[ieee, product]
 
     def __call__(self, *args: Any) -> Tuple[torch.Tensor, ...]:
         if self.fallback is None:
@@ -295,23 +345,29 @@ class MatmulKernel:
         # epilogue tensors as [M, N]: the product's own layout ("full"), a row of N broadcast, or one scalar
         flat = [t.reshape(batch * M, N) if kind == "full" else t.reshape(M, N) if kind == "batchrow" else
                 t.reshape(1, -1).expand(batch * M, N) for t, kind in zip(ext, plan.input_kinds)]
-        outs = []
-        for _, node in plan.outputs:
-            dtype = val(node).dtype
-            outs.append(torch.empty((batch * M, N), dtype=dtype, device=a.device))
         ieee = a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
         src, fn = self.source(ieee)
-        bucket = f"mm:b{batch}:m{autotune.next_pow2(M)}:n{N}:k{K}"
+        bucket = f"{self.backend}:mm:b{batch}:m{autotune.next_pow2(M)}:n{N}:k{K}"
         grid_of = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]), batch)
+        ext_strides = [s for t in flat for s in (t.stride(0), t.stride(1))]
 
-        def launch(c: Dict[str, int]) -> None:
-            stride_args = [a.stride(-2), a.stride(-1)] + ([a.stride(0)] if plan.batched else [])
-            stride_args += [s for b in bs for s in (b.stride(-2), b.stride(-1))]
-            stride_args += [b.stride(0) for b in bs] if plan.batched else []
-            stride_args += [s for t in flat for s in (t.stride(0), t.stride(1))]
+        def launch(c: Dict[str, Any]) -> List[torch.Tensor]:
+            outs = [torch.empty((batch * M, N), dtype=val(node).dtype, device=a.device) for _, node in plan.outputs]
+            if c.get("backend") == "aten":  # cuBLAS writes each product, contiguous; the epilogue kernel reads it
+                mm = torch.bmm if plan.batched else torch.mm
+                tiles = {k: v for k, v in c.items() if k != "backend"}
+                kernel_args = [*(mm(a, b) for b in bs), *flat, *outs, *scalars, M, N, *ext_strides]
+                launch_fn = self.source(ieee, product=True)[1]
+            else:
+                stride_args = [a.stride(-2), a.stride(-1)] + ([a.stride(0)] if plan.batched else [])
+                stride_args += [s for b in bs for s in (b.stride(-2), b.stride(-1))]
+                stride_args += [b.stride(0) for b in bs] if plan.batched else []
+                tiles = dict(c, EVEN_K=K % c["BLOCK_K"] == 0)
+                kernel_args = [a, *bs, *flat, *outs, *scalars, M, N, K, *stride_args, *ext_strides]
+                launch_fn = fn
             with on_device(a.device):
-                fn[grid_of(c)](a, *bs, *flat, *outs, *scalars, M, N, K, *stride_args,
-                               EVEN_K=K % c["BLOCK_K"] == 0, **c)
+                launch_fn[grid_of(c)](*kernel_args, **tiles)
+            return outs
 
         config = self._configs.get(bucket)
         if config is None:
@@ -319,13 +375,17 @@ class MatmulKernel:
             config = kernel_cache.load_choices(self.cache_dir, key).get(bucket)
             with kernel_cache.triton_binaries_under(self.cache_dir):
                 if config is None:
-                    configs = candidates(M, N, nb, _compat.triton_interpreting())
-                    config = autotune.pick(configs, launch, self.tune and a.is_cuda and batch * M * N * K >= 1 << 27)
+                    race = self.tune and a.is_cuda and batch * M * N * K >= 1 << 27
+                    # "auto" where timing is worth it: ATen's matmul + the epilogue kernel race the fused kernel
+                    backend = "triton" if self.backend == "auto" and not race else self.backend
+                    configs = candidates(M, N, nb, _compat.triton_interpreting(), backend)
+                    config = autotune.pick(configs, launch, race)
                     kernel_cache.save_choice(self.cache_dir, key, bucket, config)
-                launch(config)
+                outs = launch(config)
             self._configs[bucket] = config
+            self.choices[bucket] = config.get("backend", "triton")
         else:
-            launch(config)
+            outs = launch(config)
         if plan.batched:
             outs = [o.view(batch, M, N) for o in outs]
         return tuple(outs)  # the product's shape; the graph views them back to each node's shape

@@ -477,6 +477,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     from flashfx.codegen import decompose, fallback, splice
     from flashfx.codegen.kernel import FusedKernel
     from flashfx.codegen.lower import LoweringError, lower_group
+    from flashfx.codegen.matmul_epilogue import matmul_backend
 
     probe = _Partitioner(gm, ctx)
     decomposed = decompose.decompose(
@@ -535,12 +536,15 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.count("fusion.nodes_fused", len(compute))
         ctx.count("fusion.bytes_saved", int(saved) if saved == saved else 0)
         modified = True
+    backend = matmul_backend() if mm_groups else "triton"  # a bad FLASHFX_MATMUL_BACKEND is the user's to fix
+    if backend == "auto" and not (ctx.config.autotune and any(d.type == "cuda" for d in devices)):
+        backend = "triton"  # nothing to race: the CPU interpreter, or autotuning off
     for mms, members in mm_groups:
         ops = [m.target.overloadpacket.__name__.strip("_") for m in members if part.kind(m) == "pw"]
         words = list(dict.fromkeys(o for o in ops if o != "to_copy"))[:3] or ["cast"]
         name = f"fused_{'mm2' if len(mms) == 2 else 'mm'}_{'_'.join(words)}_{index}"
         try:
-            kernel, src = _matmul_kernel(name, mms, members, ctx)
+            kernel, src = _matmul_kernel(name, mms, members, ctx, backend)
         except Exception as e:  # LoweringError, or a generator bug: the matmul stays ATen, the report says why
             ctx.decline(PASS, mms[0], f"matmul epilogue not generated: {e}")
             continue
@@ -554,6 +558,11 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             [plan.a, *plan.bs, *plan.inputs, *plan.scalars], [n for _, n in plan.outputs], a_nodes),
             1 + len(plan.bs) + len(plan.inputs) + len(plan.scalars))
         kernel.fallback.on_fallback = kernel._reference
+        ctx.count({"triton": "fusion.matmul_triton", "aten": "fusion.matmul_aten",
+                   "auto": "fusion.matmul_raced"}[backend])
+        if backend == "auto":
+            ctx.notes.append(f"fusion: {name} races its one Triton kernel against ATen's matmul (cuBLAS) + a "
+                             "Triton epilogue per shape bucket at its first large call, caching the faster")
         index += 1
         splice.replace_matmul_group(gm, kernel)
         kernels.append((name, src))
@@ -571,12 +580,13 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified)
 
 
-def _matmul_kernel(name: str, mms: List[fx.Node], members: List[fx.Node], ctx: PassContext) -> Tuple[Any, str]:
+def _matmul_kernel(name: str, mms: List[fx.Node], members: List[fx.Node], ctx: PassContext,
+                   backend: str) -> Tuple[Any, str]:
     from flashfx.codegen import matmul_epilogue as me
     from flashfx.codegen import splice
 
     plan = me.lower_matmul(name, mms, members)
-    kernel = me.MatmulKernel(plan, str(ctx.config.cache_dir), ctx.config.autotune)
+    kernel = me.MatmulKernel(plan, str(ctx.config.cache_dir), ctx.config.autotune, backend)
     src, _ = kernel.source(ieee=plan.a.meta["val"].dtype == torch.float32 and
                            not torch.backends.cuda.matmul.allow_tf32)
     splice.register_kernel_cost(kernel, list(mms) + list(members))

@@ -85,3 +85,82 @@ def test_bmm_with_scale_bias_and_cast(tmp_path):
     for g, e in zip(gm(*xs), expected):
         assert g.shape == e.shape
         torch.testing.assert_close(g.double(), e.double().to(g.dtype).double(), rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------- FLASHFX_MATMUL_BACKEND: ATen's matmul + epilogue
+
+def _matmul_kernels(gm):
+    return [n.target for n in gm.graph.nodes if type(n.target).__name__ == "MatmulKernel"]
+
+
+ATEN_CASES = {  # name -> (fn, input shapes): odd M, N, K everywhere
+    "bias_gelu_residual": (lambda x, w, b, r: F.gelu(F.linear(x, w, b)) + r, [(3, 7, 40), (37, 40), (37,), (3, 7, 37)]),
+    "silu_cast": (lambda x, w: F.silu(x @ w.t()).to(torch.float16), [(2, 9, 24), (41, 24)]),
+    "swiglu": (lambda x, wg, wu: F.silu(x @ wg.t()) * (x @ wu.t()), [(5, 9, 24), (50, 24), (50, 24)]),
+    "bmm_scale_bias": (lambda q, k, b: torch.tanh(torch.bmm(q, k.transpose(1, 2)) * 0.125 + b),
+                       [(6, 9, 20), (6, 11, 20), (9, 11)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATEN_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_aten_backend_matches_the_unfused_graph(tmp_path, monkeypatch, case, dtype):
+    monkeypatch.setenv("FLASHFX_MATMUL_BACKEND", "aten")
+    fn, shapes = ATEN_CASES[case]
+    xs = [torch.randn(*s, dtype=dtype) / (s[-1] ** 0.5 if i else 1) for i, s in enumerate(shapes)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.matmul_aten"] == 1 and "fusion.matmul_triton" not in ctx.counters
+    [kernel] = _matmul_kernels(gm)
+    got = gm(*xs)
+    assert list(kernel.choices.values()) == ["aten"]
+    product_src, _ = kernel.source(False, product=True)
+    assert "tl.dot(" not in product_src and "tl.load(p0_ptr" in product_src
+    expected = fn(*[t.double() for t in xs])
+    assert got.shape == expected.shape and got.dtype == fn(*xs).dtype
+    rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 and got.dtype == torch.float32 else (1e-2, 1e-2)
+    torch.testing.assert_close(got.double(), expected.to(got.dtype).double(), rtol=rtol, atol=atol)
+
+
+def test_aten_backend_forward_backward(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHFX_MATMUL_BACKEND", "aten")
+    torch.manual_seed(5)
+    backend = check_fwd_bwd(SwiGLUMLP(24), torch.randn(2, 11, 24), tmp_path)  # fp32 tolerance: cuBLAS/ATen sums
+    assert backend.counter("forward", "fusion.matmul_aten") == 2
+    assert backend.counter("backward", "fusion.matmul_aten") >= 1
+    assert backend.counter("forward", "fusion.matmul_triton") == 0
+
+
+def test_default_backend_on_cpu_is_the_triton_kernel(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLASHFX_MATMUL_BACKEND", raising=False)
+    xs = [torch.randn(6, 8), torch.randn(8, 5), torch.randn(5)]
+    gm, ctx = fuse_function(lambda x, w, b: F.relu(x @ w + b), xs, tmp_path)
+    assert ctx.counters["fusion.matmul_triton"] == 1 and "fusion.matmul_aten" not in ctx.counters
+    [kernel] = _matmul_kernels(gm)
+    assert_close(gm(*xs), F.relu(xs[0] @ xs[1] + xs[2]))
+    assert list(kernel.choices.values()) == ["triton"]
+
+
+def test_unknown_backend_is_a_value_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHFX_MATMUL_BACKEND", "cublas")
+    with pytest.raises(ValueError, match="FLASHFX_MATMUL_BACKEND='cublas'.*auto, triton, aten"):
+        fuse_function(lambda x, w: F.relu(x @ w), [torch.randn(6, 8), torch.randn(8, 5)], tmp_path)
+
+
+def test_auto_candidates_race_both_and_a_cached_choice_is_reused(tmp_path):
+    from flashfx.codegen import autotune, kernel_cache
+    from flashfx.codegen.matmul_epilogue import candidates
+
+    raced = candidates(4096, 4096, 2, interpreting=False, backend="auto")
+    assert {c.get("backend", "triton") for c in raced} == {"triton", "aten"}
+    assert all("BLOCK_K" not in c for c in raced if c.get("backend") == "aten")
+    # a choice another process cached for this source and bucket is used as is: no timing, the ATen path runs
+    xs = [torch.randn(6, 8), torch.randn(8, 5)]
+    gm, _ = fuse_function(lambda x, w: F.relu(x @ w), xs, tmp_path)
+    [kernel] = _matmul_kernels(gm)
+    kernel.backend = "auto"
+    src, _ = kernel.source(ieee=True)
+    [aten_config] = candidates(6, 5, 1, interpreting=True, backend="aten")
+    bucket = f"auto:mm:b1:m{autotune.next_pow2(6)}:n5:k8"
+    kernel_cache.save_choice(str(tmp_path), kernel_cache.cache_key(src), bucket, aten_config)
+    assert_close(gm(*xs), F.relu(xs[0] @ xs[1]))
+    assert kernel.choices == {bucket: "aten"}

@@ -588,7 +588,7 @@ def _matmul_kernel(name: str, mms: List[fx.Node], members: List[fx.Node], ctx: P
     plan = me.lower_matmul(name, mms, members)
     kernel = me.MatmulKernel(plan, str(ctx.config.cache_dir), ctx.config.autotune, backend)
     src, _ = kernel.source(ieee=plan.a.meta["val"].dtype == torch.float32 and
-                           not torch.backends.cuda.matmul.allow_tf32)
+                           not torch.backends.cuda.matmul.allow_tf32, product=backend == "aten")  # what will run
     splice.register_kernel_cost(kernel, list(mms) + list(members))
     return kernel, src
 

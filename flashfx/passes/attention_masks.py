@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from flashfx.rewriter.matcher import arg, is_call, is_number, same_shape, same_size, tensor
+from flashfx.rewriter.matcher import arg, is_call, is_number, normalize_dim, same_shape, same_size, tensor
 
 VERY_NEGATIVE = -1e4  # fill values at or below this mask a score exactly (exp underflows), see attention.py's docstring
 
@@ -27,7 +27,8 @@ WHERE = ((torch.where,), ("where",))
 # ------------------------------------------------------------------------------------------- small predicates
 
 def _number(x: Any) -> Optional[float]:
-    """A Python constant, or a 0-dim constant tensor made in the graph (`torch.tensor(c)`, `torch.full((), c)`)."""
+    """A Python constant, or a 0-dim constant tensor made in the graph (`torch.tensor(c)`, `torch.full((), c)`,
+    `torch.zeros(())` as HF 5.2x builds its mask's 0)."""
     if is_number(x):
         return float(x)
     if isinstance(x, fx.Node) and x.op == "call_function" and not x.kwargs.get("requires_grad"):
@@ -35,6 +36,9 @@ def _number(x: Any) -> Optional[float]:
             return float(x.args[0])
         if x.target is torch.full and len(x.args) >= 2 and tuple(x.args[0]) == () and is_number(x.args[1]):
             return float(x.args[1])
+        if x.target in (torch.zeros, torch.ones) and len(x.args) == 1 and isinstance(x.args[0], (tuple, list)) \
+                and tuple(x.args[0]) == ():
+            return 0.0 if x.target is torch.zeros else 1.0
     return None
 
 
@@ -49,7 +53,9 @@ def _last_two(t: torch.Tensor) -> Tuple[Any, Any]:
 # j > i); None when it cannot prove either.
 
 def _index_vector(node: Any, depth: int = 0) -> Optional[Tuple[str, Any, float]]:
-    """("row" | "col", length, offset) for `arange(n) + c` placed on dim -2 (row) or -1 (col) by None-indexing."""
+    """("row" | "col", length, offset) when every element of `node` is its index on dim -2 (row) or -1 (col) plus
+    offset, whatever its other indices: `arange(n) + c` placed by None-indexing, broadcast by `expand`, or gathered
+    as `positions[batch_idx, idx]` (HF's position-id remapping) from rows that are each such a vector."""
     if not isinstance(node, fx.Node) or depth > 8:
         return None
     t = tensor(node)
@@ -59,7 +65,15 @@ def _index_vector(node: Any, depth: int = 0) -> Optional[Tuple[str, Any, float]]
         start, end = (0, node.args[0]) if len(node.args) == 1 else node.args[:2]
         if len(node.args) > 2 or node.kwargs.get("step", 1) != 1 or not is_number(start):
             return None
+        if t.dtype in (torch.float16, torch.bfloat16):  # consecutive positions stop being distinct past 256 / 2048
+            return None
         return ("col", t.shape[0], float(start))
+    if is_call(node, methods=("expand",)):  # broadcasts other dims; the indexed dim must keep its length
+        inner = _index_vector(node.args[0], depth + 1)
+        return inner if inner is not None and _keeps_axis(t, inner) else None
+    if is_call(node, (operator.getitem,)) and isinstance(node.args[1], tuple) and len(node.args[1]) == 2 \
+            and all(isinstance(i, fx.Node) for i in node.args[1]):
+        return _gathered_index(node, depth)
     if (is_call(node, (operator.add, torch.add), ("add",)) and len(node.args) == 2 and is_number(node.args[1])
             and not node.kwargs):
         inner = _index_vector(node.args[0], depth + 1)
@@ -82,6 +96,34 @@ def _index_vector(node: Any, depth: int = 0) -> Optional[Tuple[str, Any, float]]
             return ("row", inner[1], inner[2])
         return None
     return None
+
+
+def _keeps_axis(t: torch.Tensor, vec: Tuple[str, Any, float]) -> bool:
+    """Whether `t` still has `vec`'s indexed dim (-1 for col, -2 for row) at its full length (not broadcast)."""
+    axis = -1 if vec[0] == "col" else -2
+    return t.dim() >= -axis and same_size(t.shape[axis], vec[1])
+
+
+def _is_index_dtype(node: Any) -> bool:
+    t = tensor(node)
+    return t is not None and t.dtype in (torch.int64, torch.int32)  # not bool: a bool index selects, not gathers
+
+
+def _gathered_index(node: fx.Node, depth: int) -> Optional[Tuple[str, Any, float]]:
+    """`rows[b, idx]` where every row of the 2-D `rows` is `arange + c` and idx an index vector with offset >= 0.
+
+    Every row being the same, the batch index b picks nothing (any valid b gives the same values; an invalid one
+    raises in eager too), and rows[., i + c0] = i + c0 + c: an index vector along idx's dim. A negative offset is
+    refused because negative indices wrap around instead of raising."""
+    rows, (batch, idx) = node.args[0], node.args[1]
+    row_vec, idx_vec = _index_vector(rows, depth + 1), _index_vector(idx, depth + 1)
+    if row_vec is None or idx_vec is None or row_vec[0] != "col" or tensor(rows).dim() != 2:
+        return None
+    if not (_is_index_dtype(rows) and _is_index_dtype(batch) and _is_index_dtype(idx)) or idx_vec[2] < 0:
+        return None
+    if not _keeps_axis(tensor(node), idx_vec):
+        return None
+    return (idx_vec[0], idx_vec[1], idx_vec[2] + row_vec[2])
 
 
 _COMPARE = {operator.le: "le", torch.le: "le", operator.ge: "ge", torch.ge: "ge", operator.lt: "lt", torch.lt: "lt",
@@ -111,6 +153,12 @@ def _causal_bool(node: Any, depth: int = 0) -> Optional[str]:
         if not same_size(a[1], b[1]):
             return None
         return {"le": "attend", "gt": "masked"}.get(op)
+    if is_call(node, *_AND) and len(node.args) == 2:  # AND with provably all-true terms = its one other term
+        rest = [term for term in _and_terms(node) if not _all_true(term)]
+        if len(rest) != 1 or rest[0] is node or tensor(rest[0]) is None or tensor(rest[0]).dim() < 2 \
+                or not same_shape(_last_two(tensor(rest[0])), _last_two(t)):
+            return None  # (the last check: an all-true term must not broadcast the causal one's last two dims)
+        return _causal_bool(rest[0], depth + 1)
     if is_call(node, (torch.logical_not, operator.invert), ("logical_not", "__invert__", "bitwise_not")):
         inner = _causal_bool(node.args[0], depth + 1)
         return None if inner is None else ("masked" if inner == "attend" else "attend")
@@ -214,9 +262,71 @@ def _all_true(node: Any) -> bool:
     if is_call(node, (operator.ge, torch.ge), ("ge",)) and len(node.args) == 2 and node.args[1] == 0:
         vec = _index_vector(node.args[0])
         return vec is not None and vec[2] >= 0
+    if _constant(node) == 1:  # e.g. HF's packed-sequence term when nothing is packed
+        return True
     if is_call(node, methods=("to",)):
         return _all_true(node.args[0])
     return False
+
+
+# ------------------------------------------------------------------------------------- one-value tensors
+#
+# Hugging Face (5.2x) ANDs its causal mask with a packed-sequence term `seq[b, q] == seq[b, kv]`, where
+# seq = cumsum(diff(positions, prepend=positions[:, :1] - 1) != 1): the index of the packed sequence each token is in.
+# When the positions are an arange in every row (built in the graph, not an input), every diff is 1, seq is 0
+# everywhere and the term is all true. `_constant` proves such tensors, one rule per op.
+
+def _first_column(index: Any, ndim: int) -> bool:
+    """`x[:, :1]` / `x[..., :1]` on an `ndim`-dim x: every row's first element, nothing else."""
+    items = index if isinstance(index, tuple) else (index,)
+    if not items or not isinstance(items[-1], slice) or items[-1] not in (slice(None, 1), slice(0, 1)):
+        return False
+    head = items[:-1]
+    return head == (Ellipsis,) or (len(head) == ndim - 1 and all(i == slice(None) for i in head))
+
+
+def _diff_of_positions(node: fx.Node) -> Optional[int]:
+    """1 for `diff(p, prepend=p[:, :1] - 1, dim=-1)` with p an integer arange along its last dim (in every row)."""
+    p, n, dim = arg(node, 0, "input"), arg(node, 1, "n", 1), arg(node, 2, "dim", -1)
+    prepend, append = arg(node, 3, "prepend"), arg(node, 4, "append")
+    vec, pt = _index_vector(p), tensor(p)  # its own depth budget: _index_vector is bounded by itself
+    if vec is None or vec[0] != "col" or not _is_index_dtype(p) or n != 1 or append is not None \
+            or normalize_dim(dim, pt.dim()) != pt.dim() - 1:
+        return None
+    # prepend = one before each row's first position, so the first diff is 1 as well
+    if not (is_call(prepend, (operator.sub, torch.sub), ("sub",)) and len(prepend.args) == 2
+            and prepend.args[1] == 1 and not prepend.kwargs):
+        return None
+    first = prepend.args[0]
+    if not (is_call(first, (operator.getitem,)) and first.args[0] is p and _first_column(first.args[1], pt.dim())):
+        return None
+    return 1
+
+
+_EQ_NE = {operator.eq: operator.eq, torch.eq: operator.eq, "eq": operator.eq,
+          operator.ne: operator.ne, torch.ne: operator.ne, "ne": operator.ne}
+
+
+def _constant(node: Any, depth: int = 0) -> Optional[int]:
+    """The one integer every element of an integer/bool tensor holds (True = 1), when provable; None otherwise."""
+    if isinstance(node, (bool, int)):
+        return int(node)
+    t = tensor(node)
+    if not isinstance(node, fx.Node) or depth > 8 or t is None or t.dtype.is_floating_point or t.is_complex():
+        return None  # exact integer values only
+    if is_call(node, (torch.diff,), ("diff",)):
+        return _diff_of_positions(node)
+    compare = _EQ_NE.get(node.target) if node.op in ("call_function", "call_method") else None
+    if compare is not None and len(node.args) == 2 and not node.kwargs:
+        a, b = (_constant(x, depth + 1) for x in node.args)
+        return None if a is None or b is None else int(compare(a, b))
+    if is_call(node, (torch.cumsum,), ("cumsum",)):  # a running sum of zeros
+        return 0 if _constant(node.args[0], depth + 1) == 0 else None
+    if is_call(node, (operator.getitem,), ("expand", "contiguous", "clone")):  # any selection of one value
+        return _constant(node.args[0], depth + 1)
+    if is_call(node, methods=("to",)) and tensor(node.args[0]) is not None and tensor(node.args[0]).dtype == t.dtype:
+        return _constant(node.args[0], depth + 1)  # a device move
+    return None
 
 
 def _simplify_attend(mask: Any, L: Any, S: Any, causal_ok: bool) -> Optional[Tuple[bool, List[Any]]]:

@@ -4,7 +4,9 @@ Used by the attention pass (`flashfx/passes/attention.py`) when it prepares a ma
 graph from arange comparisons (as Hugging Face builds them), `tril(ones)`, `triu(full(-inf), 1)` or
 `where(causal, 0, finfo.min)` is proven causal by walking its producers, so the site can use `is_causal=True` and
 never read the mask; a bool AND-tree (HF's `causal & padding`, expanded to [B, 1, L, S]) is split into its causal
-part and its small terms, dropping all-true ones. Every proof only reads the graph; one that cannot prove its claim
+part and its small terms, dropping all-true ones (among them HF 5.2x's packed-sequence term, all true when the
+position ids are an arange built in the graph; its position-remapped comparison `pos[b, kv] <= pos[b, q]` is then
+`kv <= q`). Every proof only reads the graph; one that cannot prove its claim
 answers None / False and the mask is passed to the op as it is. Also holds the few constants and predicates the
 proofs share with the form readers (`attention_forms.py`): the mask op spellings, VERY_NEGATIVE and `_number`.
 """

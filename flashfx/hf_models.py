@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from flashfx.zoo import Inputs, _check_positive, _dtype, _mlm_labels, _padding_mask, _seeded
+from flashfx.zoo import Inputs, _check_positive, _dtype, _mlm_labels, _padding_mask, _seeded, check_sequence_length
 
 # Small sizes given to any transformers config that has the field (GPT-2's n_embd, n_layer, ... map onto these).
 HF_SMALL_SIZES: Dict[str, Any] = dict(
@@ -98,11 +98,7 @@ def hf_inputs(model: nn.Module, batch: int, seq: Optional[int], labels: bool = F
     if model.main_input_name == "pixel_values":
         inputs["pixel_values"] = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size, generator=gen)
     else:
-        _check_positive("seq", seq)
-        limit = getattr(cfg, "max_position_embeddings", None)
-        if limit is not None and seq > limit:
-            raise ValueError(f"seq={seq} is longer than {name}'s {limit} positions; use seq <= {limit} or "
-                             f"max_position_embeddings={seq}")
+        check_sequence_length(seq, cfg, name)
         inputs["input_ids"] = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
         if "attention_mask" in params and not model.can_generate():
             inputs["attention_mask"] = _padding_mask(batch, seq, gen)

@@ -100,11 +100,7 @@ def example_inputs(model: nn.Module, batch: int, seq: Optional[int] = None, labe
                              f"seq={seq} (a square number) instead")
         inputs = _image_inputs(cfg, batch, labels, gen)
     else:
-        _check_positive("seq", seq)
-        limit = getattr(cfg, "max_position_embeddings", None)
-        if limit is not None and seq > limit:
-            raise ValueError(f"seq={seq} is longer than this model's {limit} positions; use seq <= {limit} "
-                             f"or build with max_position_embeddings={seq}")
+        check_sequence_length(seq, cfg, "this model")
         if labels and seq < 2 and not isinstance(cfg, BertConfig):
             raise ValueError("a causal-LM loss needs seq >= 2 (each token predicts the next); use seq >= 2")
         inputs = _token_inputs(cfg, batch, seq, labels, gen)
@@ -363,6 +359,15 @@ def _dtype(dtype: Union[torch.dtype, str, None]) -> Optional[torch.dtype]:
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
     raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype")
+
+
+def check_sequence_length(seq: Any, cfg: Any, model_name: str) -> None:
+    """A positive `seq` within the config's `max_position_embeddings` (if it has one), else a ValueError with the fix."""
+    _check_positive("seq", seq)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit is not None and seq > limit:
+        raise ValueError(f"seq={seq} is longer than {model_name}'s {limit} positions; use seq <= {limit} "
+                         f"or build with max_position_embeddings={seq}")
 
 
 def _check_positive(what: str, value: Any) -> None:

@@ -362,7 +362,7 @@ def _dtype(dtype: Union[torch.dtype, str, None]) -> Optional[torch.dtype]:
 
 
 def check_sequence_length(seq: Any, cfg: Any, model_name: str) -> None:
-    """A positive `seq` within the config's `max_position_embeddings` (if it has one), else a ValueError with the fix."""
+    """A positive `seq` within the config's `max_position_embeddings` (if any); else a ValueError with the fix."""
     _check_positive("seq", seq)
     limit = getattr(cfg, "max_position_embeddings", None)
     if limit is not None and seq > limit:

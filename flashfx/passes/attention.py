@@ -43,7 +43,8 @@ import torch.fx as fx
 
 from flashfx.passes.attention_forms import (MHA_FUNCTIONS, SDPA_FUNCTIONS, Decline, Site, _match_explicit, _match_mha,
                                             _match_sdpa)
-from flashfx.passes.attention_masks import _is_causal_mask, _last_two, _only_new_dims, _simplify_attend
+from flashfx.passes.attention_masks import (_is_causal_mask, _last_two, _only_new_dims, _simplify_attend,
+                                            _split_float)
 from flashfx.rewriter import cost as cost_model
 from flashfx.rewriter.capture import name_symbols
 from flashfx.rewriter.matcher import arg, erase_dead, insert_node, is_call, normalize_dim, same_shape, same_size, tensor
@@ -225,8 +226,18 @@ def _check_and_prepare(site: Site) -> None:
                 kept.append((kind, mask))
         site.masks = kept
     # bool AND-trees (HF: causal & padding, expanded to [B, 1, L, S]): read only the small terms
-    kept = []
+    kept, from_float = [], set()
     for kind, mask in site.masks:
+        if kind == "float":  # HF eager's where(causal & padding, 0, finfo.min): the same split, read as bool
+            terms = _split_float(mask, L, S, same_size(L, S) and not site.is_causal)
+            if terms is not None and all(tensor(t) is not None and _broadcastable(tensor(t), target) for t in terms):
+                site.is_causal = True
+                kept += [("attend", t) for t in terms]
+                from_float.update(terms)
+                site.notes.append(f"bias {mask.name} = causal & {len(terms)} key-only term(s) (its fill reads as -inf "
+                                  f"in the op): the kernel reads {', '.join(t.name for t in terms) or 'no mask'}; "
+                                  "a row with every key masked gives 0, where eager averages V")
+                continue
         simpler = _simplify_attend(mask, L, S, same_size(L, S) and not site.is_causal) if kind == "attend" else None
         if simpler is None or not all(tensor(t) is not None and _broadcastable(tensor(t), target)
                                       for t in simpler[1]):
@@ -242,7 +253,7 @@ def _check_and_prepare(site: Site) -> None:
         if kind.endswith("_finite"):
             raise Decline(site.out, f"mask {mask.name} fills with a finite value: rows with every key masked would "
                                     "average V in eager but give 0 in the fused op, and no row is proven unmasked")
-        if kind in ("masked", "attend") and site.form == "explicit":
+        if kind in ("masked", "attend") and site.form == "explicit" and mask not in from_float:
             site.notes.append(f"mask {mask.name}: rows with every key masked give 0 (eager gives NaN with -inf)")
         if kind == "float" and site.form == "explicit":
             site.notes.append(f"bias {mask.name}: a row whose every bias value is below -1e38 (finfo.min masks) "

@@ -6,8 +6,9 @@ graph from arange comparisons (as Hugging Face builds them), `tril(ones)`, `triu
 never read the mask; a bool AND-tree (HF's `causal & padding`, expanded to [B, 1, L, S]) is split into its causal
 part and its small terms, dropping all-true ones (among them HF 5.2x's packed-sequence term, all true when the
 position ids are an arange built in the graph; its position-remapped comparison `pos[b, kv] <= pos[b, q]` is then
-`kv <= q`). Every proof only reads the graph; one that cannot prove its claim
-answers None / False and the mask is passed to the op as it is. Also holds the few constants and predicates the
+`kv <= q`). HF eager's float form of that AND-tree, `where(causal & padding, 0, finfo.min)`, is split the same way
+when its fill reads as -inf in the op (`_split_float`). Every proof only reads the graph; one that cannot prove its
+claim answers None / False and the mask is passed to the op as it is. Also holds the few constants and predicates the
 proofs share with the form readers (`attention_forms.py`): the mask op spellings, VERY_NEGATIVE and `_number`.
 """
 from __future__ import annotations
@@ -350,3 +351,70 @@ def _is_causal_mask(kind: str, node: Any) -> bool:
         return _causal_float(node)
     meaning = _causal_bool(node)
     return meaning is not None and meaning == kind
+
+
+# ------------------------------------------------------------------------------- float masks split like bool ones
+#
+# HF eager with a padding mask builds `where(causal & padding, 0, finfo.min)`: the AND-tree the sdpa path passes as
+# bool, turned into a float bias. The op reads bias values below OP_NEG_INF as -inf, so such a bias IS the bool
+# attend-mask `causal & padding` to the op, exactly (fully masked rows give 0 either way); it is then split by
+# `_simplify_attend`, as the bool one is. A finite fill (-1e4, -1e9, fp16's finfo.min) is not -inf to the op: on a
+# fully padded row it averages V where the bool mask gives 0, so it is never split.
+
+OP_NEG_INF = -1e38  # bias values strictly below this are -inf to the op (flashfx/codegen/attention.py)
+
+
+def _reads_as_neg_inf(x: Any, dtype: torch.dtype) -> bool:
+    """A constant that, stored in the bias dtype, is below the op's -inf threshold (rounding included)."""
+    value = _number(x)
+    return value is not None and torch.tensor(value, dtype=dtype).item() < OP_NEG_INF
+
+
+def _negated_bool(node: Any) -> Optional[fx.Node]:
+    """m for `~m` / `logical_not(m)` with m a bool tensor."""
+    if is_call(node, (torch.logical_not, operator.invert), ("logical_not", "__invert__", "bitwise_not")) \
+            and tensor(node.args[0]) is not None and tensor(node.args[0]).dtype == torch.bool:
+        return node.args[0]
+    return None
+
+
+def _float_as_attend(node: Any) -> Optional[fx.Node]:
+    """The bool attend-mask m when the float bias `node` is exactly 0 where m and reads as -inf in the op elsewhere:
+    `where(m, 0, neg)`, `where(~m, neg, 0)`, `zeros.masked_fill(~m, neg)`. None otherwise."""
+    t = tensor(node)
+    if t is None or not t.dtype.is_floating_point:
+        return None
+    if is_call(node, *WHERE) and len(node.args) == 3 and not node.kwargs:
+        cond, a, b = node.args
+        if tensor(cond) is None or tensor(cond).dtype != torch.bool:
+            return None
+        if _number(a) == 0.0 and _reads_as_neg_inf(b, t.dtype):
+            return cond
+        if _number(b) == 0.0 and _reads_as_neg_inf(a, t.dtype):
+            return _negated_bool(cond)
+        return None
+    if is_call(node, *MASKED_FILL) and len(node.args) == 3 and not node.kwargs:
+        base, cond, fill = node.args
+        bt = tensor(base)  # masked_fill never broadcasts its base: the bias is the zeros' shape
+        if bt is not None and _is_zeros(base) and same_shape(tuple(bt.shape), tuple(t.shape)) \
+                and _reads_as_neg_inf(fill, t.dtype):
+            return _negated_bool(cond)
+    return None
+
+
+def _split_float(mask: Any, L: Any, S: Any, causal_ok: bool) -> Optional[List[Any]]:
+    """The key-only padding terms ([B, 1, 1, S]-like bool attend-masks) of a float bias that is, to the op,
+    `causal & padding`: the site becomes is_causal AND these terms. None unless the causal part is proven and every
+    other term is broadcast over queries (a query-dependent term is not padding; the bias is kept then)."""
+    attend = _float_as_attend(mask)
+    if attend is None or not causal_ok:
+        return None
+    simpler = _simplify_attend(attend, L, S, causal_ok)
+    if simpler is None or not simpler[0]:
+        return None
+    terms = simpler[1]
+    for term in terms:
+        tt = tensor(term)
+        if tt is None or tt.dtype != torch.bool or tt.dim() < 2 or not same_size(tt.shape[-2], 1):
+            return None
+    return terms

@@ -4,7 +4,7 @@ was, with a warning, instead of failing the model."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.fx as fx

@@ -8,7 +8,6 @@ layout of the same kind, and symbolic sizes stay kernel arguments.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 

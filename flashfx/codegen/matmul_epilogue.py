@@ -14,10 +14,9 @@ Order in this file: template (source emission) -> plan (lowering) -> launcher.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import sympy
 import torch

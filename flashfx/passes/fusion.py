@@ -14,7 +14,7 @@ backward. The rules the partitioner keeps:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import sympy

@@ -1,6 +1,5 @@
 """Generated pointwise kernels vs the ATen graph they replace: random op chains (hypothesis), odd shapes,
 broadcasting, non-contiguous inputs, fp32 and fp16, and the source's readability promises."""
-import math
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flashfx.codegen import autotune
-from flashfx.codegen.kernel import FusedKernel
 from fusion_helpers import AOTFusion, assert_close, check_fwd_bwd, fuse_function, kernel_nodes
 
 

@@ -9,17 +9,12 @@ import operator
 
 import pytest
 import torch
+
+from attention_rewrite import rewrite
 import torch.nn.functional as F
 
-import flashfx.ops  # noqa: F401  (registers torch.ops.flashfx.attention)
-from flashfx.config import Config
-from flashfx.passes.attention import attention
-from flashfx.rewriter.canonicalize import canonicalize
-from flashfx.rewriter.capture import capture
-from flashfx.rewriter.pass_manager import PassContext
 
 B, H, S, D = 2, 2, 8, 8
-OP = torch.ops.flashfx.attention.default
 
 
 def hf_mask(q, position_ids, q_offset=0, kv_offset=0, prepend_minus=1, compare=operator.le):
@@ -74,17 +69,6 @@ CASES = {
     "prepend_not_first_minus_one": (  # the packed term is unproven: the mask is kept even though it is causal
         lambda q, k, v, pos: eager_attention(q, k, v, hf_mask(q, arange_positions(q), prepend_minus=2)), False),
 }
-
-
-def rewrite(fn, *args):
-    """Capture `fn`, run canonicalize + attention; (ctx, op nodes, outputs before, outputs after)."""
-    ctx = PassContext(Config())
-    (g,) = capture(fn, args, {})
-    inputs = [x.node.hint if isinstance(x, torch.SymInt) else x for x in g.example_inputs]
-    before = g.gm(*inputs)
-    gm = attention(canonicalize(g.gm, ctx).graph_module, ctx).graph_module
-    gm.graph.lint()
-    return ctx, [n for n in gm.graph.nodes if n.target is OP], before, gm(*inputs)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -10,15 +10,10 @@ import operator
 import pytest
 import torch
 
-import flashfx.ops  # noqa: F401  (registers torch.ops.flashfx.attention)
-from flashfx.config import Config
-from flashfx.passes.attention import attention
-from flashfx.rewriter.canonicalize import canonicalize
-from flashfx.rewriter.capture import capture
-from flashfx.rewriter.pass_manager import PassContext
+from attention_rewrite import OP, rewrite
+
 
 B, H, S, D = 3, 2, 8, 8
-OP = torch.ops.flashfx.attention.default
 NEG = torch.finfo(torch.float32).min
 
 
@@ -85,17 +80,6 @@ CASES = {
 }
 
 
-def rewrite(fn, *args):
-    """Capture `fn`, run canonicalize + attention; (ctx, op nodes, graph inputs, outputs before, outputs after)."""
-    ctx = PassContext(Config())
-    (g,) = capture(fn, args, {})
-    inputs = [x.node.hint if isinstance(x, torch.SymInt) else x for x in g.example_inputs]
-    before = g.gm(*inputs)
-    gm = attention(canonicalize(g.gm, ctx).graph_module, ctx).graph_module
-    gm.graph.lint()
-    return ctx, [n for n in gm.graph.nodes if n.target is OP], before, gm(*inputs)
-
-
 def first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
@@ -141,14 +125,8 @@ def test_hf_llama_eager_with_padding():
     pad[0, :5] = 0  # left padding: positions 0..4 of sequence 0 see no key
     pad[1, -3:] = 0  # right padding
     inputs["attention_mask"] = pad
-    ctx = PassContext(Config())
-    (g,) = capture(model, kwargs=inputs)
-    real = [x.node.hint if isinstance(x, torch.SymInt) else x for x in g.example_inputs]
-    before = first(g.gm(*real))
-    gm = attention(canonicalize(g.gm, ctx).graph_module, ctx).graph_module
-    gm.graph.lint()
-    after = first(gm(*real))
-    nodes = [n for n in gm.graph.nodes if n.target is OP]
+    ctx, nodes, before, after = rewrite(model, **inputs)
+    before, after = first(before), first(after)
     assert ctx.counters.get("attention.replaced") == 2 and not ctx.counters.get("attention.declined")
     for node in nodes:
         bias = node.args[3].meta["val"]

@@ -4,12 +4,10 @@ import operator
 import os
 import sys
 
-import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "codegen"))
-from fusion_helpers import assert_close, fuse_function, kernel_nodes, run_fusion  # noqa: E402
+from fusion_helpers import assert_close, fuse_function, run_fusion  # noqa: E402
 
 from flashfx import _compat  # noqa: E402
 

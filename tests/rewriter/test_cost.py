@@ -1,9 +1,7 @@
 """The cost model against hand-computed FLOPs and bytes."""
-import operator
 
 import sympy
 import torch
-import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from flashfx.rewriter.capture import capture

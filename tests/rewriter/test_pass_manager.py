@@ -7,7 +7,7 @@ import torch.fx as fx
 
 import flashfx
 from flashfx.config import Config
-from flashfx.rewriter.pass_manager import PassContext, PassDivergence, PassManager, PassResult
+from flashfx.rewriter.pass_manager import PassDivergence, PassManager, PassResult
 
 
 class Small(torch.nn.Module):

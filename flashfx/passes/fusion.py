@@ -13,6 +13,7 @@ backward. The rules the partitioner keeps:
 """
 from __future__ import annotations
 
+
 import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -70,7 +71,9 @@ class _Partitioner:
 
     # ---------------------------------------------------------------------------------- classification
     def tensor_ok(self, value: Any) -> bool:
-        return isinstance(value, torch.Tensor) and value.dtype in self.pointwise.TL_DTYPES
+        # on a device Triton runs on: a CUDA graph also holds CPU tensors (the attention op's seed, constants)
+        return isinstance(value, torch.Tensor) and value.dtype in self.pointwise.TL_DTYPES \
+            and _runs_on(value.device)
 
     def kind(self, node: fx.Node) -> Optional[str]:
         """'pw', 'red', 'view' for what the generator can take, else None (the node stays ATen)."""
@@ -89,7 +92,9 @@ class _Partitioner:
         if node.target is aten.cat.default:
             parts = node.args[0]
             dim = (node.args[1] if len(node.args) > 1 else 0) % value.dim()
+            # every part of the output's rank (cat also takes legacy empty 1-D parts) with a static cat-dim size
             static = all(isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor)
+                         and p.meta["val"].dim() == value.dim()
                          and not isinstance(p.meta["val"].shape[dim], torch.SymInt) for p in parts)
             return "cat" if static and len(parts) > 1 else None
         if packet in self.lower.UNIT_VIEWS:
@@ -340,7 +345,7 @@ def _claim_matmul(part: _Partitioner, anchor: fx.Node) -> Optional[Tuple[List[fx
     b = anchor.args[2] if anchor.target is aten.addmm.default else anchor.args[1]
     av, bv, ov = (x.meta.get("val") for x in (a, b, anchor))
     batched = anchor.target is aten.bmm.default
-    if not all(isinstance(v, torch.Tensor) for v in (av, bv, ov)) or av.dtype not in (
+    if not all(part.tensor_ok(v) for v in (av, bv, ov)) or av.dtype not in (
             torch.float16, torch.bfloat16, torch.float32) or bv.dtype != av.dtype or ov.dim() != 2 + batched:
         return None
     out_shape = part.lower.shape_of(anchor)
@@ -449,6 +454,10 @@ def _interpreter_ready() -> bool:
     return type(tl.sum).__name__ == "InterpretedFunction"
 
 
+def _runs_on(device: torch.device) -> bool:
+    return _compat.triton_runs_on(device)
+
+
 def _devices(gm: fx.GraphModule) -> Set[torch.device]:
     devices = set()
     for n in gm.graph.nodes:
@@ -466,11 +475,15 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """
     if not ctx.config.fusion:
         return PassResult(gm, False)
+    # Groups form only on devices Triton runs on; a graph with none of those stays ATen. Tensors elsewhere (a CUDA
+    # graph's CPU scalars) only stop the groups that touch them.
     devices = _devices(gm)
-    bad = sorted(str(d) for d in devices if not _compat.triton_runs_on(d))
-    if not bad and devices and _compat.triton_interpreting() and not _interpreter_ready():
-        bad = ["cpu: TRITON_INTERPRET=1 was set after Triton was imported (set it before the first import)"]
-    if bad or not devices:
+    runnable = {d for d in devices if _runs_on(d)}
+    bad = sorted(str(d) for d in devices - runnable)
+    if runnable and _compat.triton_interpreting() and not _interpreter_ready():
+        runnable, bad = set(), ["cpu: TRITON_INTERPRET=1 was set after Triton was imported (set it before the "
+                                "first import)"]
+    if not runnable:
         why = f"Triton cannot run on {', '.join(bad)}" if bad else "the graph has no tensors"
         ctx.notes.append(f"fusion: {why} (CUDA, or the CPU with TRITON_INTERPRET=1); the graph stays ATen")
         return PassResult(gm, False)

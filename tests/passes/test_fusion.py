@@ -102,6 +102,34 @@ def test_device_triton_cannot_run_on_leaves_the_graph(tmp_path, monkeypatch):
     assert len(_aten_targets(gm)) == 3
 
 
+def test_tensors_on_another_device_only_stop_their_own_ops(tmp_path):
+    # A CUDA graph also holds CPU tensors (the attention op's seed): those must not turn fusion off for the whole
+    # graph, as they once did on the GPU. Here the runnable device is the CPU (interpreter), the other is "meta".
+    def fn(x, other):
+        return torch.exp(x) * 2.0 + 1.0, other * 3.0 + 1.0
+
+    xs = [torch.randn(4, 4), torch.randn(4, 4, device="meta")]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters.get("fusion.groups", 0) == 1
+    kernel = next(n for n in gm.graph.nodes if type(n.target).__name__ == "FusedKernel")
+    assert all(a.meta["val"].device.type == "cpu" for a in kernel.all_input_nodes)
+    assert [t for t in _aten_targets(gm)] == [torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor]
+    got = gm(*xs)
+    assert_close(got[0], fn(*xs)[0])
+    assert got[1].device.type == "meta"
+
+
+def test_cat_with_a_legacy_empty_part_stays_aten(tmp_path):
+    # torch.cat accepts 1-D empty parts next to N-D ones (Hugging Face's loss shift made one): not a fusable cat
+    def fn(x, empty):
+        return torch.cat([torch.exp(x), empty], dim=1) * 2.0
+
+    xs = [torch.randn(3, 5), torch.empty(0)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert torch.ops.aten.cat.default in _aten_targets(gm)
+    assert_close(gm(*xs), fn(*xs))
+
+
 def test_fusion_off_does_nothing(tmp_path):
     from torch.fx.experimental.proxy_tensor import make_fx
 

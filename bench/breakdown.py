@@ -1,0 +1,144 @@
+"""Where the time of one step goes: CUDA kernel time per provider, grouped and ranked (torch.profiler).
+
+    python bench/breakdown.py llama-train --providers compile,flashfx-loss
+    python bench/breakdown.py bert-infer --providers sdpa,flashfx --top 30 --json out.json
+
+For each provider: compile and warm up, then profile `--steps` steps and print the wall time per step, the GPU busy
+time per step (sum of kernel durations: a wall time well above it means the host, not the GPU, is the bottleneck),
+the time per kernel class (matmul, attention, flashfx generated, Inductor generated, other ATen) and the top kernels.
+Same process and inputs for every provider, so the rows compare.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Dict, List, Sequence
+
+if __package__ in (None, ""):  # run as a file: make `bench` importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench import common  # noqa: E402
+from bench.run import workloads  # noqa: E402
+
+# Kernel name -> class, first match wins. cuBLAS / CUTLASS / nvjet names vary by version; these cover the H100 ones.
+CLASSES = (
+    ("flashfx matmul", re.compile(r"^fused_.*(mm|bmm)_", re.I)),
+    ("flashfx generated", re.compile(r"^fused_", re.I)),
+    ("attention", re.compile(r"attn|flash|fmha|cudnn|_bwd_dkdv|_bwd_dq|_bwd_preprocess", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|sm90_xmma|cublas|matmul|_mm_", re.I)),
+    ("cross-entropy", re.compile(r"cross_entropy|_ce_", re.I)),
+    ("inductor generated", re.compile(r"^triton_", re.I)),
+)
+
+
+def kernel_class(name: str) -> str:
+    for label, pattern in CLASSES:
+        if pattern.search(name):
+            return label
+    return "other ATen / copies"
+
+
+def profile_provider(case: common.Case, name: str, opts: common.Options, steps: int, top: int) -> Dict[str, Any]:
+    provider = common.PROVIDERS[name]
+    common.set_attention(case.model, provider.attn)
+    case.model.train(case.training)
+    context = provider.context() if provider.context else _null()
+    with context:
+        fn = provider.wrap(case.model, case, opts) if provider.wrap else case.model
+        for _ in range(3):  # compile, autotune, settle the allocator
+            case.step(fn)
+        common.synchronize(opts.device)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                case.step(fn)
+            common.synchronize(opts.device)
+            wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+        del fn
+    per_kernel: Dict[str, float] = collections.defaultdict(float)
+    calls: Dict[str, int] = collections.defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name] += event.device_time / 1e3 / steps  # ms per step
+            calls[event.name] += 1
+    busy = sum(per_kernel.values())
+    by_class: Dict[str, float] = collections.defaultdict(float)
+    for kname, ms in per_kernel.items():
+        by_class[kernel_class(kname)] += ms
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    case.model.zero_grad(set_to_none=True)
+    common.free_memory(opts.device)
+    return {"provider": name, "wall_ms": wall_ms, "gpu_busy_ms": busy, "launches": sum(calls.values()) // steps,
+            "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": k, "ms": ms, "calls": calls[k] // steps, "class": kernel_class(k)} for k, ms in ranked]}
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def render(workload: str, results: Sequence[Dict[str, Any]]) -> str:
+    lines: List[str] = [f"## {workload}: time per step by kernel class (ms)"]
+    classes = list(dict.fromkeys(c for r in results for c in r["classes"]))
+    lines.append("| provider | wall | GPU busy | launches | " + " | ".join(classes) + " |")
+    lines.append("|---" * (4 + len(classes)) + "|")
+    for r in results:
+        cells = [f"{r['classes'].get(c, 0.0):.2f}" for c in classes]
+        lines.append(f"| {r['provider']} | {r['wall_ms']:.2f} | {r['gpu_busy_ms']:.2f} | {r['launches']} | "
+                     + " | ".join(cells) + " |")
+    for r in results:
+        lines.append(f"\n### {r['provider']}: top kernels")
+        lines.append("| ms/step | calls | class | kernel |")
+        lines.append("|---|---|---|---|")
+        for k in r["top"]:
+            lines.append(f"| {k['ms']:.3f} | {k['calls']} | {k['class']} | `{k['kernel'][:90]}` |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/breakdown.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("workload", help=", ".join(workloads()))
+    ap.add_argument("--providers", required=True, help="comma list of providers (see `flashfx bench --list`)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    found = workloads()
+    if args.workload not in found:
+        ap.error(f"unknown workload {args.workload!r}; known: {', '.join(found)}")
+    try:
+        device = common.require_device("cuda")
+        providers = common.parse_providers(args.providers, ())
+    except common.BenchError as e:
+        print(f"bench/breakdown.py: {e}", file=sys.stderr)
+        return common.EXIT_NO_CUDA
+    opts = common.Options(device=device)
+    case = found[args.workload].build(opts)
+    results = []
+    for name in common.order_providers(providers):
+        try:
+            results.append(profile_provider(case, name, opts, args.steps, args.top))
+        except Exception as exc:  # noqa: BLE001  (one provider failing still leaves the others' profiles)
+            print(f"{name}: failed: {common.one_line(exc)}", file=sys.stderr)
+    print(render(args.workload, results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"workload": args.workload, "device": common.device_name(device),
+                       "versions": common.versions(), "date": common.today(), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from typing import Any, Dict, List, Sequence
 
 if __package__ in (None, ""):  # run as a file: make `bench` importable from the repository root
@@ -52,8 +53,13 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
     context = provider.context() if provider.context else _null()
     with context:
         fn = provider.wrap(case.model, case, opts) if provider.wrap else case.model
-        for _ in range(3):  # compile, autotune, settle the allocator
-            case.step(fn)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):  # compile, autotune, settle the allocator
+                case.step(fn)
+        # a generated kernel that failed and fell back to its ATen ops says so in a warning: show it with the times
+        fell_back = sorted({str(w.message)[:300] for w in caught if "running its ATen ops instead" in str(w.message)})
+        counters = common._flashfx_counters(fn)
         common.synchronize(opts.device)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -76,7 +82,7 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
     case.model.zero_grad(set_to_none=True)
     common.free_memory(opts.device)
-    return {"provider": name, "wall_ms": wall_ms, "gpu_busy_ms": busy, "launches": sum(calls.values()) // steps,
+    return {"provider": name, "counters": counters, "fallbacks": fell_back, "wall_ms": wall_ms, "gpu_busy_ms": busy, "launches": sum(calls.values()) // steps,
             "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": k, "ms": ms, "calls": calls[k] // steps, "class": kernel_class(k)} for k, ms in ranked]}
 
@@ -100,6 +106,10 @@ def render(workload: str, results: Sequence[Dict[str, Any]]) -> str:
                      + " | ".join(cells) + " |")
     for r in results:
         lines.append(f"\n### {r['provider']}: top kernels")
+        if r["counters"]:
+            lines.append(f"flashfx counters: {r['counters']}")
+        for message in r["fallbacks"]:
+            lines.append(f"FELL BACK: {message}")
         lines.append("| ms/step | calls | class | kernel |")
         lines.append("|---|---|---|---|")
         for k in r["top"]:

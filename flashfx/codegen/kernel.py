@@ -4,6 +4,7 @@ layouts it is given (contiguous run or strided, per tensor), and launches it wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Dict, List, Sequence, Tuple
 
 import sympy
@@ -98,9 +99,11 @@ class FusedKernel:
     def variant(self, sig: Signature) -> Tuple[KernelSource, Any]:
         if sig not in self._variants:
             src = emit(self.plan, sig)
-            module, hit = kernel_cache.load_module(self.plan.name, src.source, self.cache_dir)
+            name, source = kernel_cache.shared_name(self.plan.name, src.source)
+            src = dataclasses.replace(src, name=name, source=source)
+            module, hit = kernel_cache.load_module(name, source, self.cache_dir)
             _STATS["cache_hits" if hit else "cache_misses"] += 1
-            self._variants[sig] = (src, getattr(module, self.plan.name))
+            self._variants[sig] = (src, getattr(module, name))
         return self._variants[sig]
 
     # ------------------------------------------------------------------------------------------- running

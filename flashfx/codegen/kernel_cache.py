@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 from types import ModuleType
@@ -32,8 +33,23 @@ def device_tag() -> str:
     return f"{gpu}|torch-{torch.__version__}|triton-{_compat.triton_version()}"
 
 
+def code_only(source: str) -> str:
+    """Generated source without its comments (they name the graph's nodes, which differ from layer to layer)."""
+    lines = (re.sub(r"\s*#.*$", "", line) for line in source.splitlines())
+    return "\n".join(line for line in lines if line.strip()) + "\n"
+
+
 def cache_key(source: str) -> str:
-    return hashlib.sha256(f"{device_tag()}\n{source}".encode()).hexdigest()[:24]
+    return hashlib.sha256(f"{device_tag()}\n{code_only(source)}".encode()).hexdigest()[:24]
+
+
+def shared_name(name: str, source: str) -> Tuple[str, str]:
+    """(name, source) with the group's per-graph index replaced by a hash of the body: the same group in every
+    layer of a model becomes one source, so it is written, compiled and autotuned once, not once per layer."""
+    base = re.sub(r"_\d+$", "", name)
+    own_name = re.compile(rf"\b{re.escape(name)}\b")
+    shared = f"{base}_{hashlib.sha256(own_name.sub(base, code_only(source)).encode()).hexdigest()[:10]}"
+    return shared, own_name.sub(shared, source)
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -55,9 +71,9 @@ def load_module(name: str, source: str, cache_dir: str) -> Tuple[ModuleType, boo
         return _MODULES[key], True
     path = os.path.join(cache_dir, "kernels", f"{name}_{key}.py")
     hit = os.path.exists(path)
-    if hit:
+    if hit:  # the same code (another layer's copy, whose comments differ) is a hit: Triton's cache stays valid
         with open(path) as f:
-            hit = f.read() == source
+            hit = code_only(f.read()) == code_only(source)
     if not hit:
         _write_atomic(path, source)
     mod_name = f"flashfx_kernels.{name}_{key}"

@@ -6,10 +6,12 @@ The epilogue works on the `[M, N]` tile of the product. Graph values of shape `[
 multiply to M (the usual `view(addmm, [B, S, N])`) are the same elements; tensors from outside the group are
 flattened to `[M, N]` (broadcast dims get stride 0) by the launcher, so the kernel sees two strides per tensor.
 
-FLASHFX_MATMUL_BACKEND (read when the fusion pass builds a group) picks how a group runs: `triton` (the matmul
-and epilogue in one kernel), `aten` (torch.mm / bmm, i.e. cuBLAS, writes each product; a generated kernel of the
-same epilogue reads it), or `auto` (the default): on CUDA with autotuning, both race per shape bucket and the
-faster is cached with the other autotune choices; elsewhere `triton`.
+FLASHFX_MATMUL_BACKEND (read when the fusion pass builds a group) picks how a group runs: `aten` (torch.mm / bmm,
+i.e. cuBLAS, writes each product; a generated kernel of the same epilogue reads it), `triton` (the matmul and
+epilogue in one generated kernel: the product never reaches HBM), `race` (on CUDA with autotuning, both are timed
+per shape bucket and the faster is cached with the other autotune choices), or `auto` (the default): `aten` on
+CUDA, `triton` on the CPU interpreter. `auto` is not `race` because racing compiles every Triton matmul tile
+config: on the H100 that made the first call of the 8-layer Llama training step take minutes.
 Order in this file: template (source emission) -> plan (lowering) -> launcher.
 """
 from __future__ import annotations
@@ -33,11 +35,11 @@ from flashfx.codegen.pointwise import HELPERS, LOW_PRECISION, TL_DTYPES, compute
 aten = torch.ops.aten
 MM_TARGETS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
 VIEWS = {aten.view, aten.reshape, aten._unsafe_view}
-BACKENDS = ("auto", "triton", "aten")
+BACKENDS = ("auto", "aten", "triton", "race")
 
 
 def matmul_backend() -> str:
-    """FLASHFX_MATMUL_BACKEND, checked: "auto" (the default), "triton" or "aten"."""
+    """FLASHFX_MATMUL_BACKEND, checked: "auto" (the default), "aten", "triton" or "race"."""
     value = os.environ.get("FLASHFX_MATMUL_BACKEND", "auto")
     if value not in BACKENDS:
         raise ValueError(f"FLASHFX_MATMUL_BACKEND={value!r} is not a matmul backend: set it to one of "
@@ -271,10 +273,10 @@ def lower_matmul(name: str, mms: List[fx.Node], members: List[fx.Node]) -> Matmu
 
 def candidates(M: int, N: int, nb: int, interpreting: bool, backend: str) -> List[Dict[str, Any]]:
     """Configs to time for `backend`: "triton" (tiles of the whole kernel), "aten" (tiles of the epilogue kernel
-    after ATen's matmul; marked "backend": "aten"), or "auto" (both)."""
+    after ATen's matmul; marked "backend": "aten"), or "race" (both)."""
     fits = lambda m, n: m <= max(64, autotune.next_pow2(M)) and n <= max(64, autotune.next_pow2(N))
     configs = []
-    if backend in ("triton", "auto"):
+    if backend in ("triton", "race"):
         tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                  (64, 64, 64, 4, 4)]
         if nb == 2:  # two accumulators: keep register use in check
@@ -283,7 +285,7 @@ def candidates(M: int, N: int, nb: int, interpreting: bool, backend: str) -> Lis
             tiles = [(16, 16, 16, 4, 1)]
         configs += [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s}
                     for m, n, k, w, s in tiles if interpreting or fits(m, n)]
-    if backend in ("aten", "auto"):
+    if backend in ("aten", "race"):
         tiles = [(16, 16, 4)] if interpreting else [(64, 64, 4), (32, 128, 4), (64, 128, 8), (128, 128, 8)]
         configs += [{"backend": "aten", "BLOCK_M": m, "BLOCK_N": n, "GROUP_M": 8, "num_warps": w}
                     for m, n, w in tiles if interpreting or fits(m, n)]
@@ -293,7 +295,7 @@ def candidates(M: int, N: int, nb: int, interpreting: bool, backend: str) -> Lis
 class MatmulKernel:
     """Runs one matmul group: `kernel(a, b0, [b1], *epilogue_inputs, *scalars)` -> tuple of outputs.
 
-    `backend`: "triton", "aten" or "auto" (see the module docstring); `choices` records, per shape bucket, which
+    `backend`: "triton", "aten" or "race" (see the module docstring); `choices` records, per shape bucket, which
     one runs ("triton" or "aten")."""
 
     def __init__(self, plan: MatmulPlan, cache_dir: str, tune: bool, backend: str = "triton") -> None:
@@ -314,9 +316,9 @@ class MatmulKernel:
 
     def source(self, ieee: bool, product: bool = False) -> Tuple[str, Any]:
         if (ieee, product) not in self._fns:
-            src = emit_matmul(self.plan, ieee, product)
-            module, _ = kernel_cache.load_module(self.plan.name, src, self.cache_dir)
-            self._fns[ieee, product] = (src, getattr(module, self.plan.name))
+            name, src = kernel_cache.shared_name(self.plan.name, emit_matmul(self.plan, ieee, product))
+            module, _ = kernel_cache.load_module(name, src, self.cache_dir)
+            self._fns[ieee, product] = (src, getattr(module, name))
         return self._fns[ieee, product]
 
     def __call__(self, *args: Any) -> Tuple[torch.Tensor, ...]:
@@ -375,8 +377,8 @@ class MatmulKernel:
             with kernel_cache.triton_binaries_under(self.cache_dir):
                 if config is None:
                     race = self.tune and a.is_cuda and batch * M * N * K >= 1 << 27
-                    # "auto" where timing is worth it: ATen's matmul + the epilogue kernel race the fused kernel
-                    backend = "triton" if self.backend == "auto" and not race else self.backend
+                    # "race" where timing is worth it: ATen's matmul + the epilogue kernel race the fused kernel
+                    backend = "triton" if self.backend == "race" and not race else self.backend
                     configs = candidates(M, N, nb, _compat.triton_interpreting(), backend)
                     config = autotune.pick(configs, launch, race)
                     kernel_cache.save_choice(self.cache_dir, key, bucket, config)

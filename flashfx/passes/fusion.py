@@ -550,7 +550,10 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.count("fusion.bytes_saved", int(saved) if saved == saved else 0)
         modified = True
     backend = matmul_backend() if mm_groups else "triton"  # a bad FLASHFX_MATMUL_BACKEND is the user's to fix
-    if backend == "auto" and not (ctx.config.autotune and any(d.type == "cuda" for d in devices)):
+    on_cuda = any(d.type == "cuda" for d in runnable)
+    if backend == "auto":
+        backend = "aten" if on_cuda else "triton"
+    if backend == "race" and not (ctx.config.autotune and on_cuda):
         backend = "triton"  # nothing to race: the CPU interpreter, or autotuning off
     for mms, members in mm_groups:
         ops = [m.target.overloadpacket.__name__.strip("_") for m in members if part.kind(m) == "pw"]
@@ -572,8 +575,8 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             1 + len(plan.bs) + len(plan.inputs) + len(plan.scalars))
         kernel.fallback.on_fallback = kernel._reference
         ctx.count({"triton": "fusion.matmul_triton", "aten": "fusion.matmul_aten",
-                   "auto": "fusion.matmul_raced"}[backend])
-        if backend == "auto":
+                   "race": "fusion.matmul_raced"}[backend])
+        if backend == "race":
             ctx.notes.append(f"fusion: {name} races its one Triton kernel against ATen's matmul (cuBLAS) + a "
                              "Triton epilogue per shape bucket at its first large call, caching the faster")
         index += 1

@@ -77,3 +77,38 @@ def test_autotune_choices_round_trip(tmp_path):
     assert kernel_cache.load_choices(str(tmp_path), "abc") == {
         "pointwise:x1024:r1": {"XBLOCK": 1024, "num_warps": 4}, "pointwise:x4096:r1": {"XBLOCK": 2048, "num_warps": 8}}
     assert json.loads((tmp_path / "autotune" / "abc.json").read_text())
+
+
+def test_the_same_group_in_two_layers_is_one_kernel(tmp_path):
+    # Two layers' groups differ only in node names (the kernel's name index and its comments): one module, one
+    # compile, one autotune entry, not one per layer.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from flashfx.config import Config
+    from flashfx.passes.fusion import fusion
+    from flashfx.rewriter.pass_manager import PassContext
+
+    def two_layers(x):
+        h = torch.sigmoid(x) * 3.0 + 1.0
+        h = torch.cumsum(h, -1)  # no codegen for it: it keeps the layers' groups apart
+        return torch.sigmoid(h) * 3.0 + 1.0
+
+    x = torch.randn(5, 33)
+    gm = make_fx(two_layers, tracing_mode="fake")(x)
+    ctx = PassContext(Config(cache_dir=str(tmp_path)), stage="forward")
+    gm = fusion(gm, ctx).graph_module
+    kernels = [n.target for n in gm.graph.nodes if type(n.target).__name__ == "FusedKernel"]
+    assert len(kernels) == 2 and kernels[0].plan.name != kernels[1].plan.name
+    torch.testing.assert_close(gm(x), two_layers(x))
+    fns = {id(fn) for k in kernels for _, fn in k._variants.values()}
+    assert len(fns) == 1
+    assert len({kernel_cache.cache_key(src.source) for k in kernels for src, _ in k._variants.values()}) == 1
+
+
+def test_shared_name_ignores_the_index_and_comments():
+    a = kernel_cache.shared_name("fused_add_3", "# covers %add_3\ndef fused_add_3(x):\n    return x  # add_3\n")
+    b = kernel_cache.shared_name("fused_add_17", "# covers %add_17\ndef fused_add_17(x):\n    return x  # add_17\n")
+    c = kernel_cache.shared_name("fused_add_4", "def fused_add_4(x):\n    return -x\n")
+    assert a[0] == b[0] and a[0].startswith("fused_add_") and a[0] != c[0]
+    assert f"def {a[0]}(x)" in a[1] and "# covers %add_3" in a[1]
+    assert kernel_cache.cache_key(a[1]) == kernel_cache.cache_key(b[1])

@@ -142,25 +142,25 @@ def test_default_backend_on_cpu_is_the_triton_kernel(tmp_path, monkeypatch):
 
 def test_unknown_backend_is_a_value_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHFX_MATMUL_BACKEND", "cublas")
-    with pytest.raises(ValueError, match="FLASHFX_MATMUL_BACKEND='cublas'.*auto, triton, aten"):
+    with pytest.raises(ValueError, match="FLASHFX_MATMUL_BACKEND='cublas'.*auto, aten, triton, race"):
         fuse_function(lambda x, w: F.relu(x @ w), [torch.randn(6, 8), torch.randn(8, 5)], tmp_path)
 
 
-def test_auto_candidates_race_both_and_a_cached_choice_is_reused(tmp_path):
+def test_race_candidates_time_both_and_a_cached_choice_is_reused(tmp_path):
     from flashfx.codegen import autotune, kernel_cache
     from flashfx.codegen.matmul_epilogue import candidates
 
-    raced = candidates(4096, 4096, 2, interpreting=False, backend="auto")
+    raced = candidates(4096, 4096, 2, interpreting=False, backend="race")
     assert {c.get("backend", "triton") for c in raced} == {"triton", "aten"}
     assert all("BLOCK_K" not in c for c in raced if c.get("backend") == "aten")
     # a choice another process cached for this source and bucket is used as is: no timing, the ATen path runs
     xs = [torch.randn(6, 8), torch.randn(8, 5)]
     gm, _ = fuse_function(lambda x, w: F.relu(x @ w), xs, tmp_path)
     [kernel] = _matmul_kernels(gm)
-    kernel.backend = "auto"
+    kernel.backend = "race"
     src, _ = kernel.source(ieee=True)
     [aten_config] = candidates(6, 5, 1, interpreting=True, backend="aten")
-    bucket = f"auto:mm:b1:m{autotune.next_pow2(6)}:n5:k8"
+    bucket = f"race:mm:b1:m{autotune.next_pow2(6)}:n5:k8"
     kernel_cache.save_choice(str(tmp_path), kernel_cache.cache_key(src), bucket, aten_config)
     assert_close(gm(*xs), F.relu(xs[0] @ xs[1]))
     assert kernel.choices == {bucket: "aten"}

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -492,9 +493,15 @@ def run_provider(case: Case, provider: Provider, opts: Options, reference: Dict[
         progress.update(f"{case.name} · {provider.name}: {'compiling' if provider.compiles else 'first call'}")
         synchronize(device)
         t0 = time.perf_counter()
-        case.step(fn)
-        synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            case.step(fn)
+            synchronize(device)
         first_s = time.perf_counter() - t0
+        # a generated kernel that failed runs its ATen ops instead: the row must say so
+        fell_back = sorted({str(w.message)[:200] for w in caught if "running its ATen ops instead" in str(w.message)})
+        if fell_back:
+            record["fallbacks"] = fell_back
         warmup, repeat = _repeats(case, opts)
         progress.update(f"{case.name} · {provider.name}: timing {warmup}+{repeat}")
         samples = time_ms(lambda: case.step(fn), device, warmup, repeat)

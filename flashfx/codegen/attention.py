@@ -15,8 +15,8 @@ How it is built, so that it passes through Dynamo and AOTAutograd as single node
 - `flashfx::attention` is CompositeImplicitAutograd: Dynamo records it as one node of the torch-level graph;
   AOTAutograd decomposes it into `flashfx::attention_fwd` (returns out, log-sum-exp, dropout seed) in the forward
   graph and `flashfx::attention_bwd` in the backward graph, so the backward gets the saved LSE and seed.
-- `attention_fwd` / `attention_bwd` are `torch.library.custom_op`s with fake implementations (symbolic sizes) and
-  the autograd formula registered on `attention_fwd`.
+- `attention_fwd` / `attention_bwd` are `torch.library` ops with fake implementations (symbolic sizes) and the
+  autograd formula registered on `attention_fwd`.
 - Where `flashfx._compat.triton_runs_on(device)` is False they run an ATen reference (fp32 math); otherwise the
   Triton kernels of `flashfx.codegen.attention_kernels` (on CPU through the interpreter; bf16 on CPU takes the
   reference, the interpreter gets bf16 wrong).
@@ -268,6 +268,24 @@ def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> An
     )
 
 
+# (autotuner, its key's values, q's dtype) -> the config it chose. Triton's Autotuner.run re-derives its key from
+# every argument at each call; the launches below skip it once a key is tuned (host time at short sequences).
+_CHOSEN: dict = {}
+
+
+def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict) -> None:
+    key = (id(autotuner), args[0].dtype, *(kwargs.get(name) for name in autotuner.keys))
+    config = _CHOSEN.get(key)
+    if config is None:
+        autotuner[grid](*args, **kwargs)
+        best = getattr(autotuner, "best_config", None)
+        if best is not None:
+            _CHOSEN[key] = best
+        return
+    meta = {**kwargs, **config.all_kwargs()}
+    autotuner.fn[grid(meta) if callable(grid) else grid](*args, **meta)
+
+
 def _loop_variant(is_causal: bool) -> str:
     """"split": unmasked key blocks in one loop, the diagonal / last blocks in a second, masked one;
     "single": one loop that tests per block whether it needs the mask. FLASHFX_ATTENTION_LOOP overrides.
@@ -335,9 +353,9 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_
     kern = _kernels(consts["D_PAD"] > 128)
     grid = lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        kern.fwd[grid](q, k, v, bias_t if bias_t is not None else q, out, lse,
-                       *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *out.stride(),
-                       sm_scale=sm_scale, **scalars, **consts)
+        _tuned_launch(kern.fwd, grid, (q, k, v, bias_t if bias_t is not None else q, out, lse,
+                                       *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *out.stride()),
+                      dict(sm_scale=sm_scale, **scalars, **consts))
     return out, lse
 
 
@@ -361,17 +379,19 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Option
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         kern.preprocess[(triton_cdiv(L, 64), B * H)](out, dout, delta, *out.stride(), *dout.stride(), H, L, D,
                                                      D_PAD=consts["D_PAD"], BLOCK_M=64)
-        (kern.dkdv_atomic if atomic else kern.dkdv)[lambda meta: (triton_cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-            q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc,
-            *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *dout.stride(), *dk.stride(), *dv.stride(),
-            *dq_acc.stride(), sm_scale=sm_scale, ATOMIC_DQ=atomic, **scalars, **consts)
+        _tuned_launch(
+            kern.dkdv_atomic if atomic else kern.dkdv, lambda meta: (triton_cdiv(S, meta["BLOCK_N"]), B * Hkv),
+            (q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc, *q.stride(), *k.stride(), *v.stride(),
+             *_strides(bias_t), *dout.stride(), *dk.stride(), *dv.stride(), *dq_acc.stride()),
+            dict(sm_scale=sm_scale, ATOMIC_DQ=atomic, **scalars, **consts))
         if atomic:
             dq.copy_(dq_acc)
         else:
-            kern.dq[lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H)](
-                q, k, v, bias_arg, dout, lse, delta, dq, ds if ds is not None else q,
-                *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *dout.stride(), *dq.stride(),
-                *_strides(ds), sm_scale=sm_scale, BIAS_GRAD=bias_grad, **scalars, **consts)
+            _tuned_launch(
+                kern.dq, lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H),
+                (q, k, v, bias_arg, dout, lse, delta, dq, ds if ds is not None else q, *q.stride(), *k.stride(),
+                 *v.stride(), *_strides(bias_t), *dout.stride(), *dq.stride(), *_strides(ds)),
+                dict(sm_scale=sm_scale, BIAS_GRAD=bias_grad, **scalars, **consts))
     dbias = _reduce_to(ds, tuple(bias.shape)).to(bias.dtype) if bias_grad else None
     return dq, dk, dv, dbias
 
@@ -394,7 +414,18 @@ def _use_kernels(q: Tensor) -> bool:
     return triton_runs_on(q.device) and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
 
 
-@torch.library.custom_op("flashfx::attention_fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+# The ops are defined on a torch.library.Library rather than with torch.library.custom_op: custom_op wraps each
+# call in Python (an aliasing check, a Dynamo-disable frame), which cost more host time than the kernels' own
+# launches at S <= 2048 on the H100. Fake implementations and the autograd formula are registered the same way.
+_lib = torch.library.Library("flashfx", "FRAGMENT")
+_lib.define("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, bool is_causal, float? scale, "
+            "float dropout_p) -> (Tensor, Tensor, Tensor)",
+            tags=(torch.Tag.nondeterministic_seeded, torch.Tag.pt2_compliant_tag))
+_lib.define("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, "
+            "Tensor seed, bool is_causal, float? scale, float dropout_p, bool bias_grad) -> (Tensor, Tensor, Tensor, "
+            "Tensor)", tags=(torch.Tag.pt2_compliant_tag,))
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool, scale: Optional[float],
                   dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Forward: (out [B, Hq, L, D] in q's dtype, lse [B, Hq, L] fp32 natural log, seed int64 CPU scalar)."""
@@ -409,14 +440,16 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_ca
     return out, lse.contiguous(), seed
 
 
-@attention_fwd.register_fake
+_lib.impl("attention_fwd", attention_fwd, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("flashfx::attention_fwd", lib=_lib)
 def _attention_fwd_fake(q, k, v, bias, is_causal, scale, dropout_p):
     B, H, L, _ = q.shape
     lse = q.new_empty((B, H, L), dtype=torch.float32)
     return _empty_out(q), lse, torch.empty((), dtype=torch.int64, device="cpu")
 
 
-@torch.library.custom_op("flashfx::attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor, lse: Tensor,
                   seed: Tensor, is_causal: bool, scale: Optional[float], dropout_p: float,
                   bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -433,7 +466,10 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
     return dq, dk, dv, dbias
 
 
-@attention_bwd.register_fake
+_lib.impl("attention_bwd", attention_bwd, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("flashfx::attention_bwd", lib=_lib)
 def _attention_bwd_fake(dout, q, k, v, bias, out, lse, seed, is_causal, scale, dropout_p, bias_grad):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
@@ -455,12 +491,11 @@ def _fwd_backward(ctx: Any, dout: Tensor, dlse: Optional[Tensor], dseed: Optiona
     return dq, dk, dv, (dbias if bias_grad else None), None, None, None
 
 
-attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+torch.library.register_autograd("flashfx::attention_fwd", _fwd_backward, setup_context=_fwd_setup_context, lib=_lib)
 
 
 # ------------------------------------------------------------------------------------------- the public op
 
-_lib = torch.library.Library("flashfx", "FRAGMENT")
 _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, bool is_causal=False, float? scale=None, "
             "float dropout_p=0.0) -> Tensor")
 

@@ -306,6 +306,7 @@ class MatmulKernel:
         self._fns: Dict[Tuple[bool, bool], Tuple[str, Any]] = {}
         self._configs: Dict[str, Dict[str, Any]] = {}
         self.choices: Dict[str, str] = {}
+        self.kernel_name = plan.name  # the shared name (see kernel_cache.shared_name) once a source is emitted
         self.fallback = None  # a fallback.Fallback set by the fusion pass: the ATen ops, if the kernel fails
 
     def __repr__(self) -> str:
@@ -317,6 +318,7 @@ class MatmulKernel:
     def source(self, ieee: bool, product: bool = False) -> Tuple[str, Any]:
         if (ieee, product) not in self._fns:
             name, src = kernel_cache.shared_name(self.plan.name, emit_matmul(self.plan, ieee, product))
+            self.kernel_name = name
             module, _ = kernel_cache.load_module(name, src, self.cache_dir)
             self._fns[ieee, product] = (src, getattr(module, name))
         return self._fns[ieee, product]

@@ -543,7 +543,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         index += 1
         splice.replace_group(gm, group.members, plan, kernel)
         splice.register_kernel_cost(kernel, group.members)
-        kernels.append((name, src.source))
+        kernels.append((src.name, src.source))  # the shared name the kernel runs (and profiles) under
         fused |= members
         ctx.count("fusion.groups")
         ctx.count("fusion.nodes_fused", len(compute))
@@ -581,7 +581,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                              "Triton epilogue per shape bucket at its first large call, caching the faster")
         index += 1
         splice.replace_matmul_group(gm, kernel)
-        kernels.append((name, src))
+        kernels.append((kernel.kernel_name, src))
         fused |= set(mms) | set(members)
         ctx.count("fusion.matmul_epilogues")
         ctx.count("fusion.bytes_saved", int(saved) if saved == saved else 0)

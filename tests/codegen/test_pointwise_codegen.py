@@ -95,7 +95,7 @@ def test_chain_becomes_one_kernel_with_readable_source(tmp_path):
     assert ctx.counters["fusion.groups"] == 1
     assert ctx.counters["fusion.nodes_fused"] == 5  # mul, add, _to_copy, gelu, _to_copy
     [(name, source)] = ctx.artifacts["kernels"]
-    assert name.startswith("fused_mul_add") and f"def {name}(" in source
+    assert name.startswith("fused_mul_add_gelu_") and f"def {name}(" in source
     assert "# FX nodes covered:" in source and "aten.gelu.default" in source
     assert ".to(tl.float32)" in source  # fp16 loads are computed in fp32
     assert [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target.__class__.__name__ !=

@@ -1,0 +1,110 @@
+"""Host time against kernel time for the attention op at short sequences (where a call can be host-bound).
+
+    PYTHONPATH=. python bench/attention_host.py [--profile]
+
+For flashfx's attention and SDPA's flash backend (FA2), forward+backward, bf16, D=128, B=4: TFLOP/s by
+`triton.testing.do_bench` (which includes host time), the host time to enqueue one call (measured while the GPU is
+kept busy, so the host never waits), and for flashfx the sum of its kernels' device times from torch.profiler.
+A call whose host time exceeds its kernel time is host-bound. `--profile` adds a cProfile of the flashfx call.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+import flashfx.ops  # noqa: F401  (registers torch.ops.flashfx)
+from flashfx.codegen.attention import attention
+
+SHAPES = [(4, 16, 16, 1024), (4, 16, 16, 2048), (4, 16, 4, 2048)]  # B, Hq, Hkv, S
+HEAD_DIM = 128
+
+
+def fwd_bwd(fn, q, k, v, dout):
+    return torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+
+
+def flashfx_attention(causal):
+    return lambda q, k, v: attention(q, k, v, is_causal=causal)
+
+
+def sdpa_flash(causal):
+    def run(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    return run
+
+
+def host_ms(fn, calls=10):
+    """Time to enqueue one call while a long sleep kernel keeps the GPU busy (the host never waits on it)."""
+    torch.cuda._sleep(200_000_000)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - start) * 1e3 / calls
+    torch.cuda.synchronize()
+    return elapsed
+
+
+def kernel_ms(fn, calls=5):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3 / calls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", action="store_true", help="also print a cProfile of the flashfx call")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/attention_host.py needs a CUDA GPU")
+    print("| shape | causal | flashfx TFLOP/s | flashfx kernels TFLOP/s | FA2 TFLOP/s | flashfx host ms | FA2 host ms |")
+    print("|---|---|---|---|---|---|---|")
+    for B, Hq, Hkv, S in SHAPES:
+        for causal in (False, True):
+            q = torch.randn(B, Hq, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(B, Hkv, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(B, Hkv, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dout = torch.randn(B, Hq, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            gflop = 3.5 * 4 * B * Hq * S * S * HEAD_DIM * (0.5 if causal else 1.0) / 1e9
+            row = {}
+            for name, op in (("flashfx", flashfx_attention(causal)), ("fa2", sdpa_flash(causal))):
+                call = lambda: fwd_bwd(op, q, k, v, dout)  # noqa: E731
+                for _ in range(3):
+                    call()
+                torch.cuda.synchronize()
+                row[name] = (triton.testing.do_bench(call, warmup=25, rep=100), host_ms(call))
+            kernels = kernel_ms(lambda: fwd_bwd(flashfx_attention(causal), q, k, v, dout))
+            print(f"| B{B} H{Hq}/{Hkv} S{S} | {causal} | {gflop / row['flashfx'][0]:.0f} | {gflop / kernels:.0f} | "
+                  f"{gflop / row['fa2'][0]:.0f} | {row['flashfx'][1]:.2f} | {row['fa2'][1]:.2f} |", flush=True)
+    if args.profile:
+        q = torch.randn(4, 16, 1024, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn_like(q, requires_grad=True) for _ in "kv")
+        dout = torch.randn_like(q)
+        op = flashfx_attention(True)
+        for _ in range(5):
+            fwd_bwd(op, q, k, v, dout)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(50):
+            fwd_bwd(op, q, k, v, dout)
+        prof.disable()
+        torch.cuda.synchronize()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+        print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()

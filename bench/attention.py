@@ -333,10 +333,43 @@ def markdown(results, providers):
     return "\n".join(lines)
 
 
+REPO_IMG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "img")
+
+
+def plot(results, path):
+    """TFLOP/s against S (D=128, H=16), forward and forward+backward, causal and not: one line per provider."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no attention plot", flush=True)
+        return
+    rows = [r for r in results if r.get("suite") == "D128" and "error" not in r and "fwd_tflops" in r]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8), sharey=True)
+    panels = [(c, m) for c in (False, True) for m in ("fwd_tflops", "fwdbwd_tflops")]
+    for ax, (causal, metric) in zip(axes, panels):
+        for provider in dict.fromkeys(r["provider"] for r in rows):
+            pts = sorted((r["S"], r[metric]) for r in rows if r["provider"] == provider and r["causal"] == causal)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=provider, linewidth=2.5 if provider == "flashfx" else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length S")
+        ax.set_title(f"{'causal' if causal else 'non-causal'}, {'forward' if metric == 'fwd_tflops' else 'fwd+bwd'}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("TFLOP/s (bf16, B=4, H=16, D=128)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--plot", metavar="JSON", help="only redraw docs/img/attention_tflops.png from a saved "
+                                                   "attention.json (or bench/results/attention-*.json)")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--providers", default="flashfx,sdpa_flash,sdpa_cudnn,sdpa_efficient,flex,math")
     ap.add_argument("--study-seq", type=int, default=8192)
@@ -345,6 +378,10 @@ def main():
     ap.add_argument("--flex-seqs", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 4096, 8192])
     ap.add_argument("--math-max-seq", type=int, default=4096)
     args = ap.parse_args()
+    if args.plot:  # no GPU needed
+        with open(args.plot) as f:
+            plot(json.load(f)["results"], os.path.join(REPO_IMG, "attention_tflops.png"))
+        return 0
     torch._dynamo.config.recompile_limit = 64  # flex_attention compiles once per shape and grad mode
     import triton
 
@@ -405,6 +442,8 @@ def main():
     print(f"total {time.time() - t_start:.0f}s")
     with open(os.path.join(args.out, "attention.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
+    if report.get("results"):
+        plot(report["results"], os.path.join(args.out, "attention_tflops.png"))
 
 
 if __name__ == "__main__":

@@ -327,3 +327,35 @@ def test_progress_writes_plain_lines_when_not_a_terminal(tmp_path):
         p.done()
     lines = path.read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("[bench") and lines[0].endswith("llama-train · eager: timing")
+
+
+# ----------------------------------------------------------------------------------------- remat curve
+
+def test_remat_curve_budgets_are_checked():
+    from bench import remat_curve
+
+    assert remat_curve.parse_budgets("1.0,0.5, 0.05") == [1.0, 0.5, 0.05]
+    for bad in ("0.5,0", "1.5", "half", ""):
+        with pytest.raises(SystemExit, match="--budgets"):
+            remat_curve.parse_budgets(bad)
+
+
+def test_remat_curve_table_shows_measured_and_predicted_side_by_side():
+    from bench import remat_curve
+
+    ok = {"provider": "flashfx", "budget": 0.3, "ms": 70.1, "ms_p20": 69.9, "ms_p80": 70.4, "compile_s": 12.0,
+          "loss": 12.16, "measured_peak_bytes": 6.2e9, "predicted_peak_bytes": 5.9e9,
+          "predicted_activation_bytes": 3.1e9, "extra_flops": 4.2e11}
+    failed = {"provider": "compile", "budget": 0.3, "error": "RuntimeError: out of memory"}
+    lines = remat_curve.table([ok, failed]).splitlines()
+    assert lines[2] == ("| flashfx | 0.3 | 70.10 (69.90–70.40) | 6.20 GB | 5.90 GB | 3.10 GB | 420 | 12.0 | "
+                        "12.1600 |")
+    assert "failed: RuntimeError: out of memory" in lines[3]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+def test_remat_curve_without_cuda_exits_with_the_bench_code(capsys):
+    from bench import remat_curve
+
+    assert remat_curve.main(["--budgets", "0.5"]) == common.EXIT_NO_CUDA
+    assert "CUDA" in capsys.readouterr().err

@@ -359,3 +359,37 @@ def test_remat_curve_without_cuda_exits_with_the_bench_code(capsys):
 
     assert remat_curve.main(["--budgets", "0.5"]) == common.EXIT_NO_CUDA
     assert "CUDA" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- Nsight Compute bytes
+
+NCU_CSV = '''==PROF== Connected to process 4242
+==PROF== Profiling "fused_softmax_4f2a" - 0: 0%....50%....100% - 9 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","4242","python3","127.0.0.1","fused_softmax_4f2a","1","7","(128, 1, 1)","(16384, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","Mbyte","134.28"
+"0","4242","python3","127.0.0.1","fused_softmax_4f2a","1","7","(128, 1, 1)","(16384, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","Kbyte","134,217.73"
+"0","4242","python3","127.0.0.1","fused_softmax_4f2a","1","7","(128, 1, 1)","(16384, 1, 1)","0","9.0","Command line profiler metrics","sm__cycles_elapsed.avg","cycle","1234"
+==PROF== Disconnected from process 4242
+'''
+
+
+def test_ncu_csv_is_parsed_with_units_and_compared():
+    from bench import ncu_bytes
+
+    parsed = ncu_bytes.parse_ncu_csv(NCU_CSV)
+    assert parsed == {"fused_softmax_4f2a": {"dram__bytes_read.sum": pytest.approx(134.28e6),
+                                             "dram__bytes_write.sum": pytest.approx(134.21773e6)}}
+    row = ncu_bytes.compare(2 * 16384 * 4096 * 2, parsed)
+    assert row["ratio"] == pytest.approx((134.28e6 + 134.21773e6) / (2 * 16384 * 4096 * 2))
+    assert ncu_bytes.parse_ncu_csv("==ERROR== no kernels were profiled\n") == {}
+    with pytest.raises(ValueError, match="unit 'furlong'"):
+        ncu_bytes.parse_ncu_csv(NCU_CSV.replace('"Mbyte"', '"furlong"'))
+
+
+def test_ncu_cases_predict_the_bytes_a_fused_softmax_must_move():
+    # the cost model's HBM bytes for the fused softmax graph: read x once, write y once (bf16)
+    from bench import ncu_bytes
+
+    assert {"softmax", "rmsnorm", "add-layernorm", "attention"} <= set(ncu_bytes.cases())
+    _, predicted = ncu_bytes.build("softmax", torch.device("cpu"))
+    assert predicted == 2 * 16384 * 4096 * 2

@@ -1,0 +1,193 @@
+"""HBM bytes of flashfx's key kernels measured by Nsight Compute, beside the cost model's prediction.
+
+    PYTHONPATH=. python bench/ncu_bytes.py --out $OUT          # every case; needs `ncu` and a CUDA GPU
+    PYTHONPATH=. python bench/ncu_bytes.py --cases softmax,rmsnorm
+
+For each case (the fusion workloads of bench/fusion.py, and the attention forward) a child process compiles the
+kernel, autotunes it, then runs it once more inside the NVTX range "measure"; the parent runs that child under
+`ncu --nvtx --nvtx-include measure/ --metrics dram__bytes_read.sum,dram__bytes_write.sum`, so only that last call
+is profiled, and compares the DRAM bytes with the cost model's HBM bytes for the same graph (what
+`flashfx.explain` reports). A ratio near 1 says the model counts what the hardware moves; well above 1, the kernel
+moves more than it must (re-reads, spills) or the model undercounts.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a file: make `bench` importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum")
+UNITS = {"byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "tbyte": 1e12,
+         "kibyte": 1024, "mibyte": 1024 ** 2, "gibyte": 1024 ** 3}
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+def parse_ncu_csv(text: str) -> Dict[str, Dict[str, float]]:
+    """`ncu --csv` output -> {kernel name: {metric: bytes}}, summed over the kernel's profiled launches.
+
+    ncu prints its own progress lines (starting with '==') before the CSV; they are skipped."""
+    lines = [line for line in text.splitlines() if line.startswith('"')]
+    if not lines:
+        return {}
+    out: Dict[str, Dict[str, float]] = {}
+    for row in csv.DictReader(io.StringIO("\n".join(lines))):
+        metric = row.get("Metric Name")
+        if metric not in METRICS:
+            continue
+        unit = (row.get("Metric Unit") or "byte").strip().lower()
+        if unit not in UNITS:
+            raise ValueError(f"ncu reported {metric} in unit {unit!r}; expected one of {', '.join(UNITS)}")
+        value = float((row.get("Metric Value") or "0").replace(",", "")) * UNITS[unit]
+        kernel = out.setdefault(row["Kernel Name"], {})
+        kernel[metric] = kernel.get(metric, 0.0) + value
+    return out
+
+
+def compare(predicted: float, measured: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
+    total = sum(sum(m.values()) for m in measured.values())
+    return {"predicted_bytes": predicted, "measured_bytes": total, "kernels": sorted(measured),
+            "ratio": total / predicted if predicted else None}
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+def slug(name: str) -> str:
+    """bench/fusion.py's row names as command-line words: 'add+layernorm' -> 'add-layernorm'."""
+    words = "".join(c if c.isalnum() else " " for c in name.split(" silu")[0].split("(")[0]).split()
+    return "-".join(words)
+
+
+def cases() -> Dict[str, Tuple[Optional[Callable], List[Tuple[Tuple[int, ...], str]]]]:
+    from bench import fusion as fusion_bench
+
+    found: Dict[str, Tuple[Optional[Callable], List[Tuple[Tuple[int, ...], str]]]] = {
+        slug(name): (fn, shapes) for name, fn, shapes in fusion_bench.workloads(tiny=False)}
+    found["attention"] = (None, [])
+    return found
+
+
+def _inputs(shapes: Sequence[Tuple[Tuple[int, ...], str]], device: Any) -> List[Any]:
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen) for shape, _ in shapes]
+
+
+def _attention_case(device: Any) -> Tuple[Callable, float]:
+    """flashfx.attention forward at B=4, H=16, S=4096, D=128: the bytes it must move are q, k, v, out, lse."""
+    import torch
+
+    from flashfx.codegen.attention import attention  # registers torch.ops.flashfx.attention
+
+    B, H, S, D = 4, 16, 4096, 128
+    q, k, v = (torch.randn(B, H, S, D, device=device, dtype=torch.bfloat16) for _ in "qkv")
+    predicted = 4 * B * H * S * D * 2 + B * H * S * 4  # read q, k, v; write out (bf16) and lse (fp32)
+    return (lambda: attention(q, k, v)), float(predicted)
+
+
+def build(name: str, device: Any) -> Tuple[Callable[[], Any], float]:
+    """(a call that runs the case's kernels, the cost model's HBM bytes for it)."""
+    from flashfx.rewriter import cost as cost_model
+
+    if name == "attention":
+        return _attention_case(device)
+    from bench import fusion as fusion_bench
+
+    fn, shapes = cases()[name]
+    inputs = _inputs(shapes, device)
+    gm, _ = fusion_bench.flashfx_compile(fn, inputs, tempfile.mkdtemp(prefix="flashfx-ncu-"))
+    return (lambda: gm(*inputs)), float(cost_model.graph_cost(gm).bytes_value)
+
+
+def child(name: str, out_path: str) -> None:
+    """Compile, autotune, then run once inside NVTX range 'measure'; write the predicted bytes to `out_path`."""
+    import torch
+
+    call, predicted = build(name, torch.device("cuda"))
+    for _ in range(3):  # compile and autotune outside the profiled range
+        call()
+    torch.cuda.synchronize()
+    with torch.cuda.nvtx.range("measure"):
+        call()
+    torch.cuda.synchronize()
+    with open(out_path, "w") as f:
+        json.dump({"predicted_bytes": predicted}, f)
+
+
+def run_case(name: str, ncu: str, timeout_s: float) -> Dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        pred_path = os.path.join(tmp, "predicted.json")
+        cmd = [ncu, "--csv", "--nvtx", "--nvtx-include", "measure/", "--metrics", ",".join(METRICS),
+               sys.executable, os.path.abspath(__file__), "--child", name, "--child-out", pred_path]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0 or not os.path.exists(pred_path):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"case": name, "error": f"ncu exit {proc.returncode}: {' | '.join(tail)[:300]}"}
+        with open(pred_path) as f:
+            predicted = json.load(f)["predicted_bytes"]
+    return {"case": name, **compare(predicted, parse_ncu_csv(proc.stdout))}
+
+
+def table(rows: Sequence[Dict[str, Any]]) -> str:
+    lines = ["| case | cost model HBM bytes | ncu DRAM bytes (read + write) | ncu ÷ model | kernels |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error']} |  |  |  |")
+            continue
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['case']} | {r['predicted_bytes'] / 1e6:.1f} MB | {r['measured_bytes'] / 1e6:.1f} MB | "
+                     f"{ratio} | {', '.join(k[:40] for k in r['kernels'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/ncu_bytes.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", help="comma list (default: all): " + ", ".join(cases()))
+    ap.add_argument("--out", default=".", help="directory for ncu_bytes.json / .md")
+    ap.add_argument("--timeout-s", type=float, default=240.0, help="per case")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.child_out)
+        return 0
+    known = cases()
+    names = [n.strip() for n in args.cases.split(",")] if args.cases else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    ncu = shutil.which("ncu")
+    import torch
+    if ncu is None or not torch.cuda.is_available():
+        print("bench/ncu_bytes.py: needs Nsight Compute (`ncu` on PATH) and a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for name in names:
+        try:
+            rows.append(run_case(name, ncu, args.timeout_s))
+        except subprocess.TimeoutExpired:
+            rows.append({"case": name, "error": f"over {args.timeout_s:.0f} s"})
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "ncu_bytes.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "ncu_bytes.md"), "w") as f:
+        f.write(table(rows) + "\n")
+    print("\n" + table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,11 @@
 
     PYTHONPATH=. python bench/ncu_bytes.py --out $OUT          # every case; needs `ncu` and a CUDA GPU
     PYTHONPATH=. python bench/ncu_bytes.py --cases softmax,rmsnorm
+    PYTHONPATH=. python bench/ncu_bytes.py --step bert-infer --providers compile,flashfx   # whole steps
+
+`--step WORKLOAD` measures instead the DRAM bytes of every kernel of one step of a bench/run.py workload, per
+provider (issue 4: flashfx should move no more HBM bytes per step than torch.compile). ncu replays each kernel of
+the step, so keep to the inference workloads or small steps: a training step of ~1000 kernels takes many minutes.
 
 For each case (the fusion workloads of bench/fusion.py, and the attention forward) a child process compiles the
 kernel, autotunes it, then runs it once more inside the NVTX range "measure"; the parent runs that child under
@@ -125,11 +130,44 @@ def child(name: str, out_path: str) -> None:
         json.dump({"predicted_bytes": predicted}, f)
 
 
-def run_case(name: str, ncu: str, timeout_s: float) -> Dict[str, Any]:
+def step_child(workload: str, provider: str, out_path: str) -> None:
+    """One step of a bench/run.py workload with `provider`, warmed up, the last inside NVTX range 'measure'."""
+    import torch
+
+    from bench import common
+    from bench.run import workloads
+
+    opts = common.Options(device=torch.device("cuda"))
+    case = workloads()[workload].build(opts)
+    spec = common.PROVIDERS[provider]
+    common.set_attention(case.model, spec.attn)
+    case.model.train(case.training)
+    fn = spec.wrap(case.model, case, opts) if spec.wrap else case.model
+    for _ in range(3):
+        case.step(fn)
+    torch.cuda.synchronize()
+    with torch.cuda.nvtx.range("measure"):
+        case.step(fn)
+    torch.cuda.synchronize()
+    with open(out_path, "w") as f:
+        json.dump({"predicted_bytes": _report_bytes(fn)}, f)
+
+
+def _report_bytes(fn: Any) -> float:
+    """flashfx's cost-model HBM bytes per step after its passes (0.0 for other providers: no model)."""
+    report = getattr(fn, "report", None)
+    if report is None:
+        return 0.0
+    return float(sum(max(after.bytes_value, 0) for g in report.graphs for _, after in g.aten_costs.values()))
+
+
+def run_case(name: str, ncu: str, timeout_s: float, step_of: Optional[str] = None) -> Dict[str, Any]:
+    """`name` is a kernel case, or with `step_of` a provider whose step of that workload is measured."""
     with tempfile.TemporaryDirectory() as tmp:
         pred_path = os.path.join(tmp, "predicted.json")
+        child_args = ["--child", name] if step_of is None else ["--step", step_of, "--child-provider", name]
         cmd = [ncu, "--csv", "--nvtx", "--nvtx-include", "measure/", "--metrics", ",".join(METRICS),
-               sys.executable, os.path.abspath(__file__), "--child", name, "--child-out", pred_path]
+               sys.executable, os.path.abspath(__file__), *child_args, "--child-out", pred_path]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0 or not os.path.exists(pred_path):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -147,8 +185,10 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
             lines.append(f"| {r['case']} | failed: {r['error']} |  |  |  |")
             continue
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        lines.append(f"| {r['case']} | {r['predicted_bytes'] / 1e6:.1f} MB | {r['measured_bytes'] / 1e6:.1f} MB | "
-                     f"{ratio} | {', '.join(k[:40] for k in r['kernels'])} |")
+        model = f"{r['predicted_bytes'] / 1e6:.1f} MB" if r["predicted_bytes"] else "—"
+        names = r["kernels"] if len(r["kernels"]) <= 4 else r["kernels"][:3] + [f"… {len(r['kernels'])} kernels"]
+        lines.append(f"| {r['case']} | {model} | {r['measured_bytes'] / 1e6:.1f} MB | {ratio} | "
+                     f"{', '.join(k[:40] for k in names)} |")
     return "\n".join(lines)
 
 
@@ -157,17 +197,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cases", help="comma list (default: all): " + ", ".join(cases()))
     ap.add_argument("--out", default=".", help="directory for ncu_bytes.json / .md")
     ap.add_argument("--timeout-s", type=float, default=240.0, help="per case")
+    ap.add_argument("--step", metavar="WORKLOAD", help="measure whole steps of this bench/run.py workload")
+    ap.add_argument("--providers", default="compile,flashfx", help="with --step (default: compile,flashfx)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-provider", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(args.child, args.child_out)
         return 0
-    known = cases()
-    names = [n.strip() for n in args.cases.split(",")] if args.cases else list(known)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if args.child_provider:
+        step_child(args.step, args.child_provider, args.child_out)
+        return 0
+    if args.step:
+        from bench import common
+        from bench.run import workloads
+
+        if args.step not in workloads():
+            ap.error(f"unknown workload {args.step!r}; known: {', '.join(workloads())}")
+        try:
+            names = common.parse_providers(args.providers, ())
+        except common.BenchError as e:
+            ap.error(str(e))
+    else:
+        known = cases()
+        names = [n.strip() for n in args.cases.split(",")] if args.cases else list(known)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(known)}")
     ncu = shutil.which("ncu")
     import torch
     if ncu is None or not torch.cuda.is_available():
@@ -176,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = []
     for name in names:
         try:
-            rows.append(run_case(name, ncu, args.timeout_s))
+            rows.append(run_case(name, ncu, args.timeout_s, step_of=args.step))
         except subprocess.TimeoutExpired:
             rows.append({"case": name, "error": f"over {args.timeout_s:.0f} s"})
         print(table(rows[-1:]).splitlines()[-1], flush=True)

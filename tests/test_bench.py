@@ -393,3 +393,16 @@ def test_ncu_cases_predict_the_bytes_a_fused_softmax_must_move():
     assert {"softmax", "rmsnorm", "add-layernorm", "attention"} <= set(ncu_bytes.cases())
     _, predicted = ncu_bytes.build("softmax", torch.device("cpu"))
     assert predicted == 2 * 16384 * 4096 * 2
+
+
+def test_ncu_step_mode_takes_flashfx_bytes_from_the_report(tmp_path):
+    # the per-step prediction is the report's after-fusion HBM bytes, summed over compiled graphs and stages
+    import flashfx
+    from bench import ncu_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    fn = flashfx.optimize(model, cache_dir=str(tmp_path))
+    fn(torch.randn(4, 8)).sum().backward()
+    expected = sum(after.bytes_value for g in fn.report.graphs for _, after in g.aten_costs.values())
+    assert expected > 0 and ncu_bytes._report_bytes(fn) == expected
+    assert ncu_bytes._report_bytes(model) == 0.0

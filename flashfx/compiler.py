@@ -42,9 +42,11 @@ def aten_passes(config: Config) -> List[Tuple[str, Pass]]:
     """The passes over each ATen graph AOTAutograd produces (forward, backward, inference)."""
     if not config.fusion:
         return []
+    from flashfx.passes.copies import drop_redundant_clones
     from flashfx.passes.fusion import fusion
 
-    return [("fusion", fusion)]
+    # copies first: a dropped clone frees its neighbours to fuse (a cuBLAS addmm keeps its bias, no epilogue kernel)
+    return [("copies", drop_redundant_clones), ("fusion", fusion)]
 
 
 def partition_fn(config: Config, report: GraphReport) -> Callable[..., Any]:

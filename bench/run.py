@@ -469,16 +469,19 @@ def issue5_targets(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
 def render_section(records: Sequence[Dict[str, Any]], img_rel: Optional[Dict[str, str]] = None) -> str:
     """The generated part of docs/benchmarks.md, from JSON-lines records."""
     meta, ceilings, results, cases = latest(records)
-    v = meta.get("versions", {})
-    mode = "tiny smoke test (numbers meaningless)" if meta.get("tiny") else ("--quick" if meta.get("quick") else
-                                                                             "full")
-    lines = [DOC_BEGIN, "", METHOD, "",
-             f"Run `{meta.get('run_id', '?')}` ({mode}) on **{meta.get('device', '?')}**, {meta.get('date', '?')}: "
-             f"torch {v.get('torch')}, Triton {v.get('triton')}, transformers {v.get('transformers')}, "
-             f"liger-kernel {v.get('liger_kernel') or 'absent'}, CUDA {v.get('cuda')}.",
-             ""]
+    lines = [DOC_BEGIN, "", METHOD, ""]
+    metas = [r for r in records if r.get("type") == "run"] or [meta]
+    used = {r.get("run_id") for rows in results.values() for r in rows.values()}
+    metas = [m for m in metas if m.get("run_id") in used] or metas[-1:]
+    for m in metas:
+        v = m.get("versions", {})
+        mode = "tiny smoke test (numbers meaningless)" if m.get("tiny") else ("--quick" if m.get("quick") else
+                                                                              "full")
+        lines += [f"Run `{m.get('run_id', '?')}` ({mode}) on **{m.get('device', '?')}**, {m.get('date', '?')}: "
+                  f"torch {v.get('torch')}, Triton {v.get('triton')}, transformers {v.get('transformers')}, "
+                  f"liger-kernel {v.get('liger_kernel') or 'absent'}, CUDA {v.get('cuda')}.", ""]
     if ceilings:
-        lines.append(f"Ceilings measured in the same run: bf16 dense matmul (8192³) "
+        lines.append(f"Ceilings measured in the {'last ' if len(metas) > 1 else ''}same run: bf16 dense matmul (8192³) "
                      f"**{common.fmt(ceilings.get('matmul_tflops'), 0)} TFLOP/s**, device copy (read + write) "
                      f"**{common.fmt(ceilings.get('copy_gbps'), 0)} GB/s**. MFU = achieved TFLOP/s over the first.")
         lines.append("")
@@ -493,6 +496,14 @@ def render_section(records: Sequence[Dict[str, Any]], img_rel: Optional[Dict[str
                          + (f"; minimum HBM bytes: {_si(case['bytes'])}B" if case.get("bytes") else "") + ".")
             lines.append("")
         lines += [workload_table(wl, rows), ""]
+        by_run: Dict[str, List[str]] = {}
+        for p, r in rows.items():
+            by_run.setdefault(str(r.get("run_id", "?")), []).append(p)
+        if len(by_run) > 1:  # rows merged from several runs are not side by side: say so under the table
+            lines += ["**Not one process:** " + "; ".join(f"run `{run}`: {', '.join(ps)}" for run, ps in
+                                                           by_run.items()) + ".", ""]
+        elif len(metas) > 1:
+            lines += [f"Measured in run `{next(iter(by_run))}`.", ""]
         counted = [(p, r["flashfx_counters"]) for p, r in rows.items() if r.get("flashfx_counters") is not None]
         if counted:
             lines.append("flashfx pass counters (summed over compiled graphs): " + "; ".join(

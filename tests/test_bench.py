@@ -406,3 +406,23 @@ def test_ncu_step_mode_takes_flashfx_bytes_from_the_report(tmp_path):
     expected = sum(after.bytes_value for g in fn.report.graphs for _, after in g.aten_costs.values())
     assert expected > 0 and ncu_bytes._report_bytes(fn) == expected
     assert ncu_bytes._report_bytes(model) == 0.0
+
+
+def test_render_of_two_runs_names_each_and_flags_a_table_mixed_from_both():
+    # two calls fill the suite: each workload's table says which run it came from; a workload whose rows came
+    # from two runs is flagged as not side by side
+    first = _records()
+    second = [dict(r, run_id="r2") for r in _records()]
+    second[0]["date"] = "2026-11-24"
+    for r in second[2:]:
+        r["workload"] = "bert-infer"
+    second.append({"type": "result", "run_id": "r2", "workload": "llama-train", "provider": "liger", "status": "ok",
+                   "ms": 1.7, "ms_p20": 1.6, "ms_p80": 1.8, "peak_gb": 4.0, "loss": 12.0})
+    text = run.render_section(first + second)
+    assert "Run `r1`" in text and "Run `r2`" in text and "2026-11-24" in text
+    llama = text[text.index("### llama-train"):text.index("### bert-infer")]
+    assert "**Not one process:** run `r1`: eager, compile, flashfx, flashfx-attention; run `r2`: liger." in llama
+    bert = text[text.index("### bert-infer"):]
+    assert "Measured in run `r2`." in bert and "Not one process" not in bert
+    single = run.render_section(_records())
+    assert "Measured in run" not in single and "Not one process" not in single

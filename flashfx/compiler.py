@@ -93,6 +93,7 @@ class Compiler:
         report.passes.extend(manager.records)
         for record in manager.records:
             report.kernels.extend(record.artifacts.get("kernels", []))
+            report.fallbacks.extend(record.artifacts.get("fallbacks", []))
         report.aten[stage] = gm.code
         report.aten_costs[stage] = (before, cost_model.graph_cost(gm))
         return make_boxed_func(gm)

@@ -26,6 +26,7 @@ class GraphReport:
     aten_costs: Dict[str, Tuple[cost_model.GraphCost, cost_model.GraphCost]] = field(default_factory=dict)
     kernels: List[Tuple[str, str]] = field(default_factory=list)
     remat: List[Any] = field(default_factory=list)  # plan records from the remat partitioner
+    fallbacks: List[Any] = field(default_factory=list)  # codegen.fallback.Fallback of each generated kernel
 
     def readable(self, expr: Any) -> str:
         """A cost expression with size symbols renamed (s72 -> B)."""
@@ -52,6 +53,10 @@ class Report:
     @property
     def passes(self) -> List[Tuple[GraphReport, PassRecord]]:
         return [(g, p) for g in self.graphs for p in g.passes]
+
+    def fallbacks(self) -> List[Tuple[str, str]]:
+        """(kernel, error) for each generated kernel that failed at run time and now runs its ATen ops."""
+        return [(f.name, f.error) for g in self.graphs for f in g.fallbacks if f.active]
 
     def counters(self) -> Dict[str, int]:
         """All pass counters summed over graphs, e.g. {'attention.replaced': 2}."""
@@ -119,6 +124,9 @@ class Report:
                 lines.append("  remat: " + (plan.text() if hasattr(plan, "text") else str(plan)))
             if g.kernels:
                 lines.append(f"  generated kernels: {', '.join(name for name, _ in g.kernels)}")
+            for f in g.fallbacks:
+                if f.active:
+                    lines.append(f"  FELL BACK at run time: {f.name} runs its ATen ops ({f.error})")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------------------ json
@@ -146,6 +154,7 @@ class Report:
                 "aten": {stage: {"unfused": _cost_dict(g, b), "fused": _cost_dict(g, a)}
                          for stage, (b, a) in g.aten_costs.items()},
                 "kernels": [name for name, _ in g.kernels],
+                "fallbacks": [{"kernel": f.name, "error": f.error} for f in g.fallbacks if f.active],
                 "remat": [plan.as_dict() if hasattr(plan, "as_dict") else str(plan) for plan in g.remat],
             })
         totals = {

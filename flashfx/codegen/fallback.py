@@ -42,6 +42,7 @@ class Fallback:
         self.reference = reference
         self.n_inputs = n_inputs
         self.active = False
+        self.error = ""  # why the kernel was given up, once active (the report lists it)
         self.on_fallback: Callable[[Sequence[Any]], tuple] = self  # how the kernel's callers want the outputs
 
     def __call__(self, args: Sequence[Any]) -> tuple:
@@ -56,7 +57,7 @@ class Fallback:
             # no reference, or under the interpreter (tests): the failure itself is what must be seen
             if self.reference is None or _compat.triton_interpreting():
                 raise
-            warnings.warn(f"flashfx: generated kernel {self.name} failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); running its ATen ops instead")
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"flashfx: generated kernel {self.name} failed ({self.error}); running its ATen ops instead")
             self.active = True
             return self.on_fallback(args)

@@ -510,6 +510,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     placeholders = {sympy.sympify(n.meta["val"].node.expr): n for n in gm.graph.nodes
                     if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.SymInt)}
     kernels: List[Tuple[str, str]] = ctx.artifacts.setdefault("kernels", [])
+    fallbacks: List[Any] = ctx.artifacts.setdefault("fallbacks", [])  # the report lists those that were used
     fused: Set[fx.Node] = set()
     modified = decomposed > 0
     index = 0
@@ -540,6 +541,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kernel.fallback = fallback.Fallback(name, fallback.extract(
             group.members, [t.node for t in plan.inputs] + list(plan.scalars), [o.node for o in plan.outputs]),
             len(plan.inputs) + len(plan.scalars))
+        fallbacks.append(kernel.fallback)
         index += 1
         splice.replace_group(gm, group.members, plan, kernel)
         splice.register_kernel_cost(kernel, group.members)
@@ -574,6 +576,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             [plan.a, *plan.bs, *plan.inputs, *plan.scalars], [n for _, n in plan.outputs], a_nodes),
             1 + len(plan.bs) + len(plan.inputs) + len(plan.scalars))
         kernel.fallback.on_fallback = kernel._reference
+        fallbacks.append(kernel.fallback)
         ctx.count({"triton": "fusion.matmul_triton", "aten": "fusion.matmul_aten",
                    "race": "fusion.matmul_raced"}[backend])
         if backend == "race":

@@ -44,3 +44,37 @@ def test_failures_are_raised_under_the_interpreter(tmp_path, monkeypatch):
     _break(monkeypatch)
     with pytest.raises(RuntimeError, match="boom"):
         gm(*xs)
+
+
+def test_the_report_names_each_kernel_that_fell_back(tmp_path, monkeypatch):
+    import types
+
+    import flashfx
+    from flashfx.codegen import fallback as fallback_module
+
+    class Chain(torch.nn.Module):
+        def forward(self, x):
+            return torch.sigmoid(x) * 2.0 + 1.0
+
+    model = Chain()
+    fast = flashfx.optimize(model, cache_dir=str(tmp_path), attention="off", cross_entropy=False)
+    _break(monkeypatch)
+    # as on a GPU, for the fallback only (the compile still sees the interpreter)
+    monkeypatch.setattr(fallback_module, "_compat", types.SimpleNamespace(triton_interpreting=lambda: False))
+    x = torch.randn(4, 8)
+    with torch.no_grad(), pytest.warns(UserWarning, match="running its ATen ops instead"):
+        assert_close(fast(x), model(x))
+    [(name, error)] = fast.report.fallbacks()
+    assert name.startswith("fused_") and error == "RuntimeError: boom"
+    assert f"FELL BACK at run time: {name} runs its ATen ops (RuntimeError: boom)" in fast.report.text()
+    assert fast.report.to_json()["graphs"][0]["fallbacks"] == [{"kernel": name, "error": "RuntimeError: boom"}]
+
+
+def test_a_report_without_failures_lists_no_fallbacks(tmp_path):
+    import flashfx
+
+    fast = flashfx.optimize(torch.nn.Sequential(torch.nn.Sigmoid(), torch.nn.Tanh()), cache_dir=str(tmp_path))
+    with torch.no_grad():
+        fast(torch.randn(3, 5))
+    assert fast.report.fallbacks() == [] and "FELL BACK" not in fast.report.text()
+    assert any(g.fallbacks for g in fast.report.graphs)  # the kernels were registered, none was used

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from bench.run import workloads  # noqa: E402
 
 # Kernel name -> class, first match wins. cuBLAS / CUTLASS / nvjet names vary by version; these cover the H100 ones.
 CLASSES = (
-    ("flashfx matmul", re.compile(r"^fused_.*(mm|bmm)_", re.I)),
+    ("flashfx matmul epilogue", re.compile(r"^fused_(mm|mm2|bmm)_", re.I)),  # with or without its matmul
     ("flashfx generated", re.compile(r"^fused_", re.I)),
     ("attention", re.compile(r"attn|flash|fmha|cudnn|_bwd_dkdv|_bwd_dq|_bwd_preprocess", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|nvjet|sm90_xmma|cublas|matmul|_mm_", re.I)),
@@ -50,7 +51,7 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
     provider = common.PROVIDERS[name]
     common.set_attention(case.model, provider.attn)
     case.model.train(case.training)
-    context = provider.context() if provider.context else _null()
+    context = provider.context() if provider.context else contextlib.nullcontext()
     with context:
         fn = provider.wrap(case.model, case, opts) if provider.wrap else case.model
         with warnings.catch_warnings(record=True) as caught:
@@ -85,14 +86,6 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
     return {"provider": name, "counters": counters, "fallbacks": fell_back, "wall_ms": wall_ms, "gpu_busy_ms": busy, "launches": sum(calls.values()) // steps,
             "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": k, "ms": ms, "calls": calls[k] // steps, "class": kernel_class(k)} for k, ms in ranked]}
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def render(workload: str, results: Sequence[Dict[str, Any]]) -> str:

@@ -426,3 +426,16 @@ def test_render_of_two_runs_names_each_and_flags_a_table_mixed_from_both():
     assert "Measured in run `r2`." in bert and "Not one process" not in bert
     single = run.render_section(_records())
     assert "Measured in run" not in single and "Not one process" not in single
+
+
+def test_breakdown_classes_kernel_names():
+    from bench.breakdown import kernel_class
+
+    assert kernel_class("fused_mm2_silu_mul_7206044398") == "flashfx matmul epilogue"
+    assert kernel_class("fused_rmsnorm_pow_mean_a8f4468b04") == "flashfx generated"
+    assert kernel_class("_bwd_dkdv_kernel") == "attention"
+    assert kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma") == "attention"
+    assert kernel_class("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kernel_class("_ce_rows_kernel") == "cross-entropy"
+    assert kernel_class("triton_red_fused__log_softmax_0") == "inductor generated"
+    assert kernel_class("void at::native::vectorized_elementwise_kernel<8>") == "other ATen / copies"

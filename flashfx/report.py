@@ -1,6 +1,7 @@
 """`Report`: what flashfx did to a model, graph by graph and pass by pass, with the cost before and after."""
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
@@ -123,7 +124,9 @@ class Report:
             for plan in g.remat:
                 lines.append("  remat: " + (plan.text() if hasattr(plan, "text") else str(plan)))
             if g.kernels:
-                lines.append(f"  generated kernels: {', '.join(name for name, _ in g.kernels)}")
+                uses = collections.Counter(name for name, _ in g.kernels)  # a kernel shared by every layer: once
+                lines.append(f"  generated kernels ({len(g.kernels)} groups, {len(uses)} distinct): "
+                             + ", ".join(f"{name} x{n}" if n > 1 else name for name, n in uses.items()))
             for f in g.fallbacks:
                 if f.active:
                     lines.append(f"  FELL BACK at run time: {f.name} runs its ATen ops ({f.error})")

@@ -512,6 +512,7 @@ def run_provider(case: Case, provider: Provider, opts: Options, reference: Dict[
         counters = _flashfx_counters(fn)
         if counters is not None:
             record["flashfx_counters"] = counters
+        record.update(remat_prediction(fn))
         progress.update(f"{case.name} · {provider.name}: numerics + memory")
         out = case.step(fn)
         _numerics(case, record, out, reference)
@@ -542,6 +543,17 @@ def _flashfx_counters(fn: Any) -> Optional[Dict[str, int]]:
         return {k: v for k, v in sorted(fn.report.counters().items()) if v}
     except Exception:  # noqa: BLE001  (the report is informative; the timing stands without it)
         return None
+
+
+def remat_prediction(fn: Any) -> Dict[str, float]:
+    """flashfx's remat plans, summed over compiled graphs: the predicted peak of what the forward and backward graphs
+    allocate (weights and inputs excluded) and the activation bytes saved; empty without a plan."""
+    report = getattr(fn, "report", None) if type(fn).__module__.startswith("flashfx") else None
+    plans = [p for g in report.graphs for p in g.remat if hasattr(p, "peak_bytes")] if report is not None else []
+    if not plans:
+        return {}
+    return {"remat_predicted_peak_gb": sum(p.peak_bytes for p in plans) / 1e9,
+            "remat_saved_gb": sum(p.activation_bytes for p in plans) / 1e9}
 
 
 def _numerics(case: Case, record: Dict[str, Any], out: Any, reference: Dict[str, Any]) -> None:

@@ -459,10 +459,13 @@ def issue5_targets(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
     for p, r in fx.items():
         mem_ok = r["peak_gb"] <= 7.0
         time_ok = r["ms"] <= compiled["ms"]
+        plan = (f"; remat plan: predicted peak of the graphs' own allocations {r['remat_predicted_peak_gb']:.2f} GB "
+                f"(weights and inputs excluded), {r['remat_saved_gb']:.2f} GB of activations saved"
+                if r.get("remat_predicted_peak_gb") is not None else "")
         out.append(f"- `{p}`: peak {r['peak_gb']:.2f} GB ({'meets' if mem_ok else 'misses'} ≤ 7.0 GB), step "
                    f"{r['ms']:.2f} ms vs torch.compile {compiled['ms']:.2f} ms ({'meets' if time_ok else 'misses'}"
                    f" ≤ compile); loss rel err {common.fmt_err(r.get('loss_rel_err'))}, grad rel err "
-                   f"{common.fmt_err(r.get('grad_rel_err'))}.")
+                   f"{common.fmt_err(r.get('grad_rel_err'))}{plan}.")
     return out
 
 

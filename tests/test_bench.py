@@ -439,3 +439,20 @@ def test_breakdown_classes_kernel_names():
     assert kernel_class("_ce_rows_kernel") == "cross-entropy"
     assert kernel_class("triton_red_fused__log_softmax_0") == "inductor generated"
     assert kernel_class("void at::native::vectorized_elementwise_kernel<8>") == "other ATen / copies"
+
+
+def test_remat_prediction_is_recorded_and_rendered_beside_the_measured_peak(tmp_path):
+    import flashfx
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    fn = flashfx.optimize(model, cache_dir=str(tmp_path), remat=0.5)
+    fn(torch.randn(16, 8)).sum().backward()
+    pred = common.remat_prediction(fn)
+    assert pred["remat_predicted_peak_gb"] > 0 and pred["remat_saved_gb"] > 0
+    assert common.remat_prediction(model) == {}
+    assert common.remat_prediction(flashfx.optimize(model, cache_dir=str(tmp_path))) == {}  # not compiled yet
+    records = _records()
+    records[5].update(remat_predicted_peak_gb=3.25, remat_saved_gb=1.5)
+    _, _, results, _ = run.latest(records)
+    (line,) = run.issue5_targets(results)
+    assert "predicted peak of the graphs' own allocations 3.25 GB" in line and "1.50 GB of activations saved" in line

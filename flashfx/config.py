@@ -36,7 +36,9 @@ class Config:
         fusion: fuse pointwise / reduction / matmul-epilogue groups into generated Triton kernels.
         cross_entropy: rewrite ``linear -> cross_entropy`` into the chunked fused op.
         remat: activation-memory budget for training: ``None`` (off), a fraction in (0, 1] of the
-            activation bytes saved without remat, an int byte count, or ``"auto"``.
+            activation bytes saved without remat, an int byte count, ``"auto"`` (the least recompute that fits
+            the free GPU memory) or ``"speed"`` (no budget: recompute a value when that is predicted cheaper than
+            writing and reading it back).
         remat_compress: ``None`` or ``"fp8"`` (store chosen saved activations in fp8 with a scale).
         quantize: weight quantization scheme; only ``None`` today.
         autotune: autotune block sizes per shape (otherwise the first config of each kernel is used).
@@ -101,7 +103,7 @@ def _check_bool(field: str, value: Any) -> None:
 
 
 def _check_remat(value: Any) -> None:
-    if value is None or value == "auto":
+    if value is None or value in ("auto", "speed"):
         return
     if isinstance(value, bool):
         pass  # bool is an int subclass; reject it below with the general message
@@ -117,5 +119,5 @@ def _check_remat(value: Any) -> None:
         )
     raise ValueError(
         f"flashfx.Config: remat={value!r} is not allowed; use None (off), a fraction in (0, 1] of the "
-        "activation memory, a positive byte count (int), or 'auto'"
+        "activation memory, a positive byte count (int), 'auto' or 'speed'"
     )

@@ -26,7 +26,7 @@ def test_bad_choice_lists_allowed_values():
         Config(attention="flash2")
 
 
-@pytest.mark.parametrize("value", [None, 0.5, 1.0, 1 << 30, "auto"])
+@pytest.mark.parametrize("value", [None, 0.5, 1.0, 1 << 30, "auto", "speed"])
 def test_remat_accepts_fraction_bytes_auto(value):
     assert Config(remat=value).remat == value
 

@@ -5,7 +5,8 @@ bytes on an H100 roofline), and records the plan for the report.
     partition_fn = make_partition_fn(config, records)      # what the compiler hands to aot_module_simplified
 
 `config.remat` is the budget: a fraction in (0, 1] of the activation bytes the forward saves without remat, an int
-byte count, or "auto" (the fastest plan whose predicted peak fits the free GPU memory; 1.0 off CUDA).
+byte count, "auto" (the fastest plan whose predicted peak fits the free GPU memory; 1.0 off CUDA), or "speed" (no
+budget: each saved byte is priced at a write and a read at HBM bandwidth, and the plan minimises recompute + that).
 The decisions are made by `remat_plan.solve` (an exact min cut per multiplier, see there); graph extraction reuses
 torch's `_extract_fwd_bwd_modules`; byte counts, the peak-memory estimate and fp8 storage of saved activations are in
 `remat_memory`. Graphs this pass does not understand (activation-checkpoint tags, mutations,
@@ -37,6 +38,8 @@ MATMUL_FLOPS_PER_S = 400e12   # bf16 tensor cores (990 TFLOP/s peak)
 VECTOR_FLOPS_PER_S = 30e12    # CUDA cores (67 TFLOP/s fp32 peak)
 HBM_BYTES_PER_S = 2.5e12      # 3.35 TB/s peak
 AUTO_FRACTIONS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.0)
+# "speed": a saved byte costs a write in the forward and a read in the backward at HBM bandwidth.
+SAVED_BYTE_SECONDS = 2.0 / HBM_BYTES_PER_S
 AUTO_HEADROOM = 0.9           # "auto" leaves 10% of the free memory to the allocator and the rest of the step
 FP8_MIN_NUMEL = 1024          # smaller saved tensors (norm statistics, scalars) stay exact: no memory to win
 
@@ -337,13 +340,26 @@ def _fp8_ok(value: torch.Tensor, evaluate: Callable[[Any], float]) -> bool:
             and value.element_size() >= 2 and evaluate(cost_model.numel(value)) >= FP8_MIN_NUMEL)
 
 
-def _roofline_seconds(node: fx.Node, flops: float, nbytes: float) -> float:
+def _tensor_core(node: fx.Node) -> bool:
+    """Matmuls and flashfx's own ops (attention, fused loss): the recomputes that run as kernels of their own."""
     name = cost_model.op_name(node)
-    tensor_core = (name in cost_model.MATMUL_OPS or name in cost_model.ATTENTION_OPS
-                   or node.target is operator.matmul
-                   or (isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "flashfx"))
-    peak = MATMUL_FLOPS_PER_S if tensor_core else VECTOR_FLOPS_PER_S
+    return (name in cost_model.MATMUL_OPS or name in cost_model.ATTENTION_OPS or node.target is operator.matmul
+            or (isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "flashfx"))
+
+
+def _roofline_seconds(node: fx.Node, flops: float, nbytes: float) -> float:
+    peak = MATMUL_FLOPS_PER_S if _tensor_core(node) else VECTOR_FLOPS_PER_S
     return max(flops / peak, nbytes / HBM_BYTES_PER_S)
+
+
+def _fused_recompute(a: _Analysis) -> remat_plan.Problem:
+    """The problem with pointwise / reduction recomputes costed at their FLOPs only: the fusion pass runs them inside
+    the backward kernels that read their inputs anyway (those inputs' bytes are the plan's saved bytes), so they
+    write nothing. Matmuls and flashfx's ops keep their roofline: they are kernels of their own."""
+    p = a.problem
+    cost = [c if c == 0.0 or _tensor_core(a.nodes[v]) else p.flops[v] / VECTOR_FLOPS_PER_S
+            for v, c in enumerate(p.cost)]
+    return replace(p, cost=cost)
 
 
 def _device_of(joint: fx.GraphModule) -> torch.device:
@@ -374,8 +390,17 @@ def _plan_and_split(a: _Analysis, config: Config,
             notes.append(f"auto on {device.type}: no free-memory query, budget = no-remat activations")
     else:
         free, fractions = None, ()
+    if config.remat == "speed":
+        solution = remat_plan.solve_priced(_fused_recompute(a) if config.fusion else a.problem, SAVED_BYTE_SECONDS)
+        budget = solution.plan.nbytes
+        fw, bw = _split(a, solution.plan.recompute, compress=config.remat_compress == "fp8")
+        peak = _peak(fw, bw, a.num_fwd_outputs)
+        notes.append(f"speed: each saved byte priced at a write and a read at {HBM_BYTES_PER_S / 1e12:.1f} TB/s"
+                     + (", pointwise / reduction recomputes at their FLOPs (fused into the backward)"
+                        if config.fusion else "")
+                     + f"; the plan saves {budget / max(baseline.nbytes, 1):.2f} of the no-remat activations")
     budgets = ([f * baseline.nbytes for f in fractions] if fractions
-               else [_budget_bytes(config.remat, baseline.nbytes)])
+               else [] if config.remat == "speed" else [_budget_bytes(config.remat, baseline.nbytes)])
     for k, budget in enumerate(budgets):
         solution = remat_plan.solve(a.problem, budget)
         fw, bw = _split(a, solution.plan.recompute, compress=config.remat_compress == "fp8")

@@ -278,6 +278,17 @@ def solve(p: Problem, budget: float) -> Solution:
     return Solution(best, True, fastest, smallest, complete, lower, root.hull, nodes)
 
 
+def solve_priced(p: Problem, seconds_per_byte: float) -> Solution:
+    """The plan minimising recompute seconds + `seconds_per_byte` x saved bytes, with no budget: what keeping a byte
+    costs is priced in the same seconds as recomputing it. One min cut, so exact for that objective."""
+    root = _bound(p, math.inf, {})
+    if root is None:
+        raise ValueError("no valid remat plan: a value the backward needs can be neither saved nor recomputed")
+    x = min_cut_plan(p, 1.0, seconds_per_byte)
+    plan = evaluate(p, x) if x is not None else root.fastest
+    return Solution(plan, True, root.fastest, root.smallest, True, plan.cost, root.hull)
+
+
 # Branch-and-bound work limit, in (search nodes x problem values): small graphs are solved exactly, large ones get a
 # few branches on top of the heuristics (each node costs a handful of min cuts).
 SEARCH_WORK = 6_000

@@ -143,7 +143,7 @@ def brute_force(p: Problem, budget: float):
 
 # ------------------------------------------------------------------------------------------------- numerics
 
-BUDGETS = [1.0, 0.5, 0.1, 1e-6, 4096, "auto"]
+BUDGETS = [1.0, 0.5, 0.1, 1e-6, 4096, "auto", "speed"]
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=[str(b) for b in BUDGETS])
@@ -285,6 +285,73 @@ def test_plan_is_the_brute_force_optimum_on_random_graphs():
             assert got.optimal and got.lower_bound <= want.cost + 1e-9
             checked += 1
     assert checked > 100
+
+
+def brute_force_priced(p: Problem, seconds_per_byte: float):
+    best = None
+    free = p.free_variables()
+    for mask in range(1 << len(free)):
+        x = [False] * len(p)
+        for k, v in enumerate(free):
+            x[v] = bool(mask >> k & 1)
+        ev = evaluate(p, normalise(p, x))
+        if math.isfinite(ev.nbytes) and (best is None or ev.objective(seconds_per_byte) <
+                                         best.objective(seconds_per_byte)):
+            best = ev
+    return best
+
+
+def test_speed_plan_is_the_brute_force_optimum_of_recompute_plus_priced_bytes():
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(60):
+        p = _random_problem(rng, rng.randint(4, 11))
+        for price in (0.001, 0.05, 1.0):
+            try:
+                got = remat_plan.solve_priced(p, price)
+            except ValueError:
+                break  # no plan exists for this problem
+            want = brute_force_priced(p, price)
+            assert remat_plan.valid(p, got.plan.recompute)
+            assert got.plan.objective(price) == pytest.approx(want.objective(price), rel=1e-9, abs=1e-12)
+            checked += 1
+    assert checked > 100
+
+
+def test_speed_recomputes_more_as_bytes_get_dearer():
+    a = _analysis_of(MLP(), _inputs())
+    plans = [remat_plan.solve_priced(a.problem, price).plan for price in (0.0, remat.SAVED_BYTE_SECONDS, 1.0)]
+    assert plans[0].nbytes >= plans[1].nbytes >= plans[2].nbytes
+    assert plans[0].cost <= plans[1].cost <= plans[2].cost
+    assert plans[2].nbytes == remat_plan.solve(a.problem, 0.0).smallest.nbytes
+
+
+def test_speed_with_fusion_costs_pointwise_recomputes_at_their_flops_only():
+    # with fusion on, a pointwise / reduction recompute runs inside a backward kernel: its cost is its FLOPs; a
+    # matmul keeps its roofline (a kernel of its own)
+    a = _analysis_of(MLP(), _inputs())
+    fused = remat._fused_recompute(a)
+    for v, node in enumerate(a.nodes):
+        if a.problem.cost[v] == 0.0 or remat._tensor_core(node):
+            assert fused.cost[v] == a.problem.cost[v]
+        else:
+            assert fused.cost[v] == a.problem.flops[v] / remat.VECTOR_FLOPS_PER_S <= a.problem.cost[v]
+    assert any(remat._tensor_core(n) for n in a.nodes) and any(not remat._tensor_core(n) for n in a.nodes)
+
+    model, x = Block(), _inputs((4, 32, 32))
+    want = _step(model, model, x)
+    compiled, records, _ = _compile(model, Config(remat="speed"))
+    _assert_same(_step(compiled, model, x), want)
+    (plan,) = records
+    assert plan.recomputed and plan.activation_bytes < plan.activation_bytes_no_remat
+    assert any(note.startswith("speed:") and "fused into the backward" in note for note in plan.notes)
+    # without fusion a recompute is a kernel of its own (roofline bytes): the plan recomputes less, saves more
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Block()
+    compiled, unfused, _ = _compile(model, Config(remat="speed", fusion=False))
+    _step(compiled, model, x)
+    assert unfused[0].activation_bytes >= plan.activation_bytes
 
 
 def test_infeasible_budget_returns_the_smallest_plan():

@@ -68,7 +68,8 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention_host.py needs a CUDA GPU")
-    print("| shape | causal | flashfx TFLOP/s | flashfx kernels TFLOP/s | FA2 TFLOP/s | flashfx host ms | FA2 host ms |")
+    print("| shape | causal | flashfx TFLOP/s | flashfx kernels TFLOP/s | FA2 TFLOP/s | flashfx host ms "
+          "| FA2 host ms |")
     print("|---|---|---|---|---|---|---|")
     for B, Hq, Hkv, S in SHAPES:
         for causal in (False, True):

@@ -83,7 +83,8 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
     case.model.zero_grad(set_to_none=True)
     common.free_memory(opts.device)
-    return {"provider": name, "counters": counters, "fallbacks": fell_back, "wall_ms": wall_ms, "gpu_busy_ms": busy, "launches": sum(calls.values()) // steps,
+    return {"provider": name, "counters": counters, "fallbacks": fell_back, "wall_ms": wall_ms, "gpu_busy_ms": busy,
+            "launches": sum(calls.values()) // steps,
             "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": k, "ms": ms, "calls": calls[k] // steps, "class": kernel_class(k)} for k, ms in ranked]}
 

@@ -389,6 +389,8 @@ PROVIDERS: Dict[str, Provider] = {p.name: p for p in [
              wrap=_flashfx(loss_only=True, **{**_ONLY, "cross_entropy": True}), training_only=True, est_s=75),
     Provider("flashfx-remat0.5", "flashfx, all passes + remat=0.5, on `model(**batch).loss`", compiles=True,
              wrap=_flashfx(loss_only=True, remat=0.5), training_only=True, est_s=85),
+    Provider("flashfx-remat-speed", "flashfx, all passes + remat='speed' (no budget), on `model(**batch).loss`",
+             compiles=True, wrap=_flashfx(loss_only=True, remat="speed"), training_only=True, est_s=85),
     Provider("flashfx-none", "flashfx with every pass off (capture + AOTAutograd overhead alone)", compiles=True,
              wrap=_flashfx(**_ONLY), est_s=60),
 ]}

@@ -28,17 +28,21 @@ import torch  # noqa: E402
 from bench import common, train_step  # noqa: E402
 from flashfx.rewriter.cost import format_bytes  # noqa: E402
 
-DEFAULT_BUDGETS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05)
+DEFAULT_BUDGETS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, "speed")
 
 
-def parse_budgets(text: str) -> List[float]:
-    try:
-        budgets = [float(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise SystemExit(f"--budgets {text!r}: give fractions in (0, 1], comma separated, e.g. 1.0,0.5,0.2")
-    bad = [b for b in budgets if not 0.0 < b <= 1.0]
-    if bad or not budgets:
-        raise SystemExit(f"--budgets {text!r}: every budget must be a fraction in (0, 1], e.g. 1.0,0.5,0.2")
+def parse_budgets(text: str) -> List[Any]:
+    """Fractions in (0, 1] and the word "speed" (flashfx's budget-free plan), comma separated."""
+    budgets: List[Any] = []
+    for word in (w.strip() for w in text.split(",") if w.strip()):
+        try:
+            budgets.append(word if word == "speed" else float(word))
+        except ValueError:
+            raise SystemExit(f"--budgets {text!r}: give fractions in (0, 1] or 'speed', comma separated, "
+                             "e.g. 1.0,0.5,0.2,speed")
+    if not budgets or any(b != "speed" and not 0.0 < b <= 1.0 for b in budgets):
+        raise SystemExit(f"--budgets {text!r}: every budget must be a fraction in (0, 1] or 'speed', "
+                         "e.g. 1.0,0.5,speed")
     return budgets
 
 
@@ -155,16 +159,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     records: List[Dict[str, Any]] = []
 
-    def flashfx_at(budget: float) -> Any:
+    def flashfx_at(budget: Any) -> Any:
         import flashfx
         return lambda: flashfx.optimize(common.LossOnly(case.model), cache_dir=cache, remat=budget)
 
-    def compile_at(budget: float) -> Any:
+    def compile_at(budget: Any) -> Any:
         return lambda: torch.compile(case.model)
 
     runs = [("flashfx", b, flashfx_at(b), None) for b in budgets]
     if args.compile:
-        runs += [("compile", b, compile_at(b), b) for b in budgets]
+        runs += [("compile", b, compile_at(b), b) for b in budgets if b != "speed"]
     for provider, budget, make, amb in runs:
         base = {"provider": provider, "budget": budget, "workload": case.name, "device": common.device_name(device),
                 "date": common.today(), "versions": common.versions()}

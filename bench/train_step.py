@@ -15,7 +15,8 @@ except ImportError:  # run as a file: python bench/train_step.py
     import common  # type: ignore[no-redef]
 
 TRAIN_PROVIDERS = ("eager", "sdpa", "compile", "compile-amb0.5", "compile-max-autotune", "flashfx", "flashfx-loss",
-                   "flashfx-attention", "flashfx-fusion", "flashfx-ce", "flashfx-remat0.5", "flashfx-none", "liger")
+                   "flashfx-attention", "flashfx-fusion", "flashfx-ce", "flashfx-remat0.5", "flashfx-remat-speed",
+                   "flashfx-none", "liger")
 # --quick: in priority order (a time budget skips from the end; Liger always runs last, it patches classes).
 # The single-pass flashfx variants (-attention, -fusion, -ce) compile as long as flashfx itself (~80 s on the H100):
 # they run in the full suite only. `flashfx-loss` (the loss alone returned, so the fused cross-entropy can fire) is

@@ -334,8 +334,8 @@ def test_progress_writes_plain_lines_when_not_a_terminal(tmp_path):
 def test_remat_curve_budgets_are_checked():
     from bench import remat_curve
 
-    assert remat_curve.parse_budgets("1.0,0.5, 0.05") == [1.0, 0.5, 0.05]
-    for bad in ("0.5,0", "1.5", "half", ""):
+    assert remat_curve.parse_budgets("1.0,0.5, 0.05,speed") == [1.0, 0.5, 0.05, "speed"]
+    for bad in ("0.5,0", "1.5", "half", "", "fast"):
         with pytest.raises(SystemExit, match="--budgets"):
             remat_curve.parse_budgets(bad)
 

@@ -21,7 +21,8 @@ TRAIN_PROVIDERS = ("eager", "sdpa", "compile", "compile-amb0.5", "compile-max-au
 # The single-pass flashfx variants (-attention, -fusion, -ce) compile as long as flashfx itself (~80 s on the H100):
 # they run in the full suite only. `flashfx-loss` (the loss alone returned, so the fused cross-entropy can fire) is
 # the training setup flashfx documents; plain `flashfx` on the HF model was measured in the first H100 run.
-LLAMA_QUICK = ("eager", "sdpa", "compile", "flashfx-loss", "flashfx-remat0.5", "compile-amb0.5", "liger")
+LLAMA_QUICK = ("eager", "sdpa", "compile", "flashfx-loss", "flashfx-remat0.5", "flashfx-remat-speed", "compile-amb0.5",
+               "liger")
 GPT2_QUICK = ("eager", "sdpa", "flashfx-loss", "compile")
 
 # ANCHORS.md: hidden 2048, intermediate 5632, 8 layers, 16 heads, 4 KV heads (GQA), vocab 128256.

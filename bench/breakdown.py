@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from typing import Any, Dict, List, Sequence
 
 if __package__ in (None, ""):  # run as a file: make `bench` importable from the repository root
@@ -54,12 +53,9 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
     context = provider.context() if provider.context else contextlib.nullcontext()
     with context:
         fn = provider.wrap(case.model, case, opts) if provider.wrap else case.model
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(3):  # compile, autotune, settle the allocator
-                case.step(fn)
-        # a generated kernel that failed and fell back to its ATen ops says so in a warning: show it with the times
-        fell_back = sorted({str(w.message)[:300] for w in caught if "running its ATen ops instead" in str(w.message)})
+        for _ in range(3):  # compile, autotune, settle the allocator
+            case.step(fn)
+        fell_back = common.fallbacks(fn)  # generated kernels that failed and run their ATen ops: shown with the times
         counters = common._flashfx_counters(fn)
         common.synchronize(opts.device)
         from torch.profiler import ProfilerActivity, profile

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -495,15 +494,9 @@ def run_provider(case: Case, provider: Provider, opts: Options, reference: Dict[
         progress.update(f"{case.name} · {provider.name}: {'compiling' if provider.compiles else 'first call'}")
         synchronize(device)
         t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            case.step(fn)
-            synchronize(device)
+        case.step(fn)
+        synchronize(device)
         first_s = time.perf_counter() - t0
-        # a generated kernel that failed runs its ATen ops instead: the row must say so
-        fell_back = sorted({str(w.message)[:200] for w in caught if "running its ATen ops instead" in str(w.message)})
-        if fell_back:
-            record["fallbacks"] = fell_back
         warmup, repeat = _repeats(case, opts)
         progress.update(f"{case.name} · {provider.name}: timing {warmup}+{repeat}")
         samples = time_ms(lambda: case.step(fn), device, warmup, repeat)
@@ -514,6 +507,9 @@ def run_provider(case: Case, provider: Provider, opts: Options, reference: Dict[
         counters = _flashfx_counters(fn)
         if counters is not None:
             record["flashfx_counters"] = counters
+        fell_back = fallbacks(fn)  # a generated kernel that failed runs its ATen ops instead: the row says so
+        if fell_back:
+            record["fallbacks"] = fell_back
         record.update(remat_prediction(fn))
         progress.update(f"{case.name} · {provider.name}: numerics + memory")
         out = case.step(fn)
@@ -547,15 +543,34 @@ def _flashfx_counters(fn: Any) -> Optional[Dict[str, int]]:
         return None
 
 
-def remat_prediction(fn: Any) -> Dict[str, float]:
-    """flashfx's remat plans, summed over compiled graphs: the predicted peak of what the forward and backward graphs
-    allocate (weights and inputs excluded) and the activation bytes saved; empty without a plan."""
-    report = getattr(fn, "report", None) if type(fn).__module__.startswith("flashfx") else None
+def _report(fn: Any) -> Any:
+    """flashfx's report of a provider's callable, or None for the other providers."""
+    return getattr(fn, "report", None) if type(fn).__module__.startswith("flashfx") else None
+
+
+def fallbacks(fn: Any) -> List[str]:
+    """'kernel: error' for each generated kernel that failed at run time and now runs its ATen ops."""
+    report = _report(fn)
+    return [f"{name}: {error}" for name, error in report.fallbacks()] if report is not None else []
+
+
+def remat_totals(fn: Any) -> Dict[str, Any]:
+    """flashfx's remat plans summed over compiled graphs, in bytes and FLOPs; empty without a plan."""
+    report = _report(fn)
     plans = [p for g in report.graphs for p in g.remat if hasattr(p, "peak_bytes")] if report is not None else []
     if not plans:
         return {}
-    return {"remat_predicted_peak_gb": sum(p.peak_bytes for p in plans) / 1e9,
-            "remat_saved_gb": sum(p.activation_bytes for p in plans) / 1e9}
+    return {"peak_bytes": sum(p.peak_bytes for p in plans), "activation_bytes": sum(p.activation_bytes for p in plans),
+            "extra_flops": sum(p.extra_flops for p in plans), "status": ",".join(sorted({p.status for p in plans}))}
+
+
+def remat_prediction(fn: Any) -> Dict[str, float]:
+    """The predicted peak of what the forward and backward graphs allocate (weights and inputs excluded) and the
+    activation bytes saved, in GB, for a suite row; empty without a plan."""
+    totals = remat_totals(fn)
+    if not totals:
+        return {}
+    return {"remat_predicted_peak_gb": totals["peak_bytes"] / 1e9, "remat_saved_gb": totals["activation_bytes"] / 1e9}
 
 
 def _numerics(case: Case, record: Dict[str, Any], out: Any, reference: Dict[str, Any]) -> None:

@@ -61,15 +61,12 @@ def step_peak(case: common.Case, fn: Any, device: torch.device) -> Optional[int]
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def predicted(fn: Any) -> Dict[str, Optional[int]]:
+def predicted(fn: Any) -> Dict[str, Any]:
     """The remat plans' predictions summed over compiled graphs (None when no plan was made)."""
-    plans = [p for g in fn.report.graphs for p in g.remat if hasattr(p, "peak_bytes")]
-    if not plans:
-        return {"predicted_peak_bytes": None, "predicted_activation_bytes": None, "extra_flops": None}
-    return {"predicted_peak_bytes": sum(p.peak_bytes for p in plans),
-            "predicted_activation_bytes": sum(p.activation_bytes for p in plans),
-            "extra_flops": sum(p.extra_flops for p in plans),
-            "status": ",".join(sorted({p.status for p in plans}))}
+    totals = common.remat_totals(fn)
+    return {"predicted_peak_bytes": totals.get("peak_bytes"),
+            "predicted_activation_bytes": totals.get("activation_bytes"),
+            "extra_flops": totals.get("extra_flops"), **({"status": totals["status"]} if totals else {})}
 
 
 def measure(case: common.Case, make: Any, opts: common.Options, warmup: int, repeat: int) -> Dict[str, Any]:

@@ -75,7 +75,7 @@ class _Partitioner:
     def tensor_ok(self, value: Any) -> bool:
         # on a device Triton runs on: a CUDA graph also holds CPU tensors (the attention op's seed, constants)
         return isinstance(value, torch.Tensor) and value.dtype in self.pointwise.TL_DTYPES \
-            and _runs_on(value.device)
+            and _compat.triton_runs_on(value.device)
 
     def kind(self, node: fx.Node) -> Optional[str]:
         """'pw', 'red', 'view' for what the generator can take, else None (the node stays ATen)."""
@@ -363,10 +363,6 @@ def _interpreter_ready() -> bool:
     return type(tl.sum).__name__ == "InterpretedFunction"
 
 
-def _runs_on(device: torch.device) -> bool:
-    return _compat.triton_runs_on(device)
-
-
 def _devices(gm: fx.GraphModule) -> Set[torch.device]:
     devices = set()
     for n in gm.graph.nodes:
@@ -387,7 +383,7 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # Groups form only on devices Triton runs on; a graph with none of those stays ATen. Tensors elsewhere (a CUDA
     # graph's CPU scalars) only stop the groups that touch them.
     devices = _devices(gm)
-    runnable = {d for d in devices if _runs_on(d)}
+    runnable = {d for d in devices if _compat.triton_runs_on(d)}
     bad = sorted(str(d) for d in devices - runnable)
     if runnable and _compat.triton_interpreting() and not _interpreter_ready():
         runnable, bad = set(), ["cpu: TRITON_INTERPRET=1 was set after Triton was imported (set it before the "

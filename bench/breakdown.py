@@ -2,17 +2,22 @@
 
     python bench/breakdown.py llama-train --providers compile,flashfx-loss
     python bench/breakdown.py bert-infer --providers sdpa,flashfx --top 30 --json out.json
+    python bench/breakdown.py bert-infer --providers flashfx --host 25   # also where the host time goes
 
 For each provider: compile and warm up, then profile `--steps` steps and print the wall time per step, the GPU busy
 time per step (sum of kernel durations: a wall time well above it means the host, not the GPU, is the bottleneck),
 the time per kernel class (matmul, attention, flashfx generated, Inductor generated, other ATen) and the top kernels.
-Same process and inputs for every provider, so the rows compare.
+Same process and inputs for every provider, so the rows compare. With `--host N`, the steps also run once more under
+cProfile and the N functions with the most host time of their own are printed (a host-bound step shows its cost).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
+import cProfile
+import io
+import pstats
 import json
 import os
 import re
@@ -46,7 +51,21 @@ def kernel_class(name: str) -> str:
     return "other ATen / copies"
 
 
-def profile_provider(case: common.Case, name: str, opts: common.Options, steps: int, top: int) -> Dict[str, Any]:
+def host_profile(step: Any, steps: int, top: int) -> str:
+    """The `top` functions by own host time, then by cumulative time, over `steps` steps (cProfile's tables)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    text = io.StringIO()
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(top)
+    return text.getvalue()
+
+
+def profile_provider(case: common.Case, name: str, opts: common.Options, steps: int, top: int,
+                     host_top: int = 0) -> Dict[str, Any]:
     provider = common.PROVIDERS[name]
     common.set_attention(case.model, provider.attn)
     case.model.train(case.training)
@@ -65,6 +84,8 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
                 case.step(fn)
             common.synchronize(opts.device)
             wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+        host = host_profile(lambda: case.step(fn), steps, host_top) if host_top else ""
+        common.synchronize(opts.device)
         del fn
     per_kernel: Dict[str, float] = collections.defaultdict(float)
     calls: Dict[str, int] = collections.defaultdict(int)
@@ -80,7 +101,7 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
     case.model.zero_grad(set_to_none=True)
     common.free_memory(opts.device)
     return {"provider": name, "counters": counters, "fallbacks": fell_back, "wall_ms": wall_ms, "gpu_busy_ms": busy,
-            "launches": sum(calls.values()) // steps,
+            "launches": sum(calls.values()) // steps, "host_profile": host,
             "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": k, "ms": ms, "calls": calls[k] // steps, "class": kernel_class(k)} for k, ms in ranked]}
 
@@ -104,6 +125,8 @@ def render(workload: str, results: Sequence[Dict[str, Any]]) -> str:
         lines.append("|---|---|---|---|")
         for k in r["top"]:
             lines.append(f"| {k['ms']:.3f} | {k['calls']} | {k['class']} | `{k['kernel'][:90]}` |")
+        if r.get("host_profile"):
+            lines.append(f"\n```\n{r['host_profile'].strip()}\n```")
     return "\n".join(lines)
 
 
@@ -114,6 +137,8 @@ def main(argv: Sequence[str] = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--host", type=int, default=0, metavar="N",
+                    help="also profile the host (cProfile) and print the N functions with the most own time")
     args = ap.parse_args(argv)
     found = workloads()
     if args.workload not in found:
@@ -129,7 +154,7 @@ def main(argv: Sequence[str] = None) -> int:
     results = []
     for name in common.order_providers(providers):
         try:
-            results.append(profile_provider(case, name, opts, args.steps, args.top))
+            results.append(profile_provider(case, name, opts, args.steps, args.top, args.host))
         except Exception as exc:  # noqa: BLE001  (one provider failing still leaves the others' profiles)
             print(f"{name}: failed: {common.one_line(exc)}", file=sys.stderr)
     print(render(args.workload, results))

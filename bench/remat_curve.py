@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):  # run as a file: make `bench` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,19 +46,31 @@ def parse_budgets(text: str) -> List[Any]:
     return budgets
 
 
-def step_peak(case: common.Case, fn: Any, device: torch.device) -> Optional[int]:
-    """Peak bytes the step allocates above what is allocated before it (None off CUDA)."""
+def step_peak(case: common.Case, fn: Any, device: torch.device) -> Tuple[Optional[int], Optional[int]]:
+    """Peak bytes the step allocates above what is allocated before it, and the same peak up to the moment the
+    backward starts (the forward's, loss included), so a peak can be placed; (None, None) off CUDA."""
     if device.type != "cuda":
         case.step(fn)
-        return None
+        return None, None
     case.model.zero_grad(set_to_none=True)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    case.step(fn)
+    forward_peak: List[int] = []
+    backward = torch.Tensor.backward
+
+    def timed_backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        forward_peak.append(torch.cuda.max_memory_allocated(device) - before)
+        return backward(self, *args, **kwargs)
+
+    torch.Tensor.backward = timed_backward  # the step calls loss.backward(): note the peak so far first
+    try:
+        case.step(fn)
+    finally:
+        torch.Tensor.backward = backward
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+    return torch.cuda.max_memory_allocated(device) - before, (forward_peak[0] if forward_peak else None)
 
 
 def predicted(fn: Any) -> Dict[str, Any]:
@@ -81,8 +93,7 @@ def measure(case: common.Case, make: Any, opts: common.Options, warmup: int, rep
     record: Dict[str, Any] = common.summarize(common.time_ms(lambda: case.step(fn), opts.device, warmup, repeat))
     record["compile_s"] = max(first_s - record["ms"] / 1e3, 0.0)
     record["loss"] = case.step(fn).float().item()
-    peak = step_peak(case, fn, opts.device)
-    record["measured_peak_bytes"] = peak
+    record["measured_peak_bytes"], record["measured_forward_peak_bytes"] = step_peak(case, fn, opts.device)
     if hasattr(fn, "report"):
         record.update(predicted(fn))
     case.model.zero_grad(set_to_none=True)
@@ -94,7 +105,7 @@ def size(value: Optional[float]) -> str:
 
 
 def table(records: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| provider | budget | step ms (p20–p80) | measured peak | predicted peak | predicted saved | "
+    lines = ["| provider | budget | step ms (p20–p80) | measured peak (forward's) | predicted peak | predicted saved | "
              "extra GFLOP | compile s | loss |", "|---" * 9 + "|"]
     for r in records:
         if r.get("error"):
@@ -102,7 +113,8 @@ def table(records: Sequence[Dict[str, Any]]) -> str:
             continue
         extra = "—" if r.get("extra_flops") is None else f"{r['extra_flops'] / 1e9:.0f}"
         lines.append(f"| {r['provider']} | {r['budget']} | {r['ms']:.2f} ({r['ms_p20']:.2f}–{r['ms_p80']:.2f}) | "
-                     f"{size(r.get('measured_peak_bytes'))} | {size(r.get('predicted_peak_bytes'))} | "
+                     f"{size(r.get('measured_peak_bytes'))} ({size(r.get('measured_forward_peak_bytes'))}) | "
+                     f"{size(r.get('predicted_peak_bytes'))} | "
                      f"{size(r.get('predicted_activation_bytes'))} | {extra} | {r['compile_s']:.1f} | "
                      f"{r['loss']:.4f} |")
     return "\n".join(lines)

@@ -50,3 +50,19 @@ def autotune_disk_cache_kwargs() -> dict:
     import triton
 
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def boxed_graph_module(gm: torch.fx.GraphModule):
+    """`gm` as AOTAutograd's boxed callable: called with one list of inputs, which it empties, then drops each
+    input after its last use (so the backward frees a saved activation where it last reads it, not at its end).
+    Where this torch's fx lacks the boxed code generator: `make_boxed_func` (inputs held until the call returns)."""
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    codegen = getattr(torch.fx.graph, "_BoxedCodeGen", None)
+    if codegen is None:
+        return make_boxed_func(gm)
+    gm.graph.set_codegen(codegen())
+    gm.recompile()
+    if not isinstance(getattr(type(gm), "_boxed_call", None), property):  # newer fx derives it from the codegen
+        gm._boxed_call = True
+    return gm

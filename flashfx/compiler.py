@@ -9,9 +9,10 @@ import functools
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch.fx as fx
-from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import default_partition
 
+from flashfx._compat import boxed_graph_module
 from flashfx.config import Config
 from flashfx.report import GraphReport
 from flashfx.rewriter import cost as cost_model
@@ -96,7 +97,28 @@ class Compiler:
             report.fallbacks.extend(record.artifacts.get("fallbacks", []))
         report.aten[stage] = gm.code
         report.aten_costs[stage] = (before, cost_model.graph_cost(gm))
-        return make_boxed_func(gm)
+        compiled = boxed_graph_module(gm)  # inputs (saved activations in the backward) freed at their last use
+        if stage == "inference" and self.config.cuda_graphs:
+            return self._cuda_graphs(report, gm, compiled, example_inputs)
+        return compiled
+
+    @staticmethod
+    def _cuda_graphs(report: GraphReport, gm: fx.GraphModule, compiled: Callable[..., Any],
+                     example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        """The inference graph as a CUDA-graph runner, or as it is (with the reason in the report)."""
+        import torch
+
+        if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+            return compiled  # nothing to capture off the GPU; not worth a line in every CPU report
+        from flashfx.cuda_graphs import CudaGraphRunner, decline_reason
+
+        reason = decline_reason(gm, example_inputs)
+        if reason is not None:
+            report.cuda_graphs.append(f"cuda graphs off: {reason}")
+            return compiled
+        runner = CudaGraphRunner(compiled, name=f"graph {report.index}")
+        report.cuda_graphs.append(runner)
+        return runner
 
 
 def flashfx_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],

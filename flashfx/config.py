@@ -42,6 +42,10 @@ class Config:
         remat_compress: ``None`` or ``"fp8"`` (store chosen saved activations in fp8 with a scale).
         quantize: weight quantization scheme; only ``None`` today.
         autotune: autotune block sizes per shape (otherwise the first config of each kernel is used).
+        cuda_graphs: replay inference graphs (no autograd) on CUDA as CUDA graphs, one per input signature seen
+            twice, so a call costs one launch instead of one per kernel; each keeps a private memory pool of the
+            graph's intermediates. Graphs a replay could change (in-place writes to inputs, random numbers, host
+            tensors) run op by op, and the report says why. Training graphs are never captured.
         cache_dir: where compiled kernels and autotune results are kept.
         debug: after each pass, run its input and output graphs on the example inputs and name the first
             pass whose output diverges.
@@ -54,6 +58,7 @@ class Config:
     remat_compress: Optional[str] = None
     quantize: Optional[str] = None
     autotune: bool = True
+    cuda_graphs: bool = True
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
     debug: bool = False
 
@@ -79,7 +84,7 @@ class Config:
 
     def _validate(self) -> None:
         _check_choice("attention", self.attention, ATTENTION_MODES)
-        for flag in ("fusion", "cross_entropy", "autotune", "debug"):
+        for flag in ("fusion", "cross_entropy", "autotune", "cuda_graphs", "debug"):
             _check_bool(flag, getattr(self, flag))
         _check_choice("quantize", self.quantize, QUANTIZE_MODES,
                       extra="(int8 / fp8 / int4 weight quantization is not implemented yet)")

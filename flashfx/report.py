@@ -28,6 +28,7 @@ class GraphReport:
     kernels: List[Tuple[str, str]] = field(default_factory=list)
     remat: List[Any] = field(default_factory=list)  # plan records from the remat partitioner
     fallbacks: List[Any] = field(default_factory=list)  # codegen.fallback.Fallback of each generated kernel
+    cuda_graphs: List[Any] = field(default_factory=list)  # a CudaGraphRunner, or why the graph runs op by op (str)
 
     def readable(self, expr: Any) -> str:
         """A cost expression with size symbols renamed (s72 -> B)."""
@@ -130,6 +131,8 @@ class Report:
             for f in g.fallbacks:
                 if f.active:
                     lines.append(f"  FELL BACK at run time: {f.name} runs its ATen ops ({f.error})")
+            for runner in g.cuda_graphs:
+                lines.append(f"  inference: {_graph_status(runner)}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------------------ json
@@ -159,6 +162,7 @@ class Report:
                 "kernels": [name for name, _ in g.kernels],
                 "fallbacks": [{"kernel": f.name, "error": f.error} for f in g.fallbacks if f.active],
                 "remat": [plan.as_dict() if hasattr(plan, "as_dict") else str(plan) for plan in g.remat],
+                "cuda_graphs": [_graph_status(r) for r in g.cuda_graphs],
             })
         totals = {
             "flops": " + ".join(gr["rewritten"]["flops_symbolic"] for gr in graphs),
@@ -167,6 +171,10 @@ class Report:
         }
         return {"config": _config_dict(self.config), "passes": passes, "graphs": graphs,
                 "counters": self.counters(), "totals": totals}
+
+
+def _graph_status(runner: Any) -> str:
+    return runner if isinstance(runner, str) else runner.status()
 
 
 def _cost_dict(g: GraphReport, c: cost_model.GraphCost) -> Dict[str, Any]:

@@ -18,15 +18,14 @@ How it works: the rows are walked in chunks of C rows (C chosen so the chunk's l
 `CHUNK_BYTES`, 256 MiB by default). For each chunk: logits = input_c @ W.T (+ b) by torch.matmul into one reused
 [C, V] buffer in the input dtype; one Triton program per row computes the online-softmax loss and, when gradients
 are wanted, overwrites the row in place with d loss / d logits; then grad_input_c = dlogits @ W and
-grad_weight += dlogits.T @ input_c (accumulated in float32 across chunks), grad_bias += dlogits.sum(0).
+grad_weight += dlogits.T @ input_c (in the weight's dtype; `WGRAD_FP32` below), grad_bias += dlogits.sum(0).
 
 When the gradients are computed (the memory / time trade):
 - reduction "mean"/"sum" with autograd recording (training): in the forward, as Liger-Kernel does, so the logits
   are produced by one matmul in total (3 matmuls of 2·N·V·H FLOPs for forward + backward, like eager). The forward
   then holds grad_input [N, H], grad_weight [V, H] (weight dtype) and grad_bias until the backward, which only
   multiplies them by the incoming scalar gradient. Since the loss is the last op of a training step, these are the
-  same bytes that the backward would allocate a moment later; the float32 grad_weight accumulator (4·V·H bytes)
-  lives only inside the forward.
+  same bytes that the backward would allocate a moment later.
 - reduction "none" (the incoming gradient differs per row, so it cannot be applied afterwards), or a forward
   without autograd that is later differentiated: the backward recomputes the chunk logits (one extra matmul,
   +33% of the head's FLOPs) and saves nothing but its inputs.
@@ -51,9 +50,11 @@ from flashfx.rewriter.cost import (NodeCost, arg_value, bound_arguments, numel, 
 
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 256 * 2**20  # at most this many bytes of logits exist at once (one chunk buffer)
-# Accumulate grad_weight across chunks in float32 (4·V·H bytes held during the forward). False: in the weight's
-# dtype, as Liger-Kernel does by default (half the bytes and traffic, one 16-bit rounding per chunk).
-WGRAD_FP32 = True
+# Accumulate grad_weight across chunks in float32 (4·V·H bytes held during the forward, plus the final cast's
+# 2·V·H: for a 128k vocab x 2048 head that is 1.5 GB at the step's memory peak, measured on the H100). False (the
+# default, as Liger-Kernel): in the weight's dtype, each chunk's product accumulated in fp32 inside the GEMM and
+# rounded once per chunk into the 16-bit sum (N / chunk_rows roundings instead of one).
+WGRAD_FP32 = False
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ------------------------------------------------------------------------------------------------------ launcher

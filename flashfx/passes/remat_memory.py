@@ -1,8 +1,8 @@
 """The memory side of remat: what the forward's saved activations cost and how they are stored.
 
 `_bytes_of` sizes a node's tensors at the example sizes, `_peak` predicts the peak bytes a forward/backward pair
-allocates (the forward's live values, then the saved activations held through the backward plus its live values,
-with views sharing their producer's memory: `_is_view`), which `remat` uses to compare plans and to pick the
+allocates (the forward's live values, then the saved activations, each freed at its last use in the backward, plus
+the backward's live values, with views sharing their producer's memory: `_is_view`), which `remat` uses to compare plans and to pick the
 "auto" budget. `_compress_fp8` rewrites an extracted forward/backward pair so the chosen saved activations cross
 over as float8_e4m3fn with a float32 per-tensor scale (`remat_compress="fp8"`). Choosing what to save and building
 the two graphs stays in `remat.py`; the solver is `remat_plan.py`.
@@ -48,22 +48,26 @@ def _saved_outputs(fw: fx.GraphModule, num_fwd_outputs: int) -> List[fx.Node]:
 
 def _peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> int:
     """Predicted peak bytes allocated by the step's graphs beyond their inputs: the forward's live values, then the
-    saved activations (held by autograd through the backward) plus the backward's live values."""
+    saved activations plus the backward's live values. The compiled backward takes its inputs boxed and drops each
+    one after its last use (`compiler._release_inputs`; autograd hands them over), so a saved activation is freed
+    where the backward last reads it, not at the end of the step."""
     saved = {n.name: _bytes_of(n) for n in _saved_outputs(fw, num_fwd_outputs) if n.op != "placeholder"}
-    fw_peak = _live_peak(fw, held=0)
-    bw_peak = _live_peak(bw, held=sum(saved.values()))
+    fw_peak = _live_peak(fw)
+    bw_peak = _live_peak(bw, owned_inputs=saved)
     return max(fw_peak, bw_peak)
 
 
-def _live_peak(gm: fx.GraphModule, held: int) -> int:
+def _live_peak(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None) -> int:
     """Walk the graph in order; a value is alive from its node to its last use (outputs to the end); views and
-    tuple elements share their producer's memory."""
+    tuple elements share their producer's memory. `owned_inputs` (placeholder name -> bytes): inputs whose memory
+    the graph owns, alive from the start to their last use."""
+    owned_inputs = owned_inputs or {}
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     owner: Dict[fx.Node, Optional[fx.Node]] = {}
     for n in nodes:
         if n.op == "placeholder":
-            owner[n] = None
+            owner[n] = n if n.name in owned_inputs else None
         elif _is_view(n) and n.args and isinstance(n.args[0], fx.Node):
             owner[n] = owner.get(n.args[0])
         elif n.target is operator.getitem:
@@ -77,7 +81,7 @@ def _live_peak(gm: fx.GraphModule, held: int) -> int:
         if o is None:
             continue
         last = order[n]
-        born = order[n]
+        born = 0 if n.op == "placeholder" else order[n]
         if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
             born = order[n.args[0]]
             # the tuple holds every element until its last getitem has run
@@ -86,12 +90,13 @@ def _live_peak(gm: fx.GraphModule, held: int) -> int:
         for u in n.users:
             last = max(last, len(nodes) if u.op == "output" else order[u])
         end[o] = max(end.get(o, 0), last)
-    size = {o: _bytes_of(o) if not isinstance(o.meta.get("val"), (tuple, list)) else 0 for o in start}
+    size = {o: owned_inputs[o.name] if o.op == "placeholder" else
+            _bytes_of(o) if not isinstance(o.meta.get("val"), (tuple, list)) else 0 for o in start}
     events: Dict[int, int] = {}
     for o in start:
         events[start[o]] = events.get(start[o], 0) + size[o]
         events[end[o] + 1] = events.get(end[o] + 1, 0) - size[o]
-    live, peak = held, held
+    live, peak = 0, 0
     for i in sorted(events):
         live += events[i]
         peak = max(peak, live)

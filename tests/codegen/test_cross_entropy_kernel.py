@@ -70,12 +70,13 @@ def test_matches_pytorch(small_chunks, dtype, reduction, bias, smoothing, z_loss
         assert rel(g, r) < tol * 3, (name, rel(g, r))
 
 
-def test_weight_grad_accumulated_in_weight_dtype(small_chunks, monkeypatch):
-    monkeypatch.setattr(ce, "WGRAD_FP32", False)
+@pytest.mark.parametrize("wgrad_fp32", [False, True], ids=["weight-dtype-sum", "fp32-sum"])
+def test_weight_grad_accumulation_across_chunks(small_chunks, monkeypatch, wgrad_fp32):
+    monkeypatch.setattr(ce, "WGRAD_FP32", wgrad_fp32)
     h, w, b, y = make(41, 24, 341, torch.float16, bias=True)
     loss = linear_cross_entropy(h, w, b, y)
     gw = torch.autograd.grad(loss, [w])[0]
-    rw = torch.autograd.grad(reference(h, w, b, y), [w])[0]
+    rw = torch.autograd.grad(reference(h.double(), w.double(), b.double(), y), [w])[0]
     assert gw.dtype == torch.float16 and rel(gw, rw) < 3e-2
 
 

@@ -112,8 +112,9 @@ def table(records: Sequence[Dict[str, Any]]) -> str:
             lines.append(f"| {r['provider']} | {r['budget']} | failed: {r['error']} |  |  |  |  |  |  |")
             continue
         extra = "—" if r.get("extra_flops") is None else f"{r['extra_flops'] / 1e9:.0f}"
+        forward = f" ({size(r['measured_forward_peak_bytes'])})" if r.get("measured_forward_peak_bytes") else ""
         lines.append(f"| {r['provider']} | {r['budget']} | {r['ms']:.2f} ({r['ms_p20']:.2f}–{r['ms_p80']:.2f}) | "
-                     f"{size(r.get('measured_peak_bytes'))} ({size(r.get('measured_forward_peak_bytes'))}) | "
+                     f"{size(r.get('measured_peak_bytes'))}{forward} | "
                      f"{size(r.get('predicted_peak_bytes'))} | "
                      f"{size(r.get('predicted_activation_bytes'))} | {extra} | {r['compile_s']:.1f} | "
                      f"{r['loss']:.4f} |")

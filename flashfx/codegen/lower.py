@@ -31,6 +31,9 @@ UNIT_VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.s
 COMPARISONS = {aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.logical_and, aten.logical_or,
                aten.logical_not, aten.isnan}
 CASTS = {aten._to_copy, torch.ops.prims.convert_element_type}
+# Ops that place operands at offsets along one dim: cat, and slice_backward (the gradient of a slice: its input in
+# [start, end), zeros elsewhere; RoPE's rotate_half makes four per layer in a backward)
+CATS = (aten.cat.default, aten.slice_backward.default)
 
 
 class LoweringError(Exception):
@@ -247,7 +250,7 @@ class _Lowerer:
             if node in self.shifted:
                 continue
             packet = node.target.overloadpacket
-            if node.target is aten.cat.default:
+            if node.target in CATS:
                 self.env[node] = self.cat(node)
             elif packet in UNIT_VIEWS:
                 self.env[node] = self.plan.value(self.env[node.args[0]]).name if node.args[0] in self.members \
@@ -267,26 +270,34 @@ class _Lowerer:
         return self.plan
 
     def cat(self, node: fx.Node) -> str:
-        """`cat` along one dim: each lane picks the operand whose range holds its index, read shifted."""
+        """`cat` along one dim: each lane picks the operand whose range holds its index, read shifted.
+        `slice_backward`: its one operand over [start, start + extent), zero elsewhere."""
         if self.plan.rdims:
-            raise LoweringError(f"{node.name}: cat inside a reduction group is not generated")
-        parts, dim = node.args[0], (node.args[1] if len(node.args) > 1 else 0)
+            raise LoweringError(f"{node.name}: {node.target.__name__} inside a reduction group is not generated")
         out_shape = shape_of(node)
+        if node.target is aten.slice_backward.default:
+            parts, dim, start = [node.args[0]], node.args[2], node.args[3]
+        else:
+            parts, dim, start = node.args[0], (node.args[1] if len(node.args) > 1 else 0), 0
         d = dim % len(out_shape)
         out_map = map_to_p(out_shape, self.plan.P, self.plan.rdims, "full")
         pd = out_map[d]
         if pd is None:
-            raise LoweringError(f"{node.name} concatenates along a size-1 dim")
-        pieces, lo = [], 0
+            raise LoweringError(f"{node.name} places operands along a size-1 dim")
+        pieces, lo = [], start
         for t in parts:
             size = shape_of(t)[d]
             if not size.is_Integer:
-                raise LoweringError(f"{node.name}: cat of a symbolic extent {size}")
+                raise LoweringError(f"{node.name}: an operand of symbolic extent {size}")
             pieces.append((lo, int(size), self.shifted_value(t, out_map, (pd, lo, int(size)))))
             lo += int(size)
-        expr = pieces[-1][2]
-        for start, size, name in reversed(pieces[:-1]):
-            expr = f"tl.where(i{pd} < {start + size}, {name}, {expr})"
+        if node.target is aten.slice_backward.default:
+            (lo, size, name), = pieces
+            expr = f"tl.where((i{pd} >= {lo}) & (i{pd} < {lo + size}), {name}, 0.0)"
+        else:
+            expr = pieces[-1][2]
+            for begin, size, name in reversed(pieces[:-1]):
+                expr = f"tl.where(i{pd} < {begin + size}, {name}, {expr})"
         dtype = max((self.plan.value(n).dtype for _, _, n in pieces), key=lambda t: t.is_floating_point)
         return self.new(op="compute", kind="full", dtype=dtype, expr=expr, deps=tuple(n for _, _, n in pieces),
                         source=node.name).name

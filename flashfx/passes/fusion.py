@@ -91,6 +91,8 @@ class _Partitioner:
             if not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat, int, float)):
                 return None
         packet = node.target.overloadpacket
+        if node.target is aten.slice_backward.default:
+            return "cat" if _static_slice_backward(node, value) else None
         if node.target is aten.cat.default:
             parts = node.args[0]
             dim = (node.args[1] if len(node.args) > 1 else 0) % value.dim()
@@ -179,7 +181,7 @@ class _Partitioner:
                 continue
             g = self.group_of[node.args[0]].root()
             if g.rdims or g.P != space[0] or g.epoch != epoch or self.creates_cycle(set(g.members) | {node}) \
-                    or any(m.target is aten.cat.default for m in g.members):
+                    or any(m.target in self.lower.CATS for m in g.members):
                 continue  # stays an ATen sum
             g.rdims = space[1]
             g.members = sorted(g.members + [node], key=self.index.get)
@@ -239,7 +241,7 @@ class _Partitioner:
                 merged = self.merge_space((g.P, g.rdims), (group.P, group.rdims))
                 if merged is None or self.creates_cycle(set(g.members) | set(group.members)):
                     continue
-                if merged[1] and any(m.target is aten.cat.default for m in g.members + group.members):
+                if merged[1] and any(m.target in self.lower.CATS for m in g.members + group.members):
                     continue  # cat is generated in pointwise kernels only
                 if kind == "red" and node.args[0] in g.members and \
                         self.lower.classify(self.lower.shape_of(node.args[0]), merged[0], merged[1]) != "full":
@@ -272,7 +274,7 @@ class _Partitioner:
             return False
         if not node.meta["val"].dtype.is_floating_point or not node.meta["val"].is_contiguous():
             return False
-        if any(m.target is aten.cat.default for m in g.members) or self.creates_cycle(set(g.members) | {node}):
+        if any(m.target in self.lower.CATS for m in g.members) or self.creates_cycle(set(g.members) | {node}):
             return False
         g.members = sorted(g.members + [node], key=self.index.get)
         self.group_of[node] = g
@@ -282,7 +284,8 @@ class _Partitioner:
     def take_cat(self, node: fx.Node, epoch: int) -> None:
         """A cat starts a pointwise group over its output; operands computed only for it come along (shifted)."""
         group = _Group([node], tuple(s for s in self.lower.shape_of(node) if s != 1), (), epoch)
-        for part in dict.fromkeys(node.args[0]):
+        parts = [node.args[0]] if node.target is aten.slice_backward.default else node.args[0]
+        for part in dict.fromkeys(parts):
             if part not in self.group_of:
                 continue
             g = self.group_of[part].root()
@@ -355,6 +358,49 @@ def _group_io(group: _Group, members: Set[fx.Node]) -> Tuple[Any, Any]:
     return before, after
 
 
+def _static_slice_backward(node: fx.Node, value: torch.Tensor) -> bool:
+    """slice_backward(grad, sizes, dim, start, end, step) with step 1, int bounds and a static extent along dim."""
+    grad, _, dim, start, end, step = node.args[:6]
+    g = grad.meta.get("val") if isinstance(grad, fx.Node) else None
+    if not isinstance(g, torch.Tensor) or g.dim() != value.dim() or step != 1:
+        return False
+    if not all(isinstance(x, int) for x in (dim, start, end)) or start < 0:
+        return False
+    d = dim % value.dim()
+    return not isinstance(g.shape[d], torch.SymInt) and not isinstance(value.shape[d], torch.SymInt) \
+        and start + int(g.shape[d]) <= int(value.shape[d])
+
+
+LONE_BROADCAST_MIN_ELEMENTS = 1 << 20
+
+
+def _broadcasts(node: fx.Node) -> bool:
+    """A large pointwise op with a broadcast tensor operand (RMSNorm's `weight * x` recomputed in a backward): ATen
+    runs it with its non-vectorized strided kernel (H100, [8192, 2048] bf16 x [2048]: 70 us, 47% of HBM bandwidth),
+    so a generated kernel pays even though it saves no bytes."""
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return False
+    numel = _hint(out.numel())  # never int() a SymInt here: that would specialise the size for the whole graph
+    if numel is None or numel < LONE_BROADCAST_MIN_ELEMENTS:
+        return False
+    for a in node.all_input_nodes:
+        v = a.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            n = _hint(v.numel())
+            if n is not None and n < numel:
+                return True
+    return False
+
+
+def _hint(value: Any) -> Optional[int]:
+    """An int, or a SymInt's example value (no guard added); None when it has none."""
+    if isinstance(value, torch.SymInt):
+        hint = getattr(value.node, "hint", None)
+        return int(hint) if hint is not None else None
+    return int(value)
+
+
 def _interpreter_ready() -> bool:
     """Triton picks interpreter or compiler per function when it is defined: its own library functions (tl.sum)
     are interpreted only if TRITON_INTERPRET=1 was set before Triton was imported."""
@@ -422,11 +468,12 @@ def fusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for group in groups:
         members = set(group.members)
         compute = [m for m in group.members if part.kind(m) in ("pw", "red", "cat")]
-        if len(compute) < 2:
+        lone = len(compute) == 1 and part.kind(compute[0]) == "pw" and _broadcasts(compute[0])
+        if len(compute) < 2 and not lone:
             continue
         before, after = _group_io(group, members)
         saved = _bytes(before - after, hints)
-        if not saved > 0:
+        if not saved > 0 and not lone:
             ctx.notes.append(f"fusion: group at {group.members[0].name} saves no HBM bytes ({before} -> {after})")
             continue
         name = _group_name(group.members, index)

@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "codegen"))
 from fusion_helpers import assert_close, fuse_function, run_fusion  # noqa: E402
 
 from flashfx import _compat  # noqa: E402
+from flashfx.passes import fusion as fusion_pass  # noqa: E402
 
 
 def _aten_targets(gm):
@@ -137,3 +138,60 @@ def test_fusion_off_does_nothing(tmp_path):
     code = gm.code
     gm, ctx = run_fusion(gm, tmp_path, fusion=False)
     assert gm.code == code and not ctx.counters
+
+
+def test_a_lone_large_broadcast_op_gets_a_kernel(tmp_path, monkeypatch):
+    # ATen's broadcast kernel is not vectorized (half the bandwidth on the H100): a generated kernel pays alone
+    monkeypatch.setattr(fusion_pass, "LONE_BROADCAST_MIN_ELEMENTS", 64)
+    xs = [torch.randn(16, 24), torch.randn(24)]
+    gm, ctx = fuse_function(lambda x, w: x * w, xs, tmp_path)
+    assert ctx.counters.get("fusion.groups", 0) == 1
+    assert_close(gm(*xs), xs[0] * xs[1])
+    same_shape = [torch.randn(16, 24), torch.randn(16, 24)]  # no broadcast: stays ATen
+    gm, ctx = fuse_function(lambda x, w: x * w, same_shape, tmp_path)
+    assert ctx.counters.get("fusion.groups", 0) == 0
+
+
+def test_slice_backward_fuses_with_its_operands_and_consumers(tmp_path):
+    # RoPE's rotate_half in a backward: two half-width gradients placed at offsets, zeros elsewhere, then summed
+    def rope_grad(a, b, c):
+        left = torch.ops.aten.slice_backward(a.neg(), [3, 5, 16], 2, 8, 9223372036854775807, 1)
+        right = torch.ops.aten.slice_backward(b * 2.0, [3, 5, 16], 2, 0, 8, 1)
+        return left + right + c
+
+    xs = [torch.randn(3, 5, 8), torch.randn(3, 5, 8), torch.randn(3, 5, 16)]
+    gm, ctx = fuse_function(rope_grad, xs, tmp_path)
+    assert ctx.counters.get("fusion.groups", 0) == 1
+    assert torch.ops.aten.slice_backward.default not in _aten_targets(gm)
+    assert_close(gm(*xs), rope_grad(*xs))
+
+
+def test_slice_backward_with_a_step_stays_aten(tmp_path):
+    xs = [torch.randn(4, 4)]
+    gm, ctx = fuse_function(lambda a: torch.ops.aten.slice_backward(a.exp(), [4, 8], 1, 0, 8, 2) * 2.0, xs, tmp_path)
+    assert torch.ops.aten.slice_backward.default in _aten_targets(gm)
+    assert_close(gm(*xs), torch.ops.aten.slice_backward(xs[0].exp(), [4, 8], 1, 0, 8, 2) * 2.0)
+
+
+def test_a_lone_broadcast_op_keeps_symbolic_sizes_symbolic(tmp_path, monkeypatch):
+    # deciding on a size must not specialise it: the fused graph still runs at another batch size
+    monkeypatch.setattr(fusion_pass, "LONE_BROADCAST_MIN_ELEMENTS", 64)
+    def fn(x, w):
+        return x * w, (x.exp() + 1.0) * 2.0  # a lone broadcast op, then a group partitioned before it is lowered
+
+    xs = [torch.randn(16, 24), torch.randn(24)]
+    gm, ctx = fuse_function(fn, xs, tmp_path, tracing_mode="symbolic")
+    assert ctx.counters.get("fusion.groups", 0) == 2, ctx.declined
+    other = [torch.randn(7, 24), xs[1]]
+    assert_close(gm(*other), fn(*other))
+
+
+def test_judging_a_lone_op_adds_no_guard_on_symbolic_sizes():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda x, w: x * w, tracing_mode="symbolic")(torch.randn(2048, 1024), torch.randn(1024))
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_function"]
+    env = node.meta["val"].shape[0].node.shape_env
+    before = (len(env.guards), dict(env.replacements))
+    assert fusion_pass._broadcasts(node)
+    assert (len(env.guards), dict(env.replacements)) == before  # the batch size is still free

@@ -19,12 +19,13 @@ off with the reason; the call still runs op by op. Training graphs are never cap
 """
 from __future__ import annotations
 
-import operator
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+
+from flashfx.rewriter.aliasing import storage_owner
 
 MAX_SIGNATURES = 8  # captured graphs per compiled graph (each holds a memory pool); beyond it, run op by op
 RANDOM = re.compile(r"rand|bernoulli|dropout|normal|uniform|multinomial|poisson|exponential|geometric|cauchy")
@@ -57,7 +58,7 @@ def graph_hazard(gm: fx.GraphModule, device: torch.device) -> Optional[str]:
             return f"{node.name} makes a tensor on {value.device} that is used (computed once at capture, then frozen)"
     bases = []
     for out in _flat_outputs(gm):
-        base = _base(out)
+        base = storage_owner(out)
         if base in placeholders:
             return f"output {out.name} is (a view of) the input {base.name}"
         if base in bases:
@@ -159,14 +160,6 @@ def _addresses(args: Sequence[Any]) -> List[int]:
 def _flat_outputs(gm: fx.GraphModule) -> List[fx.Node]:
     out = gm.graph.find_nodes(op="output")[0].args[0]
     return [n for n in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(n, fx.Node)]
-
-
-def _base(node: fx.Node) -> fx.Node:
-    """The node whose memory `node` shares: view ops followed back to their source."""
-    while node.op == "call_function" and getattr(node.target, "is_view", False) and node.args \
-            and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def _dropout_arg(node: fx.Node) -> bool:

@@ -14,11 +14,11 @@ alone.
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
 
+from flashfx.rewriter.aliasing import shares_storage
 from flashfx.rewriter.pass_manager import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -29,26 +29,13 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
 
 
-def _is_view(node: fx.Node) -> bool:
-    """The op's result shares its input's storage: a schema alias annotation (view, permute, split, ...), or
-    `_unsafe_view` (unannotated, but it does)."""
-    if node.op != "call_function":
-        return False
-    if node.target is aten._unsafe_view.default:
-        return True
-    if node.target is operator.getitem:
-        return isinstance(node.args[0], fx.Node) and _is_view(node.args[0])
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and any(r.alias_info is not None for r in schema.returns)
-
-
 def _private_buffer(node: fx.Node) -> bool:
     """No one but `node`'s single user can see its storage: down the chain of views to the buffer they share,
     every node has one user, and the buffer is computed in the graph (not an input)."""
     while True:
         if node.op != "call_function" or len(node.users) != 1:
             return False
-        if not _is_view(node):
+        if not shares_storage(node):
             return True
         base = node.args[0]
         if not isinstance(base, fx.Node):

@@ -29,7 +29,8 @@ from torch.fx.experimental.proxy_tensor import is_sym_node
 
 from flashfx.config import Config
 from flashfx.passes import remat_plan
-from flashfx.passes.remat_memory import _bytes_of, _compress_fp8, _is_view, _peak, _saved_outputs
+from flashfx.passes.remat_memory import _bytes_of, _compress_fp8, _peak, _saved_outputs
+from flashfx.rewriter.aliasing import shares_storage
 from flashfx.rewriter import cost as cost_model
 
 # Roofline used to turn node FLOPs/bytes into recompute seconds. Only the ratios steer the plan (matmuls are
@@ -221,7 +222,7 @@ def _analyse(joint: fx.GraphModule, num_fwd_outputs: int, compress: Optional[str
         if isinstance(value, torch.Tensor):
             size = evaluate(cost_model.tensor_bytes(value))
             stored = size
-            if _is_view(node) and reason is None:
+            if shares_storage(node) and reason is None:
                 size = stored = math.inf  # saving the base holds the memory; the view is free to recompute
             elif compress == "fp8" and _fp8_ok(value, evaluate):
                 stored = evaluate(cost_model.numel(value)) + 4  # one byte per element and a float32 scale

@@ -2,7 +2,7 @@
 
 `_bytes_of` sizes a node's tensors at the example sizes, `_peak` predicts the peak bytes a forward/backward pair
 allocates (the forward's live values, then the saved activations, each freed at its last use in the backward, plus
-the backward's live values, with views sharing their producer's memory: `_is_view`), which `remat` uses to compare plans and to pick the
+the backward's live values, with views sharing their producer's memory: `rewriter.aliasing`), which `remat` uses to compare plans and to pick the
 "auto" budget. `_compress_fp8` rewrites an extracted forward/backward pair so the chosen saved activations cross
 over as float8_e4m3fn with a float32 per-tensor scale (`remat_compress="fp8"`). Choosing what to save and building
 the two graphs stays in `remat.py`; the solver is `remat_plan.py`.
@@ -17,6 +17,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import is_sym_node
+
+from flashfx.rewriter.aliasing import shares_storage
 
 aten = torch.ops.aten
 
@@ -68,7 +70,7 @@ def _live_peak(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None
     for n in nodes:
         if n.op == "placeholder":
             owner[n] = n if n.name in owned_inputs else None
-        elif _is_view(n) and n.args and isinstance(n.args[0], fx.Node):
+        elif shares_storage(n) and n.args and isinstance(n.args[0], fx.Node):
             owner[n] = owner.get(n.args[0])
         elif n.target is operator.getitem:
             owner[n] = n  # an element of a multi-output op: allocated by its producer, freed on its own
@@ -101,16 +103,6 @@ def _live_peak(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None
         live += events[i]
         peak = max(peak, live)
     return peak
-
-
-def _is_view(node: fx.Node) -> bool:
-    target = node.target
-    if target is aten._unsafe_view.default:
-        return True  # a view in all but the schema's alias annotation
-    if not isinstance(target, torch._ops.OpOverload) or not target._schema.returns:
-        return False
-    alias = target._schema.returns[0].alias_info
-    return alias is not None and not alias.is_write
 
 
 # ------------------------------------------------------------------------------------------------- fp8

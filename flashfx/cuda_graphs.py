@@ -7,8 +7,8 @@ signature (shapes, strides, dtypes, scalar values) and replays it.
 
 Per signature: the first call runs the graph as it is (kernels compile and autotune outside any capture); the second
 captures it. A tensor input found at the same address in both calls (weights, buffers) is read in place, and each
-replay checks it is still there (else that call runs op by op); any other tensor input is copied into a buffer
-the graph reads. Outputs are copied out of the graph's private memory pool, so a later replay never overwrites a
+replay checks it is still there (else that call runs op by op, and two such calls in a row capture the signature
+anew, as when weights are replaced); any other tensor input is copied into a buffer the graph reads. Outputs are copied out of the graph's private memory pool, so a later replay never overwrites a
 tensor the caller holds. A signature seen only once is never captured: growing shapes (a KV cache concatenated each
 step) stay op by op rather than capturing a graph per length.
 
@@ -28,6 +28,7 @@ import torch.fx as fx
 from flashfx.rewriter.aliasing import storage_owner
 
 MAX_SIGNATURES = 8  # captured graphs per compiled graph (each holds a memory pool); beyond it, run op by op
+MAX_CAPTURES = 4 * MAX_SIGNATURES  # captures in all, re-captures included: inputs that keep moving stop capturing
 RANDOM = re.compile(r"rand|bernoulli|dropout|normal|uniform|multinomial|poisson|exponential|geometric|cauchy")
 
 
@@ -79,6 +80,7 @@ class CudaGraphRunner:
         self.graphs: Dict[Tuple, "_Captured"] = {}
         self.replays = 0
         self.op_by_op_calls = 0
+        self.captures = 0
         self.disabled: Optional[str] = None  # why this runner stopped capturing
 
     def status(self) -> str:
@@ -90,10 +92,21 @@ class CudaGraphRunner:
     def __call__(self, args: List[Any]) -> Any:
         key = _signature(args)
         captured = self.graphs.get(key)
-        if captured is not None and captured.ready(args):
-            self.replays += 1
-            return captured.replay(args)
-        if captured is None and self.disabled is None and key in self.seen and len(self.graphs) < MAX_SIGNATURES:
+        if captured is not None:
+            if captured.ready(args):
+                captured.misses = 0
+                self.replays += 1
+                return captured.replay(args)
+            captured.misses += 1
+            if captured.misses >= 2 and self.captures < MAX_CAPTURES:
+                # weights replaced, say: forget the graph; the next call captures anew, telling the inputs that
+                # stay put from those that move by comparing with this call's addresses
+                del self.graphs[key]
+                self.seen[key] = _addresses(args)
+            self.op_by_op_calls += 1
+            return self.fn(args)
+        if captured is None and self.disabled is None and key in self.seen and len(self.graphs) < MAX_SIGNATURES \
+                and self.captures < MAX_CAPTURES:
             captured = self._capture(key, args)
             if captured is not None:
                 self.replays += 1
@@ -113,6 +126,7 @@ class CudaGraphRunner:
             self.disabled = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             return None
         self.graphs[key] = captured
+        self.captures += 1
         return captured
 
 
@@ -120,6 +134,7 @@ class _Captured:
     """One signature's CUDA graph: its input buffers, the addresses it reads in place, its outputs in its pool."""
 
     def __init__(self, fn: Callable[[List[Any]], Any], args: Sequence[Any], in_place: Sequence[bool]) -> None:
+        self.misses = 0  # calls in a row whose in-place inputs had moved
         self.in_place = [(i, a.data_ptr()) for i, (a, keep) in enumerate(zip(args, in_place)) if keep]
         # same strides as the caller's tensors: the kernels were compiled and tuned for them at the first call
         self.buffers = {i: torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)

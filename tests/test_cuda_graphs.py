@@ -60,6 +60,7 @@ class FakeCapture:
     fail = False
 
     def __init__(self, fn, args, in_place):
+        self.misses = 0
         if FakeCapture.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.fn, self.in_place = fn, [(i, a.data_ptr()) for i, (a, keep) in enumerate(zip(args, in_place)) if keep]
@@ -89,6 +90,20 @@ def test_a_signature_is_captured_at_its_second_call_and_replayed_after(fake_capt
     assert [i for i, _ in fake_capture.made[0].in_place] == [0, 1]  # same addresses both calls: read in place
     runner([w, torch.ones(3)])  # x moved: this call runs op by op, the graph stays
     assert runner.op_by_op_calls == 2 and len(fake_capture.made) == 1
+
+
+def test_inputs_read_in_place_that_move_for_good_are_captured_anew(fake_capture):
+    runner = CudaGraphRunner(lambda args: sum(args), name="g")
+    w, x = torch.ones(3), torch.ones(3)
+    runner([w, x])
+    runner([w, x])  # captured, both read in place
+    new_w = torch.ones(3)  # the weights were replaced; x is a new tensor at every call from now on
+    xs = [torch.ones(3) for _ in range(5)]
+    for x in xs:
+        runner([new_w, x])
+    # two misses run op by op (the second forgets the graph), the third call captures anew and replays after
+    assert len(fake_capture.made) == 2 and runner.op_by_op_calls == 3 and runner.replays == 4
+    assert [i for i, _ in fake_capture.made[1].in_place] == [0]  # the new weights in place, x copied
 
 
 def test_growing_shapes_are_never_captured(fake_capture):

@@ -109,7 +109,9 @@ def free_memory(device: torch.device) -> None:
 
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
-    """Peak allocated bytes during one call (weights included), or None off CUDA."""
+    """Peak allocated bytes during one call (weights included), or None off CUDA. CUDA-graph replays (flashfx's
+    inference graphs, torch.compile's reduce-overhead) run in private pools whose intermediates the allocator
+    counts as free: their unallocated reserved bytes are added (`graph_pool_bytes`)."""
     if device.type != "cuda":
         fn()
         return None
@@ -119,7 +121,15 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.max_memory_allocated(device) + graph_pool_bytes(torch.cuda.memory_snapshot(), index)
+
+
+def graph_pool_bytes(segments: Sequence[Dict[str, Any]], device_index: int) -> int:
+    """Reserved but unallocated bytes of the allocator's private pools (CUDA graphs) on one device, from
+    `torch.cuda.memory_snapshot()`'s segments; the default pool is (0, 0)."""
+    return sum(s["total_size"] - s.get("allocated_size", 0) for s in segments
+               if s.get("device") == device_index and tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 def measure_ceilings(device: torch.device, quick: bool = False) -> Dict[str, float]:

@@ -456,3 +456,16 @@ def test_remat_prediction_is_recorded_and_rendered_beside_the_measured_peak(tmp_
     _, _, results, _ = run.latest(records)
     (line,) = run.issue5_targets(results)
     assert "predicted peak of the graphs' own allocations 3.25 GB" in line and "1.50 GB of activations saved" in line
+
+
+def test_graph_pool_bytes_counts_the_free_part_of_private_pools_only():
+    from bench.common import graph_pool_bytes
+
+    segments = [
+        {"device": 0, "segment_pool_id": (0, 0), "total_size": 1000, "allocated_size": 100},  # default pool
+        {"device": 0, "segment_pool_id": (1, 2), "total_size": 500, "allocated_size": 200},   # a CUDA graph's
+        {"device": 0, "segment_pool_id": [1, 3], "total_size": 64, "allocated_size": 0},
+        {"device": 1, "segment_pool_id": (1, 4), "total_size": 999, "allocated_size": 0},     # another GPU
+    ]
+    assert graph_pool_bytes(segments, 0) == 300 + 64
+    assert graph_pool_bytes([], 0) == 0

@@ -105,7 +105,7 @@ class CudaGraphRunner:
                 self.seen[key] = _addresses(args)
             self.op_by_op_calls += 1
             return self.fn(args)
-        if captured is None and self.disabled is None and key in self.seen and len(self.graphs) < MAX_SIGNATURES \
+        if self.disabled is None and key in self.seen and len(self.graphs) < MAX_SIGNATURES \
                 and self.captures < MAX_CAPTURES:
             captured = self._capture(key, args)
             if captured is not None:

@@ -17,8 +17,8 @@ except ImportError:  # run as a file
     import common  # type: ignore[no-redef]
     from train_step import LLAMA, LLAMA_TINY, llama_linear_params  # type: ignore[no-redef]
 
-DECODE_PROVIDERS = ("eager", "sdpa", "compile", "compile-max-autotune", "flashfx", "flashfx-attention",
-                    "flashfx-fusion", "flashfx-none", "liger")
+DECODE_PROVIDERS = ("eager", "sdpa", "compile", "compile-max-autotune", "compile-reduce-overhead", "flashfx",
+                    "flashfx-nographs", "flashfx-attention", "flashfx-fusion", "flashfx-none", "liger")
 DECODE_QUICK = ("eager", "sdpa", "flashfx", "compile")
 
 

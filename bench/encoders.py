@@ -14,8 +14,8 @@ try:
 except ImportError:  # run as a file
     import common  # type: ignore[no-redef]
 
-ENCODER_PROVIDERS = ("eager", "sdpa", "compile", "compile-max-autotune", "flashfx", "flashfx-attention",
-                     "flashfx-fusion", "flashfx-none")
+ENCODER_PROVIDERS = ("eager", "sdpa", "compile", "compile-max-autotune", "compile-reduce-overhead", "flashfx",
+                     "flashfx-nographs", "flashfx-attention", "flashfx-fusion", "flashfx-none")
 ENCODER_QUICK = ("eager", "sdpa", "flashfx", "compile")
 
 BERT_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -465,7 +465,7 @@ def issue5_targets(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
         out.append(f"- `{p}`: peak {r['peak_gb']:.2f} GB ({'meets' if mem_ok else 'misses'} ≤ 7.0 GB), step "
                    f"{r['ms']:.2f} ms vs torch.compile {compiled['ms']:.2f} ms ({'meets' if time_ok else 'misses'}"
                    f" ≤ compile); loss rel err {common.fmt_err(r.get('loss_rel_err'))}, grad rel err "
-                   f"{common.fmt_err(r.get('grad_rel_err'))}{plan}.")
+                   f"{common.fmt_err(r.get('grad_rel_err'))}{_grads_compared(r)}{plan}.")
     return out
 
 
@@ -543,6 +543,14 @@ def summary_text(records: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _grads_compared(r: Dict[str, Any]) -> str:
+    """How many gradients the grad error covers, and the worst one (records from before 2026-11-23 18:00: a few)."""
+    if not r.get("grads_compared"):
+        return ""
+    missing = f", {r['grads_missing']} missing" if r.get("grads_missing") else ""
+    return f" (max over all {r['grads_compared']} parameter gradients{missing}, worst `{r['grad_worst']}`)"
+
+
 METHOD = """Whole models, providers side by side in one process (`python bench/run.py`, i.e. `flashfx bench`; JSON
 lines under `bench/results/`; Liger-Kernel rows run last because its patch changes the model classes). Times are medians of CUDA-event timings after warm-up, with
 the 20th–80th percentile range; peak memory is `torch.cuda.max_memory_allocated` over one step, weights included
@@ -550,8 +558,8 @@ the 20th–80th percentile range; peak memory is `torch.cuda.max_memory_allocate
 compile time is the first call minus one steady-state call with empty on-disk kernel caches (cold) and, where
 shown, again after `torch._dynamo.reset()` with those caches filled (warm). Numerics compare each provider with the
 first that ran (eager attention): max |out − ref| / max |ref| for outputs; for training the loss and the same metric
-over a few parameters' gradients. A provider that failed shows its one-line error; one that did not fit the time
-budget says so."""
+over the parameters' gradients (every parameter from runs after 2026-11-23 18:00, the worst one named; earlier
+runs, four). A provider that failed shows its one-line error; one that did not fit the time budget says so."""
 SECTION_HEADING = "## Models: training, prefill, decode, encoders (`bench/run.py`)"
 
 

@@ -73,11 +73,10 @@ def build_llama(opts: common.Options) -> common.Case:
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     attn = cfg.num_hidden_layers * common.attention_fwd_flops(batch, cfg.num_attention_heads, seq, seq, head_dim,
                                                               causal=True)
-    names = [n for n, _ in model.named_parameters()]
     return common.Case(
         name="llama-train", model=model, step=_train_step(model, ids), training=True,
         flops=common.train_flops(llama_linear_params(cfg), batch * seq, attn), tokens=batch * seq,
-        grad_params=(names[0], "model.layers.0.self_attn.q_proj.weight", "lm_head.weight", names[-2]),
+        grad_params=None,  # every parameter's gradient against eager's
         family="llama",
         describe=f"HF LlamaForCausalLM ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, GQA "
                  f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}), "
@@ -93,11 +92,10 @@ def build_gpt2(opts: common.Options) -> common.Case:
     ids = common.random_ids(cfg.vocab_size, (batch, seq), opts.device)
     attn = cfg.n_layer * common.attention_fwd_flops(batch, cfg.n_head, seq, seq, cfg.n_embd // cfg.n_head,
                                                     causal=True)
-    names = [n for n, _ in model.named_parameters()]
     return common.Case(
         name="gpt2-train", model=model, step=_train_step(model, ids), training=True,
         flops=common.train_flops(gpt2_linear_params(cfg), batch * seq, attn), tokens=batch * seq,
-        grad_params=(names[0], names[len(names) // 2], names[-1]), family="gpt2",
+        grad_params=None, family="gpt2",
         describe=f"HF GPT2LMHeadModel ({cfg.n_layer} layers, hidden {cfg.n_embd}), batch {batch} × {seq}, "
                  f"{str(dtype)[6:]}, dropout 0, forward + backward, no optimizer")
 

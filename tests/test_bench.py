@@ -469,3 +469,16 @@ def test_graph_pool_bytes_counts_the_free_part_of_private_pools_only():
     ]
     assert graph_pool_bytes(segments, 0) == 300 + 64
     assert graph_pool_bytes([], 0) == 0
+
+
+def test_training_numerics_cover_every_gradient_when_asked(monkeypatch):
+    providers = {"eager": common.Provider("eager", "plain"), "sdpa": common.Provider("sdpa", "plain again")}
+    monkeypatch.setattr(common, "PROVIDERS", providers)
+    case = _tiny_case(training=True)
+    case.grad_params = None  # every parameter
+    records = []
+    common.run_case(case, ["eager", "sdpa"], common.Options(device=torch.device("cpu"), tiny=True), {},
+                    records.append)
+    sdpa = [r for r in records if r["provider"] == "sdpa" and r["status"] == "ok"][0]
+    assert sdpa["grads_compared"] == len(list(case.model.parameters())) and sdpa["grads_missing"] == 0
+    assert sdpa["grad_rel_err"] == 0.0 and sdpa["grad_worst"] in dict(case.model.named_parameters())

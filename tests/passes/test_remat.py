@@ -428,12 +428,34 @@ def test_remat_lowers_the_predicted_peak():
     assert 0 < plan.peak_bytes < plan.peak_bytes_no_remat
 
 
+def _measured_step_peak(fw, bw) -> int:
+    """Measured peak of one forward (fresh random inputs) and the backward that takes its saved tensors."""
+    args = [torch.randn(tuple(n.meta["val"].shape)) for n in fw.graph.find_nodes(op="placeholder")]
+    fw_peak, outs = _measured_peak(fw, [args])
+    outs = list(outs)
+    saved_nodes = list(fw.graph.find_nodes(op="output")[0].args[0])[1:]
+    held = sum(t.untyped_storage().nbytes() for t, n in zip(outs[1:], saved_nodes) if n.op != "placeholder")
+    bw_args = outs[1:] + [torch.randn_like(outs[0])]
+    del outs  # the backward's list holds the only references, as autograd hands them over
+    bw_peak, _ = _measured_peak(bw, [bw_args])  # frees of saved tensors count negative against `held`
+    return max(fw_peak, held + bw_peak)
+
+
 def _measured_peak(fn, args) -> tuple:
-    """Peak bytes the CPU allocator hands out while `fn(*args)` runs (the profiler's per-op allocations and frees)."""
+    """Peak bytes the CPU allocator hands out while `fn(*args)` runs (the profiler's per-op allocations and frees).
+    The garbage collector is kept out of the window, so that another test's leftover tensors freed there cannot
+    count against this one's."""
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn(*args)
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn(*args)
+    finally:
+        gc.enable()
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage
@@ -448,15 +470,10 @@ def test_predicted_peak_is_the_measured_peak(make, budget):
     compiled, records, graphs = _compile(model, Config(remat=budget))
     _step(compiled, model, _inputs((4, 32, model.up.in_features if isinstance(model, MLP) else 32)))
     fw, bw = graphs["forward"], graphs["backward"]  # boxed: each takes one list, empties it, frees inputs early
-    args = [torch.randn(tuple(n.meta["val"].shape)) for n in fw.graph.find_nodes(op="placeholder")]
-    fw_peak, outs = _measured_peak(fw, [args])
-    outs = list(outs)
-    saved_nodes = list(fw.graph.find_nodes(op="output")[0].args[0])[1:]
-    held = sum(t.untyped_storage().nbytes() for t, n in zip(outs[1:], saved_nodes) if n.op != "placeholder")
-    bw_args = outs[1:] + [torch.randn_like(outs[0])]
-    del outs  # the backward's list holds the only references, as autograd hands them over
-    bw_peak, _ = _measured_peak(bw, [bw_args])  # frees of saved tensors count negative against `held`
-    measured = max(fw_peak, held + bw_peak)
+    # The profiler's per-op accounting of one step varies from run to run, always downwards (30 repeats of the
+    # MLP at 0.3: 25 equal to the prediction, 5 lower by one to three tensors, none higher; why, not found). The
+    # peak is the largest of five measurements.
+    measured = max(_measured_step_peak(fw, bw) for _ in range(5))
     # The model counts graph values, not an op's internal scratch (CPU bmm copies a transposed operand): the
     # measurement may exceed it by one such temporary, at most the largest tensor of the graphs.
     largest = max(remat._bytes_of(n) for g in (fw, bw) for n in g.graph.nodes if n.op == "call_function")

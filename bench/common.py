@@ -546,10 +546,11 @@ def run_provider(case: Case, provider: Provider, opts: Options, reference: Dict[
 
 def _flashfx_counters(fn: Any) -> Optional[Dict[str, int]]:
     """What flashfx's passes did (e.g. attention.replaced), so a row that rewrote nothing is visibly so."""
-    if not type(fn).__module__.startswith("flashfx"):
+    report = _report(fn)
+    if report is None:
         return None
     try:
-        return {k: v for k, v in sorted(fn.report.counters().items()) if v}
+        return {k: v for k, v in sorted(report.counters().items()) if v}
     except Exception:  # noqa: BLE001  (the report is informative; the timing stands without it)
         return None
 

@@ -116,7 +116,7 @@ class Compiler:
         if reason is not None:
             report.cuda_graphs.append(f"cuda graphs off: {reason}")
             return compiled
-        runner = CudaGraphRunner(compiled, name=f"graph {report.index}")
+        runner = CudaGraphRunner(compiled)
         report.cuda_graphs.append(runner)
         return runner
 

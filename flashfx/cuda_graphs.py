@@ -73,9 +73,8 @@ class CudaGraphRunner:
 
     _boxed_call = True
 
-    def __init__(self, fn: Callable[[List[Any]], Any], name: str) -> None:
+    def __init__(self, fn: Callable[[List[Any]], Any]) -> None:
         self.fn = fn
-        self.name = name
         self.seen: Dict[Tuple, List[int]] = {}  # signature -> input addresses at its first call
         self.graphs: Dict[Tuple, "_Captured"] = {}
         self.replays = 0

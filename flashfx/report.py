@@ -30,6 +30,10 @@ class GraphReport:
     fallbacks: List[Any] = field(default_factory=list)  # codegen.fallback.Fallback of each generated kernel
     cuda_graphs: List[Any] = field(default_factory=list)  # a CudaGraphRunner, or why the graph runs op by op (str)
 
+    def active_fallbacks(self) -> List[Any]:
+        """The generated kernels that failed at run time and now run their ATen ops."""
+        return [f for f in self.fallbacks if f.active]
+
     def readable(self, expr: Any) -> str:
         """A cost expression with size symbols renamed (s72 -> B)."""
         return str(sympy.simplify(sympy.sympify(expr).subs(self.symbol_names)))
@@ -58,7 +62,7 @@ class Report:
 
     def fallbacks(self) -> List[Tuple[str, str]]:
         """(kernel, error) for each generated kernel that failed at run time and now runs its ATen ops."""
-        return [(f.name, f.error) for g in self.graphs for f in g.fallbacks if f.active]
+        return [(f.name, f.error) for g in self.graphs for f in g.active_fallbacks()]
 
     def counters(self) -> Dict[str, int]:
         """All pass counters summed over graphs, e.g. {'attention.replaced': 2}."""
@@ -128,9 +132,8 @@ class Report:
                 uses = collections.Counter(name for name, _ in g.kernels)  # a kernel shared by every layer: once
                 lines.append(f"  generated kernels ({len(g.kernels)} groups, {len(uses)} distinct): "
                              + ", ".join(f"{name} x{n}" if n > 1 else name for name, n in uses.items()))
-            for f in g.fallbacks:
-                if f.active:
-                    lines.append(f"  FELL BACK at run time: {f.name} runs its ATen ops ({f.error})")
+            for f in g.active_fallbacks():
+                lines.append(f"  FELL BACK at run time: {f.name} runs its ATen ops ({f.error})")
             for runner in g.cuda_graphs:
                 lines.append(f"  inference: {_graph_status(runner)}")
         return "\n".join(lines)
@@ -160,7 +163,7 @@ class Report:
                 "aten": {stage: {"unfused": _cost_dict(g, b), "fused": _cost_dict(g, a)}
                          for stage, (b, a) in g.aten_costs.items()},
                 "kernels": [name for name, _ in g.kernels],
-                "fallbacks": [{"kernel": f.name, "error": f.error} for f in g.fallbacks if f.active],
+                "fallbacks": [{"kernel": f.name, "error": f.error} for f in g.active_fallbacks()],
                 "remat": [plan.as_dict() if hasattr(plan, "as_dict") else str(plan) for plan in g.remat],
                 "cuda_graphs": [_graph_status(r) for r in g.cuda_graphs],
             })

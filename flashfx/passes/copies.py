@@ -14,7 +14,6 @@ alone.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.fx as fx
 

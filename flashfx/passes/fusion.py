@@ -14,7 +14,6 @@ Matmul-epilogue groups are claimed first, by `fusion_matmul`.
 """
 from __future__ import annotations
 
-
 import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -381,24 +380,16 @@ def _broadcasts(node: fx.Node) -> bool:
     out = node.meta.get("val")
     if not isinstance(out, torch.Tensor):
         return False
-    numel = _hint(out.numel())  # never int() a SymInt here: that would specialise the size for the whole graph
+    numel = cost_model.size_hint(out.numel())
     if numel is None or numel < LONE_BROADCAST_MIN_ELEMENTS:
         return False
     for a in node.all_input_nodes:
         v = a.meta.get("val")
         if isinstance(v, torch.Tensor) and v.dim() > 0:
-            n = _hint(v.numel())
+            n = cost_model.size_hint(v.numel())
             if n is not None and n < numel:
                 return True
     return False
-
-
-def _hint(value: Any) -> Optional[int]:
-    """An int, or a SymInt's example value (no guard added); None when it has none."""
-    if isinstance(value, torch.SymInt):
-        hint = getattr(value.node, "hint", None)
-        return int(hint) if hint is not None else None
-    return int(value)
 
 
 def _interpreter_ready() -> bool:

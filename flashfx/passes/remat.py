@@ -30,8 +30,8 @@ from torch.fx.experimental.proxy_tensor import is_sym_node
 from flashfx.config import Config
 from flashfx.passes import remat_plan
 from flashfx.passes.remat_memory import _bytes_of, _compress_fp8, _peak, _saved_outputs
-from flashfx.rewriter.aliasing import shares_storage
 from flashfx.rewriter import cost as cost_model
+from flashfx.rewriter.aliasing import shares_storage
 
 # Roofline used to turn node FLOPs/bytes into recompute seconds. Only the ratios steer the plan (matmuls are
 # ~10x costlier per saved byte than pointwise ops); the absolute values are H100 SXM figures a good kernel reaches.

@@ -2,8 +2,8 @@
 
 `_bytes_of` sizes a node's tensors at the example sizes, `_peak` predicts the peak bytes a forward/backward pair
 allocates (the forward's live values, then the saved activations, each freed at its last use in the backward, plus
-the backward's live values, with views sharing their producer's memory: `rewriter.aliasing`), which `remat` uses to compare plans and to pick the
-"auto" budget. `_compress_fp8` rewrites an extracted forward/backward pair so the chosen saved activations cross
+the backward's live values, with views sharing their producer's memory: `rewriter.aliasing`), which `remat` uses to
+compare plans and to pick the "auto" budget. `_compress_fp8` rewrites an extracted forward/backward pair so the chosen saved activations cross
 over as float8_e4m3fn with a float32 per-tensor scale (`remat_compress="fp8"`). Choosing what to save and building
 the two graphs stays in `remat.py`; the solver is `remat_plan.py`.
 """
@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import is_sym_node
 
+from flashfx.rewriter import cost as cost_model
 from flashfx.rewriter.aliasing import shares_storage
 
 aten = torch.ops.aten
@@ -37,10 +38,8 @@ def _bytes_of(node: fx.Node) -> int:
 
 
 def _size_hint(d: Any) -> int:
-    if isinstance(d, torch.SymInt):
-        hint = getattr(d.node, "hint", None)
-        return int(hint) if hint is not None else 1024
-    return int(d)
+    hint = cost_model.size_hint(d)
+    return 1024 if hint is None else hint
 
 
 def _saved_outputs(fw: fx.GraphModule, num_fwd_outputs: int) -> List[fx.Node]:
@@ -51,7 +50,7 @@ def _saved_outputs(fw: fx.GraphModule, num_fwd_outputs: int) -> List[fx.Node]:
 def _peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> int:
     """Predicted peak bytes allocated by the step's graphs beyond their inputs: the forward's live values, then the
     saved activations plus the backward's live values. The compiled backward takes its inputs boxed and drops each
-    one after its last use (`compiler._release_inputs`; autograd hands them over), so a saved activation is freed
+    one after its last use (`_compat.boxed_graph_module`; autograd hands them over), so a saved activation is freed
     where the backward last reads it, not at the end of the step."""
     saved = {n.name: _bytes_of(n) for n in _saved_outputs(fw, num_fwd_outputs) if n.op != "placeholder"}
     fw_peak = _live_peak(fw)

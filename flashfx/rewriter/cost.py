@@ -92,6 +92,15 @@ def _tensors(value: Any) -> List[torch.Tensor]:
     return [v for v in flat if isinstance(v, torch.Tensor)]
 
 
+def size_hint(value: Any) -> Optional[int]:
+    """An int, or a SymInt's example value without adding a guard (`int()` on a SymInt would specialise it for the
+    whole graph); None when the SymInt has no example value."""
+    if isinstance(value, torch.SymInt):
+        hint = getattr(value.node, "hint", None)
+        return int(hint) if hint is not None else None
+    return int(value)
+
+
 def size_hints(value: Any, into: Dict[sympy.Symbol, int]) -> None:
     """Collect the example value of every size symbol found in `value`."""
     for t in _tensors(value):

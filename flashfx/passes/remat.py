@@ -19,7 +19,7 @@ import math
 import operator
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -28,7 +28,7 @@ from torch._functorch.partitioners import _extract_fwd_bwd_modules, default_part
 from torch.fx.experimental.proxy_tensor import is_sym_node
 
 from flashfx.config import Config
-from flashfx.passes import remat_plan
+from flashfx.passes import remat_peak, remat_plan
 from flashfx.passes.remat_memory import _bytes_of, _compress_fp8, _peak, _saved_outputs
 from flashfx.rewriter import cost as cost_model
 from flashfx.rewriter.aliasing import shares_storage
@@ -414,13 +414,16 @@ def _plan_and_split(a: _Analysis, config: Config,
     if free is not None:
         notes.append(f"auto: free memory {cost_model.format_bytes(free)}, chose budget "
                      f"{budget / max(baseline.nbytes, 1):.2f} of the no-remat activations")
+    smallest = solution.smallest
+    if config.remat not in ("auto", "speed") and solution.feasible:  # a budget the user chose: keep its peak low
+        fw, bw, peak, solution = _repair_peak(a, config, budget, fw, bw, peak, solution, notes)
 
     plan = solution.plan
     p = a.problem
     status, reason = "applied", ""
     if not solution.feasible:
         status = "over_budget"
-        reason = _why_minimum(a, solution.smallest, budget)
+        reason = _why_minimum(a, smallest, budget)
     compressed = [p.names[v] for v in plan.saved if v in a.compressible] if config.remat_compress == "fp8" else []
     if config.remat_compress == "fp8" and getattr(torch, "float8_e4m3fn", None) is None:
         notes.append("fp8: this torch has no float8_e4m3fn; saved activations stay at full precision")
@@ -433,7 +436,7 @@ def _plan_and_split(a: _Analysis, config: Config,
         inputs_saved=[(n.name, _bytes_of(n)) for n in _needed_inputs(a, plan.recompute)],
         recomputed=[(p.names[v], p.flops[v]) for v in range(len(p)) if plan.recompute[v] and p.cost[v] > 0],
         activation_bytes_no_remat=int(baseline.nbytes), activation_bytes=int(plan.nbytes),
-        min_activation_bytes=int(solution.smallest.nbytes), extra_flops=int(plan.flops),
+        min_activation_bytes=int(smallest.nbytes), extra_flops=int(plan.flops),
         recompute_seconds=plan.cost, peak_bytes_no_remat=base_peak, peak_bytes=peak,
         compress=config.remat_compress, compressed=compressed, notes=notes,
         solver={"optimal": solution.optimal, "lower_bound_seconds": solution.lower_bound,
@@ -443,6 +446,30 @@ def _plan_and_split(a: _Analysis, config: Config,
                 "seconds": round(time.perf_counter() - start, 4)},
     )
     return fw, bw, record
+
+
+def _repair_peak(a: _Analysis, config: Config, budget: float, fw: fx.GraphModule, bw: fx.GraphModule, peak: int,
+                 solution: remat_plan.Solution, notes: List[str]) -> Tuple[Any, ...]:
+    """`remat_peak.repair` on the budget's plan: keep chain cuts while they lower the predicted peak."""
+    compress = config.remat_compress == "fp8"
+
+    def evaluate(pins: FrozenSet[int]) -> Optional[remat_peak.Trial]:
+        problem = replace(a.problem, pinned=[p or v in pins for v, p in enumerate(a.problem.pinned)])
+        pinned = remat_plan.solve(problem, budget)
+        if not pinned.feasible:
+            return None
+        pfw, pbw = _split(a, pinned.plan.recompute, compress=compress)
+        return remat_peak.Trial(pinned, pfw, pbw, _peak(pfw, pbw, a.num_fwd_outputs))
+
+    start = remat_peak.Trial(solution, fw, bw, peak)
+    best, pins = remat_peak.repair(start, a.num_fwd_outputs, a.problem, evaluate)
+    if pins:
+        fb = cost_model.format_bytes
+        names = ", ".join(a.problem.names[v] for v in pins[:6]) + (", ..." if len(pins) > 6 else "")
+        notes.append(f"peak repair: saving {len(pins)} values a recompute chain ran through ({names}) lowers the "
+                     f"predicted peak {fb(peak)} -> {fb(best.peak)} at {fb(best.solution.plan.nbytes)} saved, "
+                     f"recompute {solution.plan.cost * 1e3:.2f} -> {best.solution.plan.cost * 1e3:.2f} ms")
+    return best.fw, best.bw, best.peak, best.solution
 
 
 def _budget_bytes(spec: Any, baseline: float) -> float:

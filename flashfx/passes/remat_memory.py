@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -52,13 +53,41 @@ def _peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> int:
     saved activations plus the backward's live values. The compiled backward takes its inputs boxed and drops each
     one after its last use (`_compat.boxed_graph_module`; autograd hands them over), so a saved activation is freed
     where the backward last reads it, not at the end of the step."""
-    saved = {n.name: _bytes_of(n) for n in _saved_outputs(fw, num_fwd_outputs) if n.op != "placeholder"}
-    fw_peak = _live_peak(fw)
-    bw_peak = _live_peak(bw, owned_inputs=saved)
-    return max(fw_peak, bw_peak)
+    return max(_live_peak(fw), _live_peak(bw, owned_inputs=_saved_bytes(fw, num_fwd_outputs)))
 
 
-def _live_peak(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None) -> int:
+def _saved_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> Dict[str, int]:
+    """Saved activation name -> bytes: the backward's inputs whose memory the step allocated (not graph inputs)."""
+    return {n.name: _bytes_of(n) for n in _saved_outputs(fw, num_fwd_outputs) if n.op != "placeholder"}
+
+
+@dataclass
+class Lifetimes:
+    """When each allocation of a graph is alive, in node positions. `owner` maps a node to the node whose memory it
+    uses (itself, the base of a view, None for memory the graph does not own)."""
+
+    nodes: List[fx.Node]
+    order: Dict[fx.Node, int]
+    owner: Dict[fx.Node, Optional[fx.Node]]
+    start: Dict[fx.Node, int]
+    end: Dict[fx.Node, int]
+    size: Dict[fx.Node, int]
+
+    def peak(self) -> Tuple[int, int]:
+        """The largest sum of live bytes and the first position where it is reached."""
+        events: Dict[int, int] = {}
+        for o in self.start:
+            events[self.start[o]] = events.get(self.start[o], 0) + self.size[o]
+            events[self.end[o] + 1] = events.get(self.end[o] + 1, 0) - self.size[o]
+        live, peak, at = 0, 0, 0
+        for i in sorted(events):
+            live += events[i]
+            if live > peak:
+                peak, at = live, i
+        return peak, at
+
+
+def _lifetimes(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None) -> Lifetimes:
     """Walk the graph in order; a value is alive from its node to its last use (outputs to the end); views and
     tuple elements share their producer's memory. `owned_inputs` (placeholder name -> bytes): inputs whose memory
     the graph owns, alive from the start to their last use."""
@@ -93,15 +122,12 @@ def _live_peak(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None
         end[o] = max(end.get(o, 0), last)
     size = {o: owned_inputs[o.name] if o.op == "placeholder" else
             _bytes_of(o) if not isinstance(o.meta.get("val"), (tuple, list)) else 0 for o in start}
-    events: Dict[int, int] = {}
-    for o in start:
-        events[start[o]] = events.get(start[o], 0) + size[o]
-        events[end[o] + 1] = events.get(end[o] + 1, 0) - size[o]
-    live, peak = 0, 0
-    for i in sorted(events):
-        live += events[i]
-        peak = max(peak, live)
-    return peak
+    return Lifetimes(nodes, order, owner, start, end, size)
+
+
+def _live_peak(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None) -> int:
+    """Peak live bytes of a graph (see `_lifetimes`)."""
+    return _lifetimes(gm, owned_inputs).peak()[0]
 
 
 # ------------------------------------------------------------------------------------------------- fp8

@@ -402,10 +402,16 @@ def _plan_and_split(a: _Analysis, config: Config,
                      + f"; the plan saves {budget / max(baseline.nbytes, 1):.2f} of the no-remat activations")
     budgets = ([f * baseline.nbytes for f in fractions] if fractions
                else [] if config.remat == "speed" else [_budget_bytes(config.remat, baseline.nbytes)])
+    smallest = solution.smallest if config.remat == "speed" else None
+    repair_note: Optional[str] = None
     for k, budget in enumerate(budgets):
         solution = remat_plan.solve(a.problem, budget)
+        smallest = solution.smallest
         fw, bw = _split(a, solution.plan.recompute, compress=config.remat_compress == "fp8")
         peak = _peak(fw, bw, a.num_fwd_outputs)
+        # a budget the user chose: always keep its peak low; "auto": only where the plan as solved does not fit
+        if solution.feasible and (free is None or peak > AUTO_HEADROOM * free):
+            fw, bw, peak, solution, repair_note = _repair_peak(a, config, budget, fw, bw, peak, solution)
         if free is None or peak <= AUTO_HEADROOM * free:
             break
         if k == len(budgets) - 1:
@@ -414,9 +420,8 @@ def _plan_and_split(a: _Analysis, config: Config,
     if free is not None:
         notes.append(f"auto: free memory {cost_model.format_bytes(free)}, chose budget "
                      f"{budget / max(baseline.nbytes, 1):.2f} of the no-remat activations")
-    smallest = solution.smallest
-    if config.remat not in ("auto", "speed") and solution.feasible:  # a budget the user chose: keep its peak low
-        fw, bw, peak, solution = _repair_peak(a, config, budget, fw, bw, peak, solution, notes)
+    if repair_note:
+        notes.append(repair_note)
 
     plan = solution.plan
     p = a.problem
@@ -449,8 +454,9 @@ def _plan_and_split(a: _Analysis, config: Config,
 
 
 def _repair_peak(a: _Analysis, config: Config, budget: float, fw: fx.GraphModule, bw: fx.GraphModule, peak: int,
-                 solution: remat_plan.Solution, notes: List[str]) -> Tuple[Any, ...]:
-    """`remat_peak.repair` on the budget's plan: keep chain cuts while they lower the predicted peak."""
+                 solution: remat_plan.Solution) -> Tuple[Any, ...]:
+    """`remat_peak.repair` on the budget's plan: keep chain cuts while they lower the predicted peak. Returns the
+    graphs, peak and solution to use, and the note for the plan (None when nothing was cut)."""
     compress = config.remat_compress == "fp8"
 
     def evaluate(pins: FrozenSet[int]) -> Optional[remat_peak.Trial]:
@@ -463,13 +469,14 @@ def _repair_peak(a: _Analysis, config: Config, budget: float, fw: fx.GraphModule
 
     start = remat_peak.Trial(solution, fw, bw, peak)
     best, pins = remat_peak.repair(start, a.num_fwd_outputs, a.problem, evaluate)
+    note = None
     if pins:
         fb = cost_model.format_bytes
         names = ", ".join(a.problem.names[v] for v in pins[:6]) + (", ..." if len(pins) > 6 else "")
-        notes.append(f"peak repair: saving {len(pins)} values a recompute chain ran through ({names}) lowers the "
-                     f"predicted peak {fb(peak)} -> {fb(best.peak)} at {fb(best.solution.plan.nbytes)} saved, "
-                     f"recompute {solution.plan.cost * 1e3:.2f} -> {best.solution.plan.cost * 1e3:.2f} ms")
-    return best.fw, best.bw, best.peak, best.solution
+        note = (f"peak repair: saving {len(pins)} values a recompute chain ran through ({names}) lowers the "
+                f"predicted peak {fb(peak)} -> {fb(best.peak)} at {fb(best.solution.plan.nbytes)} saved, "
+                f"recompute {solution.plan.cost * 1e3:.2f} -> {best.solution.plan.cost * 1e3:.2f} ms")
+    return best.fw, best.bw, best.peak, best.solution, note
 
 
 def _budget_bytes(spec: Any, baseline: float) -> float:

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import flashfx
-from flashfx.passes import remat_peak
+from flashfx.passes import remat, remat_peak
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,3 +89,19 @@ def test_post_dominators_find_the_value_every_path_passes_through():
     dom = remat_peak._post_dominators(early, {t, g, h}, order, order[h])
     assert dom[a] is d and dom[b] is d and dom[c] is d
     assert d not in dom and e not in dom  # they feed the backward directly: only the sink post-dominates them
+
+
+def test_auto_repairs_a_fraction_whose_plan_does_not_fit(monkeypatch):
+    torch.manual_seed(0)
+    model, ids = LlamaLoss(), torch.randint(0, 512, (2, 64))
+    _, _, explicit = _plan(model, ids, 0.3)
+    assert any(note.startswith("peak repair:") for note in explicit.notes)
+    # free memory such that the repaired plan at 0.3 just fits (auto keeps 10% headroom)
+    monkeypatch.setattr(remat, "_free_bytes", lambda device: int(explicit.peak_bytes / remat.AUTO_HEADROOM) + 1)
+    _, _, auto = _plan(model, ids, "auto")
+    assert auto.status == "applied" and auto.peak_bytes <= explicit.peak_bytes
+    assert any(note.startswith("peak repair:") for note in auto.notes)
+    monkeypatch.setattr(remat_peak, "MAX_ROUNDS", 0)  # unrepaired, no fraction's plan fits that memory
+    _, _, unrepaired = _plan(model, ids, "auto")
+    assert unrepaired.peak_bytes > auto.peak_bytes
+    assert any("even the smallest plan" in note for note in unrepaired.notes)

@@ -36,6 +36,14 @@ CASTS = {aten._to_copy, torch.ops.prims.convert_element_type}
 CATS = (aten.cat.default, aten.slice_backward.default)
 
 
+def cat_operands(node: fx.Node) -> Tuple[List[Any], Any, Any]:
+    """(operands, dim, offset of the first operand) of a node in CATS: cat's parts from 0, or slice_backward's one
+    operand at its start."""
+    if node.target is aten.slice_backward.default:
+        return [node.args[0]], node.args[2], node.args[3]
+    return list(node.args[0]), (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)), 0
+
+
 class LoweringError(Exception):
     """The group cannot be generated; the message says why (it becomes the decline reason)."""
 
@@ -275,10 +283,7 @@ class _Lowerer:
         if self.plan.rdims:
             raise LoweringError(f"{node.name}: {node.target.__name__} inside a reduction group is not generated")
         out_shape = shape_of(node)
-        if node.target is aten.slice_backward.default:
-            parts, dim, start = [node.args[0]], node.args[2], node.args[3]
-        else:
-            parts, dim, start = node.args[0], (node.args[1] if len(node.args) > 1 else 0), 0
+        parts, dim, start = cat_operands(node)
         d = dim % len(out_shape)
         out_map = map_to_p(out_shape, self.plan.P, self.plan.rdims, "full")
         pd = out_map[d]

@@ -91,10 +91,10 @@ class _Partitioner:
                 return None
         packet = node.target.overloadpacket
         if node.target is aten.slice_backward.default:
-            return "cat" if _static_slice_backward(node, value) else None
+            return "cat" if _static_slice_backward(node, value, self.lower.cat_operands(node)) else None
         if node.target is aten.cat.default:
-            parts = node.args[0]
-            dim = (node.args[1] if len(node.args) > 1 else 0) % value.dim()
+            parts, dim, _ = self.lower.cat_operands(node)
+            dim %= value.dim()
             # every part of the output's rank (cat also takes legacy empty 1-D parts) with a static cat-dim size
             static = all(isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor)
                          and p.meta["val"].dim() == value.dim()
@@ -283,7 +283,7 @@ class _Partitioner:
     def take_cat(self, node: fx.Node, epoch: int) -> None:
         """A cat starts a pointwise group over its output; operands computed only for it come along (shifted)."""
         group = _Group([node], tuple(s for s in self.lower.shape_of(node) if s != 1), (), epoch)
-        parts = [node.args[0]] if node.target is aten.slice_backward.default else node.args[0]
+        parts, _, _ = self.lower.cat_operands(node)
         for part in dict.fromkeys(parts):
             if part not in self.group_of:
                 continue
@@ -357,9 +357,11 @@ def _group_io(group: _Group, members: Set[fx.Node]) -> Tuple[Any, Any]:
     return before, after
 
 
-def _static_slice_backward(node: fx.Node, value: torch.Tensor) -> bool:
-    """slice_backward(grad, sizes, dim, start, end, step) with step 1, int bounds and a static extent along dim."""
-    grad, _, dim, start, end, step = node.args[:6]
+def _static_slice_backward(node: fx.Node, value: torch.Tensor, operands: Tuple[List[Any], Any, Any]) -> bool:
+    """slice_backward(grad, sizes, dim, start, end, step) with step 1, int bounds and a static extent along dim;
+    `operands` is its `lower.cat_operands`."""
+    (grad,), dim, start = operands
+    end, step = node.args[4:6]
     g = grad.meta.get("val") if isinstance(grad, fx.Node) else None
     if not isinstance(g, torch.Tensor) or g.dim() != value.dim() or step != 1:
         return False

@@ -17,22 +17,38 @@ aten = torch.ops.aten
 
 
 def topological_sort(graph: fx.Graph) -> None:
-    """Reorder nodes so every node follows its inputs, keeping the original order wherever it is free."""
+    """Reorder nodes so every node follows its inputs, moving as little as possible: each node keeps the place of the
+    earliest node that needs it (itself, or transitively a user). A group's kernel is inserted after the group's last
+    member; when something earlier reads one of its values, the kernel (and what it needs) moves up to just before
+    that reader, and nothing else moves. Placeholders keep their order at the top (they are the call signature).
+
+    Ordering by a node's own place alone let everything already computable run ahead of such a kernel, whatever it
+    was: in a backward with recompute, one early reader pulled the recompute of every later layer to the start of
+    the backward (the ANCHORS Llama at remat 0.2: predicted peak 1.99 GB before fusion, 4.27 GB after)."""
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
+    need = {n: -1 if n.op in ("placeholder", "get_attr") else index[n] for n in nodes}
+    changed = True
+    while changed:  # the list is not yet in order, so users may come before: iterate to the fixpoint
+        changed = False
+        for n in reversed(nodes):
+            if n.op in ("placeholder", "get_attr"):
+                continue
+            earliest = min((need[u] for u in n.users), default=need[n])
+            if earliest < need[n]:
+                need[n], changed = earliest, True
     indeg = {n: len(set(n.all_input_nodes)) for n in nodes}
-    ready = [(index[n], n.name) for n in nodes if indeg[n] == 0]
-    by_name = {n.name: n for n in nodes}
+    ready = [(need[n], index[n]) for n in nodes if indeg[n] == 0]
     heapq.heapify(ready)
     order = []
     while ready:
-        _, name = heapq.heappop(ready)
-        n = by_name[name]
+        _, i = heapq.heappop(ready)
+        n = nodes[i]
         order.append(n)
         for u in n.users:
             indeg[u] -= 1
             if indeg[u] == 0:
-                heapq.heappush(ready, (index[u], u.name))
+                heapq.heappush(ready, (need[u], index[u]))
     assert len(order) == len(nodes), "fusion created a cycle"
     if order != nodes:
         for a, b in zip(order, order[1:]):

@@ -572,8 +572,10 @@ def remat_totals(fn: Any) -> Dict[str, Any]:
     plans = [p for g in report.graphs for p in g.remat if hasattr(p, "peak_bytes")] if report is not None else []
     if not plans:
         return {}
+    compiled = [max(g.compiled_peaks.values()) for g in report.graphs if getattr(g, "compiled_peaks", None)]
     return {"peak_bytes": sum(p.peak_bytes for p in plans), "activation_bytes": sum(p.activation_bytes for p in plans),
-            "extra_flops": sum(p.extra_flops for p in plans), "status": ",".join(sorted({p.status for p in plans}))}
+            "extra_flops": sum(p.extra_flops for p in plans), "status": ",".join(sorted({p.status for p in plans})),
+            "compiled_peak_bytes": sum(compiled) if compiled else None}
 
 
 def remat_prediction(fn: Any) -> Dict[str, float]:

@@ -77,6 +77,7 @@ def predicted(fn: Any) -> Dict[str, Any]:
     """The remat plans' predictions summed over compiled graphs (None when no plan was made)."""
     totals = common.remat_totals(fn)
     return {"predicted_peak_bytes": totals.get("peak_bytes"),
+            "predicted_compiled_peak_bytes": totals.get("compiled_peak_bytes"),
             "predicted_activation_bytes": totals.get("activation_bytes"),
             "extra_flops": totals.get("extra_flops"), **({"status": totals["status"]} if totals else {})}
 
@@ -105,8 +106,8 @@ def size(value: Optional[float]) -> str:
 
 
 def table(records: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| provider | budget | step ms (p20–p80) | measured peak (forward's) | predicted peak | predicted saved | "
-             "extra GFLOP | compile s | loss |", "|---" * 9 + "|"]
+    lines = ["| provider | budget | step ms (p20–p80) | measured peak (forward's) | predicted peak (plan; compiled "
+             "graphs) | predicted saved | extra GFLOP | compile s | loss |", "|---" * 9 + "|"]
     for r in records:
         if r.get("error"):
             lines.append(f"| {r['provider']} | {r['budget']} | failed: {r['error']} |  |  |  |  |  |  |")
@@ -115,7 +116,7 @@ def table(records: Sequence[Dict[str, Any]]) -> str:
         forward = f" ({size(r['measured_forward_peak_bytes'])})" if r.get("measured_forward_peak_bytes") else ""
         lines.append(f"| {r['provider']} | {r['budget']} | {r['ms']:.2f} ({r['ms_p20']:.2f}–{r['ms_p80']:.2f}) | "
                      f"{size(r.get('measured_peak_bytes'))}{forward} | "
-                     f"{size(r.get('predicted_peak_bytes'))} | "
+                     f"{size(r.get('predicted_peak_bytes'))}; {size(r.get('predicted_compiled_peak_bytes'))} | "
                      f"{size(r.get('predicted_activation_bytes'))} | {extra} | {r['compile_s']:.1f} | "
                      f"{r['loss']:.4f} |")
     return "\n".join(lines)

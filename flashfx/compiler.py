@@ -97,6 +97,11 @@ class Compiler:
             report.fallbacks.extend(record.artifacts.get("fallbacks", []))
         report.aten[stage] = gm.code
         report.aten_costs[stage] = (before, cost_model.graph_cost(gm))
+        if stage in ("forward", "backward"):
+            from flashfx.passes.remat_memory import compiled_peak
+
+            # the remat plan predicts on the graphs before fusion; this checks the graphs that will run
+            report.compiled_peaks[stage] = compiled_peak(gm, stage)
         compiled = boxed_graph_module(gm)  # inputs (saved activations in the backward) freed at their last use
         if stage == "inference" and self.config.cuda_graphs:
             return self._cuda_graphs(report, gm, compiled, example_inputs)

@@ -27,6 +27,8 @@ class GraphReport:
     aten_costs: Dict[str, Tuple[cost_model.GraphCost, cost_model.GraphCost]] = field(default_factory=dict)
     kernels: List[Tuple[str, str]] = field(default_factory=list)
     remat: List[Any] = field(default_factory=list)  # plan records from the remat partitioner
+    # stage -> predicted peak bytes of the compiled training graph as it runs (`remat_memory.compiled_peak`)
+    compiled_peaks: Dict[str, int] = field(default_factory=dict)
     fallbacks: List[Any] = field(default_factory=list)  # codegen.fallback.Fallback of each generated kernel
     cuda_graphs: List[Any] = field(default_factory=list)  # a CudaGraphRunner, or why the graph runs op by op (str)
 
@@ -128,6 +130,9 @@ class Report:
                 )
             for plan in g.remat:
                 lines.append("  remat: " + (plan.text() if hasattr(plan, "text") else str(plan)))
+            if g.compiled_peaks:
+                lines.append("  predicted peak of the compiled graphs (after fusion): " + ", ".join(
+                    f"{stage} {cost_model.format_bytes(b)}" for stage, b in g.compiled_peaks.items()))
             if g.kernels:
                 uses = collections.Counter(name for name, _ in g.kernels)  # a kernel shared by every layer: once
                 lines.append(f"  generated kernels ({len(g.kernels)} groups, {len(uses)} distinct): "
@@ -165,6 +170,7 @@ class Report:
                 "kernels": [name for name, _ in g.kernels],
                 "fallbacks": [{"kernel": f.name, "error": f.error} for f in g.active_fallbacks()],
                 "remat": [plan.as_dict() if hasattr(plan, "as_dict") else str(plan) for plan in g.remat],
+                "compiled_peak_bytes": dict(g.compiled_peaks),
                 "cuda_graphs": [_graph_status(r) for r in g.cuda_graphs],
             })
         totals = {

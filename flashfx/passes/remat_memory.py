@@ -130,6 +130,18 @@ def _live_peak(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None
     return _lifetimes(gm, owned_inputs).peak()[0]
 
 
+def compiled_peak(gm: fx.GraphModule, stage: str) -> int:
+    """The same prediction for a graph as it will run (after fusion, which may reorder it): what it allocates beyond
+    its inputs, plus, in a backward, the saved activations it is handed and frees as it goes (AOTAutograd names the
+    other inputs primals_* and tangents_*)."""
+    owned: Dict[str, int] = {}
+    if stage == "backward":
+        owned = {n.name: _bytes_of(n) for n in gm.graph.find_nodes(op="placeholder")
+                 if not str(n.target).startswith(("primals", "tangents"))
+                 and isinstance(n.meta.get("val"), torch.Tensor)}
+    return _live_peak(gm, owned)
+
+
 # ------------------------------------------------------------------------------------------------- fp8
 
 def _compress_fp8(fw: fx.GraphModule, bw: fx.GraphModule, names: Set[str], num_fwd_outputs: int) -> None:

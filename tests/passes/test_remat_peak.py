@@ -105,3 +105,17 @@ def test_auto_repairs_a_fraction_whose_plan_does_not_fit(monkeypatch):
     _, _, unrepaired = _plan(model, ids, "auto")
     assert unrepaired.peak_bytes > auto.peak_bytes
     assert any("even the smallest plan" in note for note in unrepaired.notes)
+
+
+def test_the_compiled_graphs_keep_the_plans_peak_after_fusion():
+    torch.manual_seed(0)
+    model, ids = LlamaLoss(), torch.randint(0, 512, (2, 64))
+    torch._dynamo.reset()
+    fast = flashfx.optimize(model, remat=0.2)  # fusion on: the graphs that run are reordered by the splicing
+    fast(ids).backward()
+    (graph,) = fast.report.graphs
+    (plan,) = graph.remat
+    assert set(graph.compiled_peaks) == {"forward", "backward"}
+    # fusion removes intermediates, so the compiled peak may be lower; it must not move recompute earlier
+    assert max(graph.compiled_peaks.values()) <= 1.05 * plan.peak_bytes, (graph.compiled_peaks, plan.peak_bytes)
+    assert "predicted peak of the compiled graphs" in fast.report.text()

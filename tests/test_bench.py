@@ -345,10 +345,10 @@ def test_remat_curve_table_shows_measured_and_predicted_side_by_side():
 
     ok = {"provider": "flashfx", "budget": 0.3, "ms": 70.1, "ms_p20": 69.9, "ms_p80": 70.4, "compile_s": 12.0,
           "loss": 12.16, "measured_peak_bytes": 6.2e9, "predicted_peak_bytes": 5.9e9,
-          "predicted_activation_bytes": 3.1e9, "extra_flops": 4.2e11}
+          "predicted_compiled_peak_bytes": 6.0e9, "predicted_activation_bytes": 3.1e9, "extra_flops": 4.2e11}
     failed = {"provider": "compile", "budget": 0.3, "error": "RuntimeError: out of memory"}
     lines = remat_curve.table([ok, failed]).splitlines()
-    assert lines[2] == ("| flashfx | 0.3 | 70.10 (69.90–70.40) | 6.20 GB | 5.90 GB | 3.10 GB | 420 | 12.0 | "
+    assert lines[2] == ("| flashfx | 0.3 | 70.10 (69.90–70.40) | 6.20 GB | 5.90 GB; 6.00 GB | 3.10 GB | 420 | 12.0 | "
                         "12.1600 |")
     assert "failed: RuntimeError: out of memory" in lines[3]
 

@@ -285,23 +285,23 @@ def node_cost(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> NodeCost:
 
 def graph_cost(gm: fx.GraphModule) -> GraphCost:
     """Totals over `gm`: each node run as its own kernel, and the lower bound (inputs read once, outputs written once)."""
-    flops, moved, hints, approximate = ZERO, ZERO, {}, []
-    lower = ZERO
+    flops, moved, lower, hints, approximate = [], [], [], {}, []
     for node in gm.graph.nodes:
         value = node_value(node)
         size_hints(value, hints)
         if node.op == "placeholder":
-            lower += _input_bytes_needed(node, gm)
+            lower.append(_input_bytes_needed(node, gm))
             continue
         if node.op == "output":
-            lower += _output_bytes_written(node, gm)
+            lower.append(_output_bytes_written(node, gm))
             continue
         c = node_cost(node, gm)
-        flops += c.flops
-        moved += c.hbm_bytes
+        flops.append(c.flops)
+        moved.append(c.hbm_bytes)
         if not c.exact:
             approximate.append(node.name)
-    return GraphCost(sympy.simplify(flops), sympy.simplify(moved), sympy.simplify(lower), hints, approximate)
+    # one Add of all the terms: adding them one at a time re-canonicalises a growing sum (quadratic in the nodes)
+    return GraphCost(*(sympy.Add(*terms) for terms in (flops, moved, lower)), hints, approximate)
 
 
 def _output_bytes_written(output: fx.Node, gm: fx.GraphModule) -> Expr:

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable from the
 
 import torch  # noqa: E402
 
-from bench import common  # noqa: E402
+from bench import common, measure, providers  # noqa: E402
 from bench.run import workloads  # noqa: E402
 
 # Kernel name -> class, first match wins. cuBLAS / CUTLASS / nvjet names vary by version; these cover the H100 ones.
@@ -66,8 +66,8 @@ def host_profile(step: Any, steps: int, top: int) -> str:
 
 def profile_provider(case: common.Case, name: str, opts: common.Options, steps: int, top: int,
                      host_top: int = 0) -> Dict[str, Any]:
-    provider = common.PROVIDERS[name]
-    common.set_attention(case.model, provider.attn)
+    provider = providers.PROVIDERS[name]
+    providers.set_attention(case.model, provider.attn)
     case.model.train(case.training)
     context = provider.context() if provider.context else contextlib.nullcontext()
     with context:
@@ -76,16 +76,16 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
             case.step(fn)
         fell_back = common.fallbacks(fn)  # generated kernels that failed and run their ATen ops: shown with the times
         counters = common._flashfx_counters(fn)
-        common.synchronize(opts.device)
+        measure.synchronize(opts.device)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             for _ in range(steps):
                 case.step(fn)
-            common.synchronize(opts.device)
+            measure.synchronize(opts.device)
             wall_ms = (time.perf_counter() - t0) * 1e3 / steps
         host = host_profile(lambda: case.step(fn), steps, host_top) if host_top else ""
-        common.synchronize(opts.device)
+        measure.synchronize(opts.device)
         del fn
     per_kernel: Dict[str, float] = collections.defaultdict(float)
     calls: Dict[str, int] = collections.defaultdict(int)
@@ -99,7 +99,7 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
         by_class[kernel_class(kname)] += ms
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
     case.model.zero_grad(set_to_none=True)
-    common.free_memory(opts.device)
+    measure.free_memory(opts.device)
     return {"provider": name, "counters": counters, "fallbacks": fell_back, "wall_ms": wall_ms, "gpu_busy_ms": busy,
             "launches": sum(calls.values()) // steps, "host_profile": host,
             "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
@@ -144,24 +144,24 @@ def main(argv: Sequence[str] = None) -> int:
     if args.workload not in found:
         ap.error(f"unknown workload {args.workload!r}; known: {', '.join(found)}")
     try:
-        device = common.require_device("cuda")
-        providers = common.parse_providers(args.providers, ())
-    except common.BenchError as e:
+        device = measure.require_device("cuda")
+        names = providers.parse_providers(args.providers, ())
+    except measure.BenchError as e:
         print(f"bench/breakdown.py: {e}", file=sys.stderr)
-        return common.EXIT_NO_CUDA
+        return measure.EXIT_NO_CUDA
     opts = common.Options(device=device)
     case = found[args.workload].build(opts)
     results = []
-    for name in common.order_providers(providers):
+    for name in providers.order_providers(names):
         try:
             results.append(profile_provider(case, name, opts, args.steps, args.top, args.host))
         except Exception as exc:  # noqa: BLE001  (one provider failing still leaves the others' profiles)
-            print(f"{name}: failed: {common.one_line(exc)}", file=sys.stderr)
+            print(f"{name}: failed: {measure.one_line(exc)}", file=sys.stderr)
     print(render(args.workload, results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"workload": args.workload, "device": common.device_name(device),
-                       "versions": common.versions(), "date": common.today(), "results": results}, f, indent=1)
+            json.dump({"workload": args.workload, "device": measure.device_name(device),
+                       "versions": measure.versions(), "date": measure.today(), "results": results}, f, indent=1)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The benchmark harness: timing, memory, the card's ceilings, providers, numerics, JSON lines and tables.
+"""The benchmark harness: cases and workloads, running every provider on a case, numerics, JSON lines and tables
+(measurement is in `measure`, the providers in `providers`).
 
 One workload = one `Case` (a model, its inputs and a step); one provider = one way a user would run it (eager,
 SDPA, torch.compile, Liger-Kernel, flashfx with some passes). `run_case` runs every provider on the case in this
@@ -11,227 +12,26 @@ from explicit formulas in the workload files, against ceilings measured in the s
 from __future__ import annotations
 
 import contextlib
-import datetime
-import gc
 import json
 import math
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-EXIT_NO_CUDA = 2
-NO_CUDA_MESSAGE = (
-    "flashfx bench needs a CUDA GPU: the benchmarks time CUDA kernels with CUDA events and read "
-    "torch.cuda.max_memory_allocated, and torch {torch} sees no CUDA device here. Run it on a machine with an "
-    "NVIDIA GPU and a CUDA build of PyTorch. For a smoke test of the harness itself (no meaningful numbers), "
-    "pass --device cpu --tiny."
-)
-
-
-class BenchError(Exception):
-    """A user-facing error of the benchmark command (exit code 2, message printed as is)."""
-
-
-def require_device(device: str) -> torch.device:
-    """The device to benchmark on; a clear `BenchError` when CUDA is asked for and absent."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(NO_CUDA_MESSAGE.format(torch=torch.__version__))
-    if dev.type not in ("cuda", "cpu"):
-        raise BenchError(f"--device {device!r} is not supported; use 'cuda' (benchmarks) or 'cpu' (smoke test)")
-    return dev
-
-
-# ----------------------------------------------------------------------------------------- statistics
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """The q-quantile (0 ≤ q ≤ 1) with linear interpolation between order statistics (numpy's default)."""
-    if not values:
-        raise ValueError("quantile of an empty list: time at least one repeat")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile q={q!r} must be in [0, 1]")
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def summarize(samples_ms: Sequence[float]) -> Dict[str, float]:
-    """Median with the 20/80 quantiles: robust to the odd slow repeat, and the spread says how noisy it was."""
-    return {"ms": quantile(samples_ms, 0.5), "ms_p20": quantile(samples_ms, 0.2),
-            "ms_p80": quantile(samples_ms, 0.8), "repeats": len(samples_ms)}
-
-
-# ----------------------------------------------------------------------------------------- timing / memory
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> List[float]:
-    """Per-call times in ms: CUDA events on the GPU (no host sync inside the loop), perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    if device.type != "cuda":
-        out = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-        return out
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
-    for start, end in zip(starts, ends):
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-
-
-def free_memory(device: torch.device) -> None:
-    """Forget compiled graphs and cached blocks so the next provider starts from the same state."""
-    torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def peak_bytes(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
-    """Peak allocated bytes during one call (weights included), or None off CUDA. CUDA-graph replays (flashfx's
-    inference graphs, torch.compile's reduce-overhead) run in private pools whose intermediates the allocator
-    counts as free: their unallocated reserved bytes are added (`graph_pool_bytes`)."""
-    if device.type != "cuda":
-        fn()
-        return None
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.max_memory_allocated(device) + graph_pool_bytes(torch.cuda.memory_snapshot(), index)
-
-
-def graph_pool_bytes(segments: Sequence[Dict[str, Any]], device_index: int) -> int:
-    """Reserved but unallocated bytes of the allocator's private pools (CUDA graphs) on one device, from
-    `torch.cuda.memory_snapshot()`'s segments; the default pool is (0, 0)."""
-    return sum(s["total_size"] - s.get("allocated_size", 0) for s in segments
-               if s.get("device") == device_index and tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
-
-
-def measure_ceilings(device: torch.device, quick: bool = False) -> Dict[str, float]:
-    """The card's two ceilings, measured now: bf16 dense matmul TFLOP/s and device-copy GB/s (read + write)."""
-    if device.type != "cuda":
-        return {"matmul_tflops": float("nan"), "copy_gbps": float("nan")}
-    n = 8192
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen)  # random, never zeros
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen)
-    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    mm = summarize(time_ms(lambda: torch.mm(a, b, out=c), device, warmup=3, repeat=10 if quick else 30))
-    del a, b, c
-    elems = 1 << 29  # 1 GiB of bf16 each way: far larger than the 50 MB L2
-    src = torch.randn(elems, device=device, dtype=torch.bfloat16, generator=gen)
-    dst = torch.empty_like(src)
-    cp = summarize(time_ms(lambda: dst.copy_(src), device, warmup=3, repeat=10 if quick else 30))
-    del src, dst
-    torch.cuda.empty_cache()
-    return {"matmul_tflops": 2 * n ** 3 / (mm["ms"] / 1e3) / 1e12,
-            "copy_gbps": 2 * elems * 2 / (cp["ms"] / 1e3) / 1e9,  # bytes read + bytes written, bf16
-            "matmul_ms": mm["ms"], "copy_ms": cp["ms"]}
-
-
-# ----------------------------------------------------------------------------------------- numerics
-
-def max_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|out − ref| / max|ref| in float32: relative to the reference's scale, so near-zero elements of a
-    bf16 output do not turn rounding into huge ratios."""
-    if out.shape != ref.shape:
-        raise ValueError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
-    o, r = out.detach().float(), ref.detach().float().to(out.device)
-    if not torch.isfinite(o).all():
-        return float("inf")
-    scale = r.abs().max().item()
-    return (o - r).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
-# ----------------------------------------------------------------------------------------- environment
-
-def versions() -> Dict[str, Optional[str]]:
-    def version_of(name: str) -> Optional[str]:
-        try:
-            module = __import__(name)
-            return getattr(module, "__version__", None)
-        except Exception:  # noqa: BLE001  (a missing optional package is just "absent")
-            return None
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": version_of("triton"),
-            "transformers": version_of("transformers"), "liger_kernel": _liger_version(),
-            "cuda": torch.version.cuda}
-
-
-def _liger_version() -> Optional[str]:
-    try:
-        from importlib.metadata import version
-        return version("liger-kernel")
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def today() -> str:
-    return datetime.date.today().isoformat()
-
-
-def _chain(exc: BaseException) -> List[BaseException]:
-    out, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        out.append(exc)
-        seen.add(id(exc))
-        exc = getattr(exc, "inner_exception", None) or exc.__cause__
-    return out
-
-
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    """`Type: first line` of the most telling error in the chain, short enough for a table cell.
-
-    Dynamo wraps a backend's error in BackendCompilerFailed, whose first line names only the backend object:
-    the first exception under such wrappers is the one that says what went wrong (e.g. which flashfx pass)."""
-    chain = _chain(exc)
-    tell = next((e for e in chain if not type(e).__module__.startswith("torch._dynamo")), chain[-1])
-    text = [t for t in str(tell).strip().splitlines() if t.strip()]
-    first = re.sub(r"<([\w.]+?)(?: object)? at 0x[0-9a-f]+>", lambda m: f"<{m.group(1).rsplit('.', 1)[-1]}>",
-                   text[0].strip() if text else "")
-    msg = f"{type(tell).__name__}: {first}".rstrip(": ")
-    if tell is not exc:
-        msg = f"{type(exc).__name__} ← {msg}"
-    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
-
-
-def is_cuda_context_lost(exc: BaseException) -> bool:
-    """After an illegal address or a device-side assert the CUDA context is unusable for every later provider."""
-    text = str(exc)
-    return any(s in text for s in ("illegal memory access", "device-side assert", "unspecified launch failure",
-                                    "CUDA error: an illegal instruction", "misaligned address"))
-
+try:
+    from bench import providers
+    from bench.measure import (free_memory, is_cuda_context_lost, max_rel_error, one_line, peak_bytes, summarize,
+                               synchronize, time_ms)
+except ImportError:  # run from inside bench/
+    import providers  # type: ignore[no-redef]
+    from measure import (free_memory, is_cuda_context_lost, max_rel_error,  # type: ignore[no-redef]
+                         one_line, peak_bytes, summarize, synchronize, time_ms)
 
 # ----------------------------------------------------------------------------------------- progress
 
@@ -312,164 +112,6 @@ class Options:
     progress: Optional[Progress] = None
 
 
-# ----------------------------------------------------------------------------------------- providers
-
-@dataclass(frozen=True)
-class Provider:
-    """A way to run the model. `attn` is the Hugging Face attention implementation; `wrap` turns the model into
-    the callable that is timed (and may return a context manager that must stay open while it runs)."""
-
-    name: str
-    describe: str
-    attn: str = "sdpa"
-    compiles: bool = False
-    wrap: Optional[Callable[[torch.nn.Module, Case, Options], Any]] = None
-    context: Optional[Callable[[], Any]] = None
-    training_only: bool = False
-    est_s: float = 10.0                    # rough wall time on the full-size case, to skip what cannot fit
-
-
-def _compile(mode: Optional[str] = None) -> Callable[..., Any]:
-    def wrap(model: torch.nn.Module, case: Case, opts: Options) -> Any:
-        return torch.compile(model, mode=mode) if mode else torch.compile(model)
-    return wrap
-
-
-def _budget(fraction: float) -> Callable[[], Any]:
-    def context() -> Any:
-        import torch._functorch.config as functorch_config
-        return functorch_config.patch(activation_memory_budget=fraction)
-    return context
-
-
-def _liger(model: torch.nn.Module, case: Case, opts: Options) -> Any:
-    try:
-        import liger_kernel.transformers as liger
-    except ImportError as e:
-        raise RuntimeError("liger-kernel is not installed (pip install liger-kernel)") from e
-    patch = getattr(liger, f"apply_liger_kernel_to_{case.family}", None)
-    if patch is None:
-        raise RuntimeError(f"liger-kernel {_liger_version()} has no patch for {case.family}")
-    # Patches the classes and this instance for good: run_case runs Liger last for that reason.
-    patch(model=model)
-    return model
-
-
-class LossOnly(torch.nn.Module):
-    """`model(**batch).loss` as a module: the logits are dead in the captured graph, so the fused linear +
-    cross-entropy may drop them (Hugging Face causal LMs return them next to the loss, and the pass must then
-    decline). This is how flashfx's docs say to compile a training step."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, **batch: Any) -> torch.Tensor:
-        return self.model(**batch).loss
-
-
-def _flashfx(loss_only: bool = False, **config: Any) -> Callable[..., Any]:
-    def wrap(model: torch.nn.Module, case: Case, opts: Options) -> Any:
-        import flashfx
-        # A fresh kernel cache per provider, so "cold" compile time really compiles.
-        cache = os.environ.get("FLASHFX_BENCH_CACHE") or tempfile.mkdtemp(prefix="flashfx-bench-")
-        return flashfx.optimize(LossOnly(model) if loss_only else model, cache_dir=cache, **config)
-    return wrap
-
-
-_ONLY = dict(attention="off", fusion=False, cross_entropy=False)
-PROVIDERS: Dict[str, Provider] = {p.name: p for p in [
-    Provider("eager", "Hugging Face attn_implementation='eager' (math attention)", attn="eager", est_s=10),
-    Provider("sdpa", "attn_implementation='sdpa'", est_s=8),
-    Provider("compile", "SDPA + torch.compile (default mode)", compiles=True, wrap=_compile(), est_s=45),
-    Provider("compile-max-autotune", "SDPA + torch.compile(mode='max-autotune')", compiles=True,
-             wrap=_compile("max-autotune"), est_s=400),
-    Provider("compile-reduce-overhead", "SDPA + torch.compile(mode='reduce-overhead'): with CUDA graphs",
-             compiles=True, wrap=_compile("reduce-overhead"), est_s=60),
-    Provider("compile-amb0.5", "SDPA + torch.compile, activation_memory_budget=0.5", compiles=True,
-             wrap=_compile(), context=_budget(0.5), training_only=True, est_s=45),
-    Provider("liger", "Liger-Kernel apply_liger_kernel_to_* (SDPA)", wrap=_liger, est_s=15),
-    Provider("flashfx", "flashfx.optimize(model): all default passes", compiles=True, wrap=_flashfx(), est_s=85),
-    Provider("flashfx-nographs", "flashfx, all default passes, inference graphs launched op by op "
-             "(cuda_graphs=False)", compiles=True, wrap=_flashfx(cuda_graphs=False), est_s=85),
-    Provider("flashfx-loss", "flashfx, all default passes, on `model(**batch).loss` (logits not returned)",
-             compiles=True, wrap=_flashfx(loss_only=True), training_only=True, est_s=85),
-    Provider("flashfx-attention", "flashfx, attention pass only", compiles=True,
-             wrap=_flashfx(**{**_ONLY, "attention": "exact"}), est_s=75),
-    Provider("flashfx-fusion", "flashfx, fusion pass only", compiles=True,
-             wrap=_flashfx(**{**_ONLY, "fusion": True}), est_s=80),
-    Provider("flashfx-ce", "flashfx, fused linear + cross-entropy only, on `model(**batch).loss`", compiles=True,
-             wrap=_flashfx(loss_only=True, **{**_ONLY, "cross_entropy": True}), training_only=True, est_s=75),
-    Provider("flashfx-remat0.5", "flashfx, all passes + remat=0.5, on `model(**batch).loss`", compiles=True,
-             wrap=_flashfx(loss_only=True, remat=0.5), training_only=True, est_s=85),
-    Provider("flashfx-remat-speed", "flashfx, all passes + remat='speed' (no budget), on `model(**batch).loss`",
-             compiles=True, wrap=_flashfx(loss_only=True, remat="speed"), training_only=True, est_s=85),
-    Provider("flashfx-none", "flashfx with every pass off (capture + AOTAutograd overhead alone)", compiles=True,
-             wrap=_flashfx(**_ONLY), est_s=60),
-]}
-# Liger patches model classes in place, so it runs after every other provider of a process.
-RUN_LAST = ("liger",)
-
-
-def parse_providers(text: Optional[str], default: Sequence[str]) -> List[str]:
-    """`--providers a,b,c` → names, checked against `PROVIDERS`, in the order given."""
-    if not text:
-        return list(default)
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown:
-        raise BenchError(f"unknown provider(s) {', '.join(map(repr, unknown))}; known: {', '.join(PROVIDERS)}")
-    return names
-
-
-def order_providers(names: Iterable[str]) -> List[str]:
-    names = list(dict.fromkeys(names))
-    return [n for n in names if n not in RUN_LAST] + [n for n in names if n in RUN_LAST]
-
-
-def set_attention(model: torch.nn.Module, attn: str) -> None:
-    """Switch a Hugging Face model's attention implementation; a plain module has no such choice."""
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(attn)
-    elif hasattr(getattr(model, "config", None), "_attn_implementation"):
-        model.config._attn_implementation = attn
-
-
-@contextlib.contextmanager
-def fresh_compile_caches(root: str, tag: str) -> Iterator[str]:
-    """Empty Inductor / Triton / flashfx on-disk caches for one provider; kept for its warm re-compile."""
-    path = os.path.join(root, tag)
-    os.makedirs(path, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASHFX_BENCH_CACHE")}
-    os.environ.update({"TORCHINDUCTOR_CACHE_DIR": os.path.join(path, "inductor"),
-                       "TRITON_CACHE_DIR": os.path.join(path, "triton"),
-                       "FLASHFX_BENCH_CACHE": os.path.join(path, "flashfx")})
-    _clear_inductor_memory_caches()
-    try:
-        yield path
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _clear_inductor_memory_caches()
-
-
-def _clear_inductor_memory_caches() -> None:
-    try:
-        from torch._inductor.utils import clear_caches
-        clear_caches()
-    except Exception:  # noqa: BLE001  (older/newer torch: the on-disk dir change is what matters)
-        pass
-    try:
-        # Compile workers keep the Triton cache dir they were started with: restart them with the new one.
-        from torch._inductor.async_compile import shutdown_compile_workers
-        shutdown_compile_workers()
-    except Exception:  # noqa: BLE001
-        pass
-
-
 # ----------------------------------------------------------------------------------------- running a case
 
 def _repeats(case: Case, opts: Options) -> Tuple[int, int]:
@@ -491,16 +133,16 @@ def _grads(case: Case) -> Dict[str, torch.Tensor]:
     return {n: params[n].grad.detach() for n in names if n in params and params[n].grad is not None}
 
 
-def run_provider(case: Case, provider: Provider, opts: Options, reference: Dict[str, Any],
+def run_provider(case: Case, provider: providers.Provider, opts: Options, reference: Dict[str, Any],
                  ceilings: Dict[str, float], cache_root: str) -> Dict[str, Any]:
     """Measure one provider on `case`; raises on failure (run_case records it)."""
     progress = opts.progress or Progress(enabled=False)
     device = opts.device
     record: Dict[str, Any] = {"provider": provider.name, "describe": provider.describe}
-    set_attention(case.model, provider.attn)
+    providers.set_attention(case.model, provider.attn)
     case.model.train(case.training)
     context = provider.context() if provider.context else contextlib.nullcontext()
-    with fresh_compile_caches(cache_root, provider.name), context:
+    with providers.fresh_compile_caches(cache_root, provider.name), context:
         fn = provider.wrap(case.model, case, opts) if provider.wrap else case.model
         progress.update(f"{case.name} · {provider.name}: {'compiling' if provider.compiles else 'first call'}")
         synchronize(device)
@@ -632,15 +274,15 @@ def _rates(case: Case, record: Dict[str, Any], ceilings: Dict[str, float]) -> No
         record["items_per_s"] = case.items / seconds
 
 
-def run_case(case: Case, providers: Sequence[str], opts: Options, ceilings: Dict[str, float],
+def run_case(case: Case, names: Sequence[str], opts: Options, ceilings: Dict[str, float],
              emit: Callable[[Dict[str, Any]], None], reference: Optional[Dict[str, Any]] = None) -> None:
     """Every provider on `case`, one at a time; each becomes one record passed to `emit`. `reference` holds the
     first successful provider's outputs (filled here when empty), so a later call can compare against it."""
     reference = {} if reference is None else reference
     cache_root = tempfile.mkdtemp(prefix=f"bench-{case.name}-")
     context_lost: Optional[str] = None
-    for name in order_providers(providers):
-        provider = PROVIDERS[name]
+    for name in providers.order_providers(names):
+        provider = providers.PROVIDERS[name]
         base = {"workload": case.name, "provider": name, "describe": provider.describe}
         if provider.training_only and not case.training:
             emit({**base, "status": "skipped", "error": "training-only provider on an inference workload"})

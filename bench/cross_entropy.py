@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (device_name, max_rel_error, measure_ceilings, one_line, summarize, time_ms, today,  # noqa: E402
-                    versions)
+from measure import (device_name, max_rel_error, measure_ceilings, one_line, summarize, time_ms, today,  # noqa: E402
+                     versions)
 
 from flashfx.codegen import cross_entropy as ce  # noqa: E402
 

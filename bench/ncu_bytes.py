@@ -134,13 +134,13 @@ def step_child(workload: str, provider: str, out_path: str) -> None:
     """One step of a bench/run.py workload with `provider`, warmed up, the last inside NVTX range 'measure'."""
     import torch
 
-    from bench import common
+    from bench import common, providers
     from bench.run import workloads
 
     opts = common.Options(device=torch.device("cuda"))
     case = workloads()[workload].build(opts)
-    spec = common.PROVIDERS[provider]
-    common.set_attention(case.model, spec.attn)
+    spec = providers.PROVIDERS[provider]
+    providers.set_attention(case.model, spec.attn)
     case.model.train(case.training)
     fn = spec.wrap(case.model, case, opts) if spec.wrap else case.model
     for _ in range(3):
@@ -210,14 +210,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         step_child(args.step, args.child_provider, args.child_out)
         return 0
     if args.step:
-        from bench import common
+        from bench import measure, providers
         from bench.run import workloads
 
         if args.step not in workloads():
             ap.error(f"unknown workload {args.step!r}; known: {', '.join(workloads())}")
         try:
-            names = common.parse_providers(args.providers, ())
-        except common.BenchError as e:
+            names = providers.parse_providers(args.providers, ())
+        except measure.BenchError as e:
             ap.error(str(e))
     else:
         known = cases()

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable from the
 
 import torch  # noqa: E402
 
-from bench import common, train_step  # noqa: E402
+from bench import common, measure, providers, train_step  # noqa: E402
 from flashfx.rewriter.cost import format_bytes  # noqa: E402
 
 DEFAULT_BUDGETS = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, "speed")
@@ -82,16 +82,16 @@ def predicted(fn: Any) -> Dict[str, Any]:
             "extra_flops": totals.get("extra_flops"), **({"status": totals["status"]} if totals else {})}
 
 
-def measure(case: common.Case, make: Any, opts: common.Options, warmup: int, repeat: int) -> Dict[str, Any]:
-    common.set_attention(case.model, "sdpa")
+def measure_budget(case: common.Case, make: Any, opts: common.Options, warmup: int, repeat: int) -> Dict[str, Any]:
+    providers.set_attention(case.model, "sdpa")
     case.model.train(True)
     fn = make()
-    common.synchronize(opts.device)
+    measure.synchronize(opts.device)
     t0 = time.perf_counter()
     case.step(fn)
-    common.synchronize(opts.device)
+    measure.synchronize(opts.device)
     first_s = time.perf_counter() - t0
-    record: Dict[str, Any] = common.summarize(common.time_ms(lambda: case.step(fn), opts.device, warmup, repeat))
+    record: Dict[str, Any] = measure.summarize(measure.time_ms(lambda: case.step(fn), opts.device, warmup, repeat))
     record["compile_s"] = max(first_s - record["ms"] / 1e3, 0.0)
     record["loss"] = case.step(fn).float().item()
     record["measured_peak_bytes"], record["measured_forward_peak_bytes"] = step_peak(case, fn, opts.device)
@@ -160,10 +160,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     budgets = parse_budgets(args.budgets)
     try:
-        device = common.require_device(args.device)
-    except common.BenchError as e:
+        device = measure.require_device(args.device)
+    except measure.BenchError as e:
         print(f"bench/remat_curve.py: {e}", file=sys.stderr)
-        return common.EXIT_NO_CUDA
+        return measure.EXIT_NO_CUDA
     opts = common.Options(device=device, tiny=args.tiny)
     case = train_step.build_llama(opts)
     cache = tempfile.mkdtemp(prefix="flashfx-remat-curve-")  # shared: kernels compile once for the sweep
@@ -172,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def flashfx_at(budget: Any) -> Any:
         import flashfx
-        return lambda: flashfx.optimize(common.LossOnly(case.model), cache_dir=cache, remat=budget)
+        return lambda: flashfx.optimize(providers.LossOnly(case.model), cache_dir=cache, remat=budget)
 
     def compile_at(budget: Any) -> Any:
         return lambda: torch.compile(case.model)
@@ -181,18 +181,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.compile:
         runs += [("compile", b, compile_at(b), b) for b in budgets if b != "speed"]
     for provider, budget, make, amb in runs:
-        base = {"provider": provider, "budget": budget, "workload": case.name, "device": common.device_name(device),
-                "date": common.today(), "versions": common.versions()}
+        base = {"provider": provider, "budget": budget, "workload": case.name, "device": measure.device_name(device),
+                "date": measure.today(), "versions": measure.versions()}
         try:
             if amb is None:
-                record = measure(case, make, opts, args.warmup, args.repeat)
+                record = measure_budget(case, make, opts, args.warmup, args.repeat)
             else:
                 import torch._functorch.config as functorch_config
                 with functorch_config.patch(activation_memory_budget=amb):
-                    record = measure(case, make, opts, args.warmup, args.repeat)
+                    record = measure_budget(case, make, opts, args.warmup, args.repeat)
         except Exception as exc:  # noqa: BLE001  (one budget failing is a result; the sweep goes on)
-            record = {"error": common.one_line(exc)}
-        common.free_memory(device)
+            record = {"error": measure.one_line(exc)}
+        measure.free_memory(device)
         records.append({**base, **record})
         common.append_jsonl(os.path.join(args.out, "remat_curve.jsonl"), records[-1])
         print(table(records[-1:]).splitlines()[-1], flush=True)

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as a file: make `bench` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import common  # noqa: E402
+from bench import common, measure, providers  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOAD_MODULES = ("bench.train_step", "bench.prefill", "bench.encoders", "bench.decode")
@@ -56,7 +56,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     help=f"one or more of: {', '.join(known)}, or 'all' (default)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and providers; fits one 10-minute call")
     ap.add_argument("--providers", help=f"comma list (default: the workload's own); known: "
-                                        f"{', '.join(common.PROVIDERS)}")
+                                        f"{', '.join(providers.PROVIDERS)}")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke test with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny model sizes: tests the harness, not the speed")
     ap.add_argument("--out", help="JSON-lines file to append to (default bench/results/suite-<date>[-quick].jsonl)")
@@ -81,10 +81,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     for w in args.workloads:
         if w != "all" and w not in known:
-            raise common.BenchError(f"unknown workload {w!r}; choose from: {', '.join(known)}, all")
+            raise measure.BenchError(f"unknown workload {w!r}; choose from: {', '.join(known)}, all")
     for n, v in (("--warmup", args.warmup), ("--repeat", args.repeat)):
         if v is not None and v < (0 if n == "--warmup" else 1):
-            raise common.BenchError(f"{n} {v} is too small; use {n} {'0' if n == '--warmup' else '1'} or more")
+            raise measure.BenchError(f"{n} {v} is too small; use {n} {'0' if n == '--warmup' else '1'} or more")
     return args
 
 
@@ -108,13 +108,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.render:
             records = [r for path in args.render for r in common.read_jsonl(path)]
             return _render(records, args)
-        device = common.require_device(args.device)
+        device = measure.require_device(args.device)
         if args.child:
             return _child(args, device)
         return _parent(args, device)
-    except common.BenchError as e:
+    except measure.BenchError as e:
         print(f"flashfx bench: {e}", file=sys.stderr)
-        return common.EXIT_NO_CUDA
+        return measure.EXIT_NO_CUDA
 
 
 def _list() -> int:
@@ -124,14 +124,14 @@ def _list() -> int:
     for name, path in EXTERNAL.items():
         print(f"{name:15s} {path} ({'present' if os.path.exists(os.path.join(REPO, path)) else 'absent'})")
     print("\nproviders:")
-    for p in common.PROVIDERS.values():
+    for p in providers.PROVIDERS.values():
         print(f"  {p.name:22s} {p.describe}")
     return 0
 
 
 def _default_out(args: argparse.Namespace) -> str:
     tag = "-tiny" if args.tiny else ("-quick" if args.quick else "")
-    return os.path.join(REPO, "bench", "results", f"suite-{common.today()}{tag}.jsonl")
+    return os.path.join(REPO, "bench", "results", f"suite-{measure.today()}{tag}.jsonl")
 
 
 Plan = List[Tuple[str, str]]  # (workload, provider) pairs in the order they run
@@ -144,8 +144,8 @@ def make_plan(names: Sequence[str], args: argparse.Namespace) -> Plan:
     first: Plan = []
     last: Plan = []
     for name in names:
-        for p in common.order_providers(common.parse_providers(args.providers, _default_providers(table[name], args))):
-            (last if p in common.RUN_LAST else first).append((name, p))
+        for p in providers.order_providers(providers.parse_providers(args.providers, _default_providers(table[name], args))):
+            (last if p in providers.RUN_LAST else first).append((name, p))
     return first + last
 
 
@@ -156,12 +156,12 @@ def _parent(args: argparse.Namespace, device: Any) -> int:
     budget = args.budget_s if args.budget_s is not None else (QUICK_BUDGET_S if args.quick else None)
     start = time.time()
     progress = common.Progress()
-    meta = {"type": "run", "run_id": run_id, "device": common.device_name(device), "date": common.today(),
-            "versions": common.versions(), "quick": args.quick, "tiny": args.tiny, "argv": list(sys.argv[1:]),
+    meta = {"type": "run", "run_id": run_id, "device": measure.device_name(device), "date": measure.today(),
+            "versions": measure.versions(), "quick": args.quick, "tiny": args.tiny, "argv": list(sys.argv[1:]),
             "budget_s": budget}
     common.append_jsonl(out, meta)
     progress.update("measuring the card's ceilings (bf16 matmul, device copy)")
-    ceilings = common.measure_ceilings(device, quick=args.quick)
+    ceilings = measure.measure_ceilings(device, quick=args.quick)
     common.append_jsonl(out, {"type": "ceilings", "run_id": run_id, **ceilings})
     deadline = None if budget is None else start + budget
     plan = make_plan(own, args)
@@ -183,7 +183,7 @@ def _parent(args: argparse.Namespace, device: Any) -> int:
 def _default_providers(wl: common.Workload, args: argparse.Namespace) -> Sequence[str]:
     if args.tiny and args.device == "cpu":
         # On a CPU smoke test Inductor needs a C++ toolchain and minutes: the harness is what is tested.
-        return [p for p in wl.quick_providers if not common.PROVIDERS[p].name.startswith("compile")]
+        return [p for p in wl.quick_providers if not providers.PROVIDERS[p].name.startswith("compile")]
     return wl.quick_providers if args.quick else wl.providers
 
 
@@ -205,7 +205,7 @@ def execute_plan(plan: Plan, args: argparse.Namespace, device: Any, out: str, ru
     table = workloads()
     groups = _groups(plan)
     references: Dict[str, Dict[str, Any]] = {}
-    for i, (name, providers) in enumerate(groups):
+    for i, (name, names) in enumerate(groups):
         group_deadline = deadline
         if deadline is not None:
             later = [n for n, _ in groups[i:]]
@@ -215,7 +215,7 @@ def execute_plan(plan: Plan, args: argparse.Namespace, device: Any, out: str, ru
             group_deadline = time.time() + max(deadline - time.time(), 0.0) * weight / total
         keep = any(n == name for n, _ in groups[i + 1:])
         reference = references.setdefault(name, {}) if keep or name in references else {}
-        _run_group(name, providers, args, device, out, run_id, group_deadline, ceilings, reference)
+        _run_group(name, names, args, device, out, run_id, group_deadline, ceilings, reference)
         if not keep:
             references.pop(name, None)
 
@@ -228,7 +228,7 @@ def _options(args: argparse.Namespace, device: Any, deadline: Optional[float], n
                           deadline=deadline, est_scale=wl.est_scale, progress=common.Progress())
 
 
-def _run_group(name: str, providers: Sequence[str], args: argparse.Namespace, device: Any, out: str,
+def _run_group(name: str, names: Sequence[str], args: argparse.Namespace, device: Any, out: str,
                run_id: str, deadline: Optional[float], ceilings: Dict[str, float],
                reference: Dict[str, Any]) -> None:
     def emit(record: Dict[str, Any]) -> None:
@@ -236,22 +236,22 @@ def _run_group(name: str, providers: Sequence[str], args: argparse.Namespace, de
                                   "run_id": run_id, **record})
     opts = _options(args, device, deadline, name)
     if deadline is not None and not args.tiny and time.time() >= deadline:
-        for p in providers:
+        for p in names:
             emit({"workload": name, "provider": p, "status": "skipped", "error": "time budget spent"})
         return
     opts.progress.update(f"{name}: building the model")
     try:
         case = workloads()[name].build(opts)
     except Exception as exc:  # noqa: BLE001  (a workload that cannot build is a result for every provider)
-        for p in providers:
-            emit({"workload": name, "provider": p, "status": "failed", "error": f"build: {common.one_line(exc)}"})
+        for p in names:
+            emit({"workload": name, "provider": p, "status": "failed", "error": f"build: {measure.one_line(exc)}"})
         return
     case.name = name  # records are keyed by the workload name the plan uses
     emit({"workload": name, "provider": "-", "status": "started", "describe": case.describe,
           "flops": case.flops, "bytes": case.bytes, "tokens": case.tokens, "items": case.items})
-    common.run_case(case, providers, opts, ceilings, emit, reference)
+    common.run_case(case, names, opts, ceilings, emit, reference)
     del case
-    common.free_memory(device)
+    measure.free_memory(device)
 
 
 def _child(args: argparse.Namespace, device: Any) -> int:
@@ -292,13 +292,13 @@ def _run_isolated(plan: Plan, args: argparse.Namespace, out: str, run_id: str, d
             else:
                 status, error = "failed", f"process died (exit {rc}): {last[:160]}"
             common.append_jsonl(out, {"type": "result", "run_id": run_id, "workload": name, "provider": p,
-                                      "status": status, "describe": common.PROVIDERS[p].describe, "error": error})
+                                      "status": status, "describe": providers.PROVIDERS[p].describe, "error": error})
             finished.add((name, p))
         remaining = [pair for pair in remaining if pair not in finished]
         if timed_out or (rc == 0 and remaining and not crashed):
             for name, p in remaining:
                 common.append_jsonl(out, {"type": "result", "run_id": run_id, "workload": name, "provider": p,
-                                          "status": "skipped", "describe": common.PROVIDERS[p].describe,
+                                          "status": "skipped", "describe": providers.PROVIDERS[p].describe,
                                           "error": "time budget spent" if timed_out else "not run"})
             return
 
@@ -623,7 +623,7 @@ def plot(results: Dict[str, Dict[str, Dict[str, Any]]], img_dir: str, title: str
 def _render(records: Sequence[Dict[str, Any]], args: argparse.Namespace) -> int:
     meta, _, results, _ = latest(records)
     if not results:
-        raise common.BenchError("no benchmark results in the given records; run a workload first")
+        raise measure.BenchError("no benchmark results in the given records; run a workload first")
     title = f"{meta.get('device', '?')}, {meta.get('date', '?')}"
     img = {} if meta.get("tiny") else plot(results, args.img_dir, title)
     doc_dir = os.path.dirname(os.path.abspath(args.docs))

@@ -8,53 +8,53 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import common, run  # noqa: E402
+from bench import common, measure, providers, run  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------- statistics
 
 def test_quantile_interpolates_like_numpy():
     xs = [5.0, 1.0, 4.0, 2.0, 3.0]  # unsorted on purpose
-    assert common.quantile(xs, 0.5) == 3.0
-    assert common.quantile(xs, 0.2) == pytest.approx(1.8)
-    assert common.quantile(xs, 0.8) == pytest.approx(4.2)
-    assert common.quantile(xs, 0.0) == 1.0 and common.quantile(xs, 1.0) == 5.0
-    assert common.quantile([7.0], 0.2) == 7.0
-    assert common.quantile([1.0, 2.0], 0.5) == 1.5
+    assert measure.quantile(xs, 0.5) == 3.0
+    assert measure.quantile(xs, 0.2) == pytest.approx(1.8)
+    assert measure.quantile(xs, 0.8) == pytest.approx(4.2)
+    assert measure.quantile(xs, 0.0) == 1.0 and measure.quantile(xs, 1.0) == 5.0
+    assert measure.quantile([7.0], 0.2) == 7.0
+    assert measure.quantile([1.0, 2.0], 0.5) == 1.5
 
 
 def test_quantile_matches_sorted_reference_on_random_samples():
     gen = torch.Generator().manual_seed(3)
     xs = torch.rand(37, generator=gen).tolist()
     for q in (0.2, 0.5, 0.8):
-        assert common.quantile(xs, q) == pytest.approx(torch.quantile(torch.tensor(xs, dtype=torch.float64), q)
+        assert measure.quantile(xs, q) == pytest.approx(torch.quantile(torch.tensor(xs, dtype=torch.float64), q)
                                                        .item(), rel=1e-12)
 
 
 def test_quantile_rejects_empty_and_out_of_range():
     with pytest.raises(ValueError, match="empty"):
-        common.quantile([], 0.5)
+        measure.quantile([], 0.5)
     with pytest.raises(ValueError, match="q=1.5"):
-        common.quantile([1.0], 1.5)
+        measure.quantile([1.0], 1.5)
 
 
 def test_summarize_reports_median_and_20_80():
-    s = common.summarize([10.0, 12.0, 11.0, 30.0, 9.0])
+    s = measure.summarize([10.0, 12.0, 11.0, 30.0, 9.0])
     assert s == {"ms": 11.0, "ms_p20": pytest.approx(9.8), "ms_p80": pytest.approx(15.6), "repeats": 5}
 
 
 def test_max_rel_error_is_relative_to_reference_scale():
     ref = torch.tensor([0.0, 2.0, -4.0])
-    assert common.max_rel_error(torch.tensor([0.1, 2.0, -4.0]), ref) == pytest.approx(0.025)
-    assert common.max_rel_error(ref.clone(), ref) == 0.0
-    assert common.max_rel_error(torch.tensor([float("nan"), 0.0, 0.0]), ref) == float("inf")
+    assert measure.max_rel_error(torch.tensor([0.1, 2.0, -4.0]), ref) == pytest.approx(0.025)
+    assert measure.max_rel_error(ref.clone(), ref) == 0.0
+    assert measure.max_rel_error(torch.tensor([float("nan"), 0.0, 0.0]), ref) == float("inf")
     with pytest.raises(ValueError, match="shape"):
-        common.max_rel_error(torch.zeros(2), ref)
+        measure.max_rel_error(torch.zeros(2), ref)
 
 
 def test_time_ms_on_cpu_returns_one_sample_per_repeat():
     calls = []
-    samples = common.time_ms(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeat=4)
+    samples = measure.time_ms(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeat=4)
     assert len(samples) == 4 and len(calls) == 6 and all(s >= 0 for s in samples)
 
 
@@ -70,10 +70,10 @@ def test_one_line_names_the_error_under_dynamo_wrappers():
     except RuntimeError as mid:
         wrapped = BackendCompilerFailed("<flashfx.compiler.Compiler object at 0x7f2>", mid, None)
         wrapped.__cause__ = mid
-    text = common.one_line(wrapped)
+    text = measure.one_line(wrapped)
     assert text == ("BackendCompilerFailed ← RuntimeError: flashfx pass 'attention' failed: Mixing fake modes "
                     "<FakeTensorMode>")
-    assert len(common.one_line(ValueError("x" * 500))) == 200
+    assert len(measure.one_line(ValueError("x" * 500))) == 200
 
 
 def test_no_cuda_exits_2_with_a_clear_message(monkeypatch, capsys):
@@ -86,12 +86,12 @@ def test_no_cuda_exits_2_with_a_clear_message(monkeypatch, capsys):
 def test_unknown_workload_and_provider_are_usage_errors(capsys):
     assert run.main(["llama-trian"]) == 2
     assert "unknown workload 'llama-trian'" in capsys.readouterr().err
-    with pytest.raises(common.BenchError, match="unknown provider"):
-        common.parse_providers("eager,flashfxx", [])
+    with pytest.raises(measure.BenchError, match="unknown provider"):
+        providers.parse_providers("eager,flashfxx", [])
 
 
 def test_liger_runs_last_and_order_is_kept():
-    assert common.order_providers(["liger", "eager", "flashfx", "eager"]) == ["eager", "flashfx", "liger"]
+    assert providers.order_providers(["liger", "eager", "flashfx", "eager"]) == ["eager", "flashfx", "liger"]
 
 
 # ----------------------------------------------------------------------------------------- run_case
@@ -125,10 +125,10 @@ def _tiny_case(training):
 def test_run_case_records_a_failure_and_goes_on(monkeypatch):
     def boom(model, case, opts):
         raise RuntimeError("kernel exploded\nwith a traceback")
-    providers = {"eager": common.Provider("eager", "plain"),
-                 "boom": common.Provider("boom", "fails", wrap=boom, compiles=True),
-                 "sdpa": common.Provider("sdpa", "plain again")}
-    monkeypatch.setattr(common, "PROVIDERS", providers)
+    table = {"eager": providers.Provider("eager", "plain"),
+                 "boom": providers.Provider("boom", "fails", wrap=boom, compiles=True),
+                 "sdpa": providers.Provider("sdpa", "plain again")}
+    monkeypatch.setattr(providers, "PROVIDERS", table)
     records = []
     opts = common.Options(device=torch.device("cpu"), tiny=True)
     common.run_case(_tiny_case(training=True), ["eager", "boom", "sdpa"], opts, {}, records.append)
@@ -142,9 +142,9 @@ def test_run_case_records_a_failure_and_goes_on(monkeypatch):
 
 
 def test_run_case_skips_past_the_deadline_and_training_only_on_inference(monkeypatch):
-    providers = {"eager": common.Provider("eager", "plain", est_s=1.0),
-                 "amb": common.Provider("amb", "train only", training_only=True)}
-    monkeypatch.setattr(common, "PROVIDERS", providers)
+    table = {"eager": providers.Provider("eager", "plain", est_s=1.0),
+                 "amb": providers.Provider("amb", "train only", training_only=True)}
+    monkeypatch.setattr(providers, "PROVIDERS", table)
     records = []
     opts = common.Options(device=torch.device("cpu"), deadline=0.0)  # long past
     common.run_case(_tiny_case(training=False), ["eager", "amb"], opts, {}, records.append)
@@ -154,9 +154,9 @@ def test_run_case_skips_past_the_deadline_and_training_only_on_inference(monkeyp
 
 
 def test_plan_runs_liger_last_and_keeps_the_eager_reference(monkeypatch, tmp_path):
-    providers = {"eager": common.Provider("eager", "plain"), "liger": common.Provider("liger", "patches classes"),
-                 "sdpa": common.Provider("sdpa", "plain")}
-    monkeypatch.setattr(common, "PROVIDERS", providers)
+    table = {"eager": providers.Provider("eager", "plain"), "liger": providers.Provider("liger", "patches classes"),
+                 "sdpa": providers.Provider("sdpa", "plain")}
+    monkeypatch.setattr(providers, "PROVIDERS", table)
     table = {n: common.Workload(n, n, lambda opts, t=t: _tiny_case(training=t), ("eager", "liger", "sdpa"),
                                 ("eager", "liger", "sdpa")) for n, t in (("a", True), ("b", False))}
     monkeypatch.setattr(run, "workloads", lambda: table)
@@ -187,7 +187,7 @@ def test_loss_only_wrapper_returns_the_models_loss_and_shares_parameters():
             return Out(torch.nn.functional.cross_entropy(logits, labels), logits)
     lm = LM()
     x, y = torch.randn(5, 4), torch.tensor([0, 2, 1, 1, 0])
-    wrapped = common.LossOnly(lm)
+    wrapped = providers.LossOnly(lm)
     assert torch.equal(wrapped(x=x, labels=y), lm(x, labels=y).loss)
     assert [p is q for p, q in zip(wrapped.parameters(), lm.parameters())] == [True, True]
 
@@ -357,7 +357,7 @@ def test_remat_curve_table_shows_measured_and_predicted_side_by_side():
 def test_remat_curve_without_cuda_exits_with_the_bench_code(capsys):
     from bench import remat_curve
 
-    assert remat_curve.main(["--budgets", "0.5"]) == common.EXIT_NO_CUDA
+    assert remat_curve.main(["--budgets", "0.5"]) == measure.EXIT_NO_CUDA
     assert "CUDA" in capsys.readouterr().err
 
 
@@ -459,7 +459,7 @@ def test_remat_prediction_is_recorded_and_rendered_beside_the_measured_peak(tmp_
 
 
 def test_graph_pool_bytes_counts_the_free_part_of_private_pools_only():
-    from bench.common import graph_pool_bytes
+    from bench.measure import graph_pool_bytes
 
     segments = [
         {"device": 0, "segment_pool_id": (0, 0), "total_size": 1000, "allocated_size": 100},  # default pool
@@ -472,8 +472,8 @@ def test_graph_pool_bytes_counts_the_free_part_of_private_pools_only():
 
 
 def test_training_numerics_cover_every_gradient_when_asked(monkeypatch):
-    providers = {"eager": common.Provider("eager", "plain"), "sdpa": common.Provider("sdpa", "plain again")}
-    monkeypatch.setattr(common, "PROVIDERS", providers)
+    table = {"eager": providers.Provider("eager", "plain"), "sdpa": providers.Provider("sdpa", "plain again")}
+    monkeypatch.setattr(providers, "PROVIDERS", table)
     case = _tiny_case(training=True)
     case.grad_params = None  # every parameter
     records = []

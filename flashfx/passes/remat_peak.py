@@ -29,7 +29,7 @@ import torch.fx as fx
 from flashfx.passes import remat_plan
 from flashfx.passes.remat_memory import _lifetimes, _saved_bytes
 
-MAX_ROUNDS = 16            # each round pins one value; a Llama needs about one per layer
+MAX_ROUNDS = 16            # each round keeps one change (one value or a few pinned); a Llama needs a few
 TRIALS_PER_ROUND = 4       # candidates re-solved alone per round (a solve and a split each: ~0.5 s, ANCHORS Llama)
 JOINT_CUTS = (2, 4, 8)     # ...and the best this many together
 MIN_PEAK_GAIN = 0.01       # a change must lower the predicted peak by at least this fraction

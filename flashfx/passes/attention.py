@@ -47,7 +47,8 @@ from flashfx.passes.attention_masks import (_is_causal_mask, _last_two, _only_ne
                                             _split_float)
 from flashfx.rewriter import cost as cost_model
 from flashfx.rewriter.capture import name_symbols
-from flashfx.rewriter.matcher import arg, erase_dead, insert_node, is_call, normalize_dim, same_shape, same_size, tensor
+from flashfx.rewriter.matcher import (arg, erase_dead, insert_node, is_call, is_inplace, normalize_dim, same_shape,
+                                      same_size, tensor)
 from flashfx.rewriter.pass_manager import PassContext, PassResult
 
 PASS = "attention"
@@ -162,6 +163,57 @@ def _unrepeat(node: Any) -> Optional[Tuple[fx.Node, int, List[fx.Node]]]:
     if not same_shape(kept, s.shape) or not same_shape(t.shape, merged):  # exactly dims 1 and 2 merged
         return None
     return src, n_rep, [node, expanded, unsq]
+
+
+# ------------------------------------------------------------------------------------------- K/V cache copy
+
+_VIEW_FUNCTIONS = (torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,
+                   operator.getitem)
+_VIEW_METHODS = ("view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "flatten", "view_as")
+
+
+def _skip_empty_cat(node: Any) -> Optional[Tuple[fx.Node, fx.Node]]:
+    """(tensor, cat) when `node` is `cat([empty, ..., tensor])`: one operand, the others empty, the same dtype and
+    shape out as in, and no in-place write to that tensor's memory anywhere in the graph. Hugging Face builds a KV
+    cache in every forward unless `use_cache=False`; its first update concatenates the keys and values onto an empty
+    tensor, a full copy of each (and in training a slice and a copy back in the backward). The op reads any strides,
+    so it reads the operand itself."""
+    if not is_call(node, (torch.cat, torch.concat, torch.concatenate), ("cat",)):
+        return None
+    parts = arg(node, 0, "tensors")
+    if not isinstance(parts, (list, tuple)) or not all(isinstance(p, fx.Node) for p in parts):
+        return None
+    full = [p for p in parts if tensor(p) is None or not _statically_empty(tensor(p))]
+    if len(full) != 1:
+        return None
+    src, out = tensor(full[0]), tensor(node)
+    if src is None or out is None or src.dtype != out.dtype or not same_shape(src.shape, out.shape):
+        return None
+    return None if _written_in_place(full[0]) else (full[0], node)
+
+
+def _statically_empty(t: torch.Tensor) -> bool:
+    return any(isinstance(d, int) and d == 0 for d in t.shape)
+
+
+def _written_in_place(node: fx.Node) -> bool:
+    """Whether any node that may share `node`'s memory (its base through views, and every view of that base) has a
+    user that writes in place."""
+    base = node
+    while is_call(base, _VIEW_FUNCTIONS, _VIEW_METHODS) and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    seen, stack = set(), [base]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if is_inplace(u):
+                return True
+            if is_call(u, _VIEW_FUNCTIONS, _VIEW_METHODS) and u.args and u.args[0] is n:
+                stack.append(u)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------- emitting
@@ -290,6 +342,12 @@ def _emit(graph: fx.Graph, site: Site, op: Any) -> fx.Node:
             k, v = ku[0], vu[0]
             site.nodes += ku[2] + vu[2]
             site.notes.append(f"grouped-query attention: K/V repeated {ku[1]}x are read un-repeated")
+        k_cat, v_cat = _skip_empty_cat(k), _skip_empty_cat(v)
+        if k_cat is not None and v_cat is not None:
+            (k, kc), (v, vc) = k_cat, v_cat
+            site.nodes += [kc, vc]
+            site.cache_copies_skipped = 2
+            site.notes.append("K/V concatenated onto an empty cache: read directly, the copies skipped")
         bias = _combine_masks(site, call)
         rank = tensor(q).dim()
         if rank == 3:  # [B, L, D] -> [B, 1, L, D], views
@@ -393,6 +451,8 @@ def attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         changed = True
         ctx.count(f"{PASS}.replaced")
         ctx.count(f"{PASS}.{site.form}")
+        if site.cache_copies_skipped:
+            ctx.count(f"{PASS}.cache_copies_skipped", site.cache_copies_skipped)
         after = _bytes(gm, [new])
         totals[0] += before
         totals[1] += after

@@ -53,6 +53,7 @@ class Site:
     dropout_p: float = 0.0
     nodes: List[fx.Node] = field(default_factory=list)  # matched nodes, erased once dead
     notes: List[str] = field(default_factory=list)
+    cache_copies_skipped: int = 0  # K/V concatenated onto an empty cache, read directly
 
 
 # ------------------------------------------------------------------------------------------- small predicates

@@ -299,6 +299,36 @@ def test_dead_nodes_removed():
         assert gone not in targets, gone
 
 
+def empty_cache_update(q, k, v):  # a Hugging Face KV cache's first update, as in every training forward
+    k, v = k * 1.0, v * 1.0
+    keys = torch.cat([torch.tensor([], dtype=k.dtype), k], dim=-2)
+    values = torch.cat([torch.tensor([], dtype=v.dtype), v], dim=-2)
+    return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+
+
+def empty_cache_update_then_written(q, k, v):
+    k, v = k * 1.0, v * 1.0
+    keys = torch.cat([torch.tensor([], dtype=k.dtype), k], dim=-2)
+    values = torch.cat([torch.tensor([], dtype=v.dtype), v], dim=-2)
+    k.mul_(2.0)  # the cat's copy holds the old keys: the op must read the copy
+    return F.scaled_dot_product_attention(q, keys, values, is_causal=True), k
+
+
+def test_kv_concatenated_onto_an_empty_cache_is_read_without_the_copy():
+    ctx, ops, before, after = rewrite(empty_cache_update, *qkv())
+    assert counts(ctx) == (1, 0) and ctx.counters.get("attention.cache_copies_skipped") == 2
+    assert_close(before, after)
+    (g,) = capture(empty_cache_update, qkv())
+    gm = attention(canonicalize(g.gm, PassContext(Config())).graph_module, PassContext(Config())).graph_module
+    assert not [n for n in gm.graph.nodes if n.target is torch.cat]
+
+
+def test_kv_cache_copy_kept_when_the_tensor_is_written_in_place():
+    ctx, ops, before, after = rewrite(empty_cache_update_then_written, *qkv())
+    assert counts(ctx) == (1, 0) and "attention.cache_copies_skipped" not in ctx.counters
+    assert_close(before, after)
+
+
 def operator_mul():
     import operator
 

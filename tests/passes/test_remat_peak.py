@@ -52,8 +52,8 @@ def test_chain_cuts_lower_the_peak_within_the_budget_and_change_no_result(monkey
     monkeypatch.setattr(remat_peak, "MAX_ROUNDS", 0)
     _, _, unrepaired = _plan(model, ids, 0.2)
 
-    # Without repair the backward recomputes the whole residual stream first (measured on this model: 1.42 MB
-    # predicted against 0.91 MB at budget 0.3); with it, within 0.75 of that.
+    # Without repair the backward recomputes the whole residual stream first (on this model: 1.42 MB predicted,
+    # against 0.83 MB at budget 0.3); with it, within 0.75 of that.
     assert unrepaired.peak_bytes > unrepaired.activation_bytes * 3
     assert plan.peak_bytes < 0.75 * unrepaired.peak_bytes
     assert plan.activation_bytes <= plan.budget_bytes
@@ -94,9 +94,10 @@ def test_post_dominators_find_the_value_every_path_passes_through():
 def test_auto_repairs_a_fraction_whose_plan_does_not_fit(monkeypatch):
     torch.manual_seed(0)
     model, ids = LlamaLoss(), torch.randint(0, 512, (2, 64))
-    _, _, explicit = _plan(model, ids, 0.3)
+    _, _, explicit = _plan(model, ids, 0.2)
     assert any(note.startswith("peak repair:") for note in explicit.notes)
-    # free memory such that the repaired plan at 0.3 just fits (auto keeps 10% headroom)
+    # free memory such that the repaired plan at 0.2 just fits (auto keeps 10% headroom); unrepaired, the lowest
+    # peak of any fraction is higher (0.3's: 0.83 MB against 0.80 MB)
     monkeypatch.setattr(remat, "_free_bytes", lambda device: int(explicit.peak_bytes / remat.AUTO_HEADROOM) + 1)
     _, _, auto = _plan(model, ids, "auto")
     assert auto.status == "applied" and auto.peak_bytes <= explicit.peak_bytes

@@ -381,7 +381,7 @@ def _plan_and_split(a: _Analysis, config: Config,
     no_remat = remat_plan.normalise(a.raw, [v not in a.fwd_required for v in range(len(a.raw))])
     baseline = remat_plan.evaluate(a.raw, no_remat)
     base_fw, base_bw = _split(a, no_remat, compress=False)
-    base_peak = _peak(base_fw, base_bw, a.num_fwd_outputs)
+    base_peak = _peak(base_fw, base_bw)
     notes = list(a.notes)
 
     if config.remat == "auto":
@@ -395,7 +395,7 @@ def _plan_and_split(a: _Analysis, config: Config,
         solution = remat_plan.solve_priced(_fused_recompute(a) if config.fusion else a.problem, SAVED_BYTE_SECONDS)
         budget = solution.plan.nbytes
         fw, bw = _split(a, solution.plan.recompute, compress=config.remat_compress == "fp8")
-        peak = _peak(fw, bw, a.num_fwd_outputs)
+        peak = _peak(fw, bw)
         notes.append(f"speed: each saved byte priced at a write and a read at {HBM_BYTES_PER_S / 1e12:.1f} TB/s"
                      + (", pointwise / reduction recomputes at their FLOPs (fused into the backward)"
                         if config.fusion else "")
@@ -408,7 +408,7 @@ def _plan_and_split(a: _Analysis, config: Config,
         solution = remat_plan.solve(a.problem, budget)
         smallest = solution.smallest
         fw, bw = _split(a, solution.plan.recompute, compress=config.remat_compress == "fp8")
-        peak = _peak(fw, bw, a.num_fwd_outputs)
+        peak = _peak(fw, bw)
         # a budget the user chose: always keep its peak low; "auto": only where the plan as solved does not fit
         if solution.feasible and (free is None or peak > AUTO_HEADROOM * free):
             fw, bw, peak, solution, repair_note = _repair_peak(a, config, budget, fw, bw, peak, solution)
@@ -465,10 +465,10 @@ def _repair_peak(a: _Analysis, config: Config, budget: float, fw: fx.GraphModule
         if not pinned.feasible:
             return None
         pfw, pbw = _split(a, pinned.plan.recompute, compress=compress)
-        return remat_peak.Trial(pinned, pfw, pbw, _peak(pfw, pbw, a.num_fwd_outputs))
+        return remat_peak.Trial(pinned, pfw, pbw, _peak(pfw, pbw))
 
     start = remat_peak.Trial(solution, fw, bw, peak)
-    best, pins = remat_peak.repair(start, a.num_fwd_outputs, a.problem, evaluate)
+    best, pins = remat_peak.repair(start, a.problem, evaluate)
     note = None
     if pins:
         fb = cost_model.format_bytes

@@ -48,17 +48,19 @@ def _saved_outputs(fw: fx.GraphModule, num_fwd_outputs: int) -> List[fx.Node]:
     return [o for o in outs if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor)]
 
 
-def _peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> int:
+def _peak(fw: fx.GraphModule, bw: fx.GraphModule) -> int:
     """Predicted peak bytes allocated by the step's graphs beyond their inputs: the forward's live values, then the
     saved activations plus the backward's live values. The compiled backward takes its inputs boxed and drops each
     one after its last use (`_compat.boxed_graph_module`; autograd hands them over), so a saved activation is freed
     where the backward last reads it, not at the end of the step."""
-    return max(_live_peak(fw), _live_peak(bw, owned_inputs=_saved_bytes(fw, num_fwd_outputs)))
+    return max(_live_peak(fw), _live_peak(bw, owned_inputs=_owned_inputs(bw)))
 
 
-def _saved_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> Dict[str, int]:
-    """Saved activation name -> bytes: the backward's inputs whose memory the step allocated (not graph inputs)."""
-    return {n.name: _bytes_of(n) for n in _saved_outputs(fw, num_fwd_outputs) if n.op != "placeholder"}
+def _owned_inputs(bw: fx.GraphModule) -> Dict[str, int]:
+    """Placeholder name -> bytes of the backward's inputs whose memory the step allocated: the saved activations (fp8
+    ones included, under their own names); AOTAutograd names the others primals_* (graph inputs) and tangents_*."""
+    return {n.name: _bytes_of(n) for n in bw.graph.find_nodes(op="placeholder")
+            if not str(n.target).startswith(("primals", "tangents")) and isinstance(n.meta.get("val"), torch.Tensor)}
 
 
 @dataclass
@@ -132,14 +134,8 @@ def _live_peak(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None
 
 def compiled_peak(gm: fx.GraphModule, stage: str) -> int:
     """The same prediction for a graph as it will run (after fusion, which may reorder it): what it allocates beyond
-    its inputs, plus, in a backward, the saved activations it is handed and frees as it goes (AOTAutograd names the
-    other inputs primals_* and tangents_*)."""
-    owned: Dict[str, int] = {}
-    if stage == "backward":
-        owned = {n.name: _bytes_of(n) for n in gm.graph.find_nodes(op="placeholder")
-                 if not str(n.target).startswith(("primals", "tangents"))
-                 and isinstance(n.meta.get("val"), torch.Tensor)}
-    return _live_peak(gm, owned)
+    its inputs, plus, in a backward, the saved activations it is handed and frees as it goes."""
+    return _live_peak(gm, _owned_inputs(gm) if stage == "backward" else None)
 
 
 # ------------------------------------------------------------------------------------------------- fp8

@@ -27,7 +27,7 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 import torch.fx as fx
 
 from flashfx.passes import remat_plan
-from flashfx.passes.remat_memory import _lifetimes, _saved_bytes
+from flashfx.passes.remat_memory import _lifetimes, _owned_inputs
 
 MAX_ROUNDS = 16            # each round keeps one change (one value or a few pinned); a Llama needs a few
 TRIALS_PER_ROUND = 4       # candidates re-solved alone per round (a solve and a split each: ~0.5 s, ANCHORS Llama)
@@ -48,10 +48,9 @@ class Trial:
     peak: int
 
 
-def chain_cuts(trial: Trial, num_fwd_outputs: int, problem: remat_plan.Problem,
-               pins: FrozenSet[int]) -> List[Tuple[float, int]]:
+def chain_cuts(trial: Trial, problem: remat_plan.Problem, pins: FrozenSet[int]) -> List[Tuple[float, int]]:
     """(bytes released at the peak, problem index) of the values worth saving, best per byte first."""
-    life = _lifetimes(trial.bw, _saved_bytes(trial.fw, num_fwd_outputs))
+    life = _lifetimes(trial.bw, _owned_inputs(trial.bw))
     _, at = life.peak()
     tangent: Set[fx.Node] = set()
     for n in life.nodes:
@@ -130,7 +129,7 @@ def _most_per_second(current: Trial, better: List[Choice]) -> Choice:
     return max(better, key=lambda ct: (current.peak - ct[1].peak) / max(ct[1].solution.plan.cost - base, floor))
 
 
-def repair(start: Trial, num_fwd_outputs: int, problem: remat_plan.Problem,
+def repair(start: Trial, problem: remat_plan.Problem,
            evaluate: Callable[[FrozenSet[int]], Optional[Trial]]) -> Tuple[Trial, List[int]]:
     """The plan after pinning chain cuts while the predicted peak falls, and the values pinned.
     `evaluate(pins)` re-solves with those values saved (None when the budget cannot hold them).
@@ -145,16 +144,16 @@ def repair(start: Trial, num_fwd_outputs: int, problem: remat_plan.Problem,
             seen[pins] = evaluate(pins)
         return seen[pins]
 
-    walks = [_walk(start, num_fwd_outputs, problem, cached, choose) for choose in (_lowest_peak, _most_per_second)]
+    walks = [_walk(start, problem, cached, choose) for choose in (_lowest_peak, _most_per_second)]
     return min(walks, key=lambda w: (w[0].peak, w[0].solution.plan.cost))
 
 
-def _walk(start: Trial, num_fwd_outputs: int, problem: remat_plan.Problem,
+def _walk(start: Trial, problem: remat_plan.Problem,
           evaluate: Callable[[FrozenSet[int]], Optional[Trial]],
           choose: Callable[[Trial, List[Choice]], Choice]) -> Tuple[Trial, List[int]]:
     current, pins = start, frozenset()
     for _ in range(MAX_ROUNDS):
-        cuts = chain_cuts(current, num_fwd_outputs, problem, pins)
+        cuts = chain_cuts(current, problem, pins)
         if not cuts or max(freed for freed, _ in cuts) < MIN_RELEASE * current.peak:
             break
         ranked = [v for _, v in cuts]

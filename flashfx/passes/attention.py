@@ -47,8 +47,8 @@ from flashfx.passes.attention_masks import (_is_causal_mask, _last_two, _only_ne
                                             _split_float)
 from flashfx.rewriter import cost as cost_model
 from flashfx.rewriter.capture import name_symbols
-from flashfx.rewriter.matcher import (arg, erase_dead, insert_node, is_call, is_inplace, normalize_dim, same_shape,
-                                      same_size, tensor)
+from flashfx.rewriter.matcher import (arg, erase_dead, insert_node, is_call, normalize_dim, same_shape, same_size,
+                                      tensor, written_in_place)
 from flashfx.rewriter.pass_manager import PassContext, PassResult
 
 PASS = "attention"
@@ -167,11 +167,6 @@ def _unrepeat(node: Any) -> Optional[Tuple[fx.Node, int, List[fx.Node]]]:
 
 # ------------------------------------------------------------------------------------------- K/V cache copy
 
-_VIEW_FUNCTIONS = (torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,
-                   operator.getitem)
-_VIEW_METHODS = ("view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "flatten", "view_as")
-
-
 def _skip_empty_cat(node: Any) -> Optional[Tuple[fx.Node, fx.Node]]:
     """(tensor, cat) when `node` is `cat([empty, ..., tensor])`: one operand, the others empty, the same dtype and
     shape out as in, and no in-place write to that tensor's memory anywhere in the graph. Hugging Face builds a KV
@@ -189,31 +184,11 @@ def _skip_empty_cat(node: Any) -> Optional[Tuple[fx.Node, fx.Node]]:
     src, out = tensor(full[0]), tensor(node)
     if src is None or out is None or src.dtype != out.dtype or not same_shape(src.shape, out.shape):
         return None
-    return None if _written_in_place(full[0]) else (full[0], node)
+    return None if written_in_place(full[0]) else (full[0], node)
 
 
 def _statically_empty(t: torch.Tensor) -> bool:
     return any(isinstance(d, int) and d == 0 for d in t.shape)
-
-
-def _written_in_place(node: fx.Node) -> bool:
-    """Whether any node that may share `node`'s memory (its base through views, and every view of that base) has a
-    user that writes in place."""
-    base = node
-    while is_call(base, _VIEW_FUNCTIONS, _VIEW_METHODS) and isinstance(base.args[0], fx.Node):
-        base = base.args[0]
-    seen, stack = set(), [base]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        for u in n.users:
-            if is_inplace(u):
-                return True
-            if is_call(u, _VIEW_FUNCTIONS, _VIEW_METHODS) and u.args and u.args[0] is n:
-                stack.append(u)
-    return False
 
 
 # ----------------------------------------------------------------------------------------------- emitting

@@ -17,7 +17,7 @@ from flashfx.rewriter.cost import node_value
 
 __all__ = [
     "value", "tensor", "is_call", "arg", "is_number", "single_user", "depends_on", "fake_value", "insert_node",
-    "erase_dead", "same_size", "same_shape", "normalize_dim", "is_dtype_cast", "is_inplace", "walk_up",
+    "erase_dead", "same_size", "same_shape", "normalize_dim", "is_dtype_cast", "is_inplace", "written_in_place", "walk_up",
 ]
 
 
@@ -139,6 +139,32 @@ def is_inplace(node: fx.Node) -> bool:
         return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return name.endswith("_") and not name.endswith("__")
+
+
+# torch-level calls whose result shares its first argument's memory
+VIEW_FUNCTIONS = (torch.transpose, torch.permute, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,
+                  operator.getitem)
+VIEW_METHODS = ("view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "flatten", "view_as")
+
+
+def written_in_place(node: fx.Node) -> bool:
+    """Whether any node that may share `node`'s memory (its base through views, and every view of that base) has a
+    user that writes in place."""
+    base = node
+    while is_call(base, VIEW_FUNCTIONS, VIEW_METHODS) and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    seen, stack = set(), [base]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if is_inplace(u):
+                return True
+            if is_call(u, VIEW_FUNCTIONS, VIEW_METHODS) and u.args and u.args[0] is n:
+                stack.append(u)
+    return False
 
 
 def erase_dead(graph: fx.Graph, nodes: Iterable[fx.Node]) -> int:

@@ -206,9 +206,9 @@ def _materialise(x: Any) -> Any:
     from torch._subclasses.fake_tensor import FakeTensor
 
     if isinstance(x, torch.SymInt):
-        return x.node.hint
+        return cost_model.size_hint(x)
     if isinstance(x, FakeTensor):
-        shape = [d.node.hint if isinstance(d, torch.SymInt) else int(d) for d in x.shape]
+        shape = [cost_model.size_hint(d) for d in x.shape]
         if x.dtype.is_floating_point:
             return torch.randn(shape, dtype=x.dtype, device=x.device)
         if x.dtype == torch.bool:

@@ -65,12 +65,12 @@ def _owned_inputs(bw: fx.GraphModule) -> Dict[str, int]:
 
 @dataclass
 class Lifetimes:
-    """When each allocation of a graph is alive, in node positions. `owner` maps a node to the node whose memory it
-    uses (itself, the base of a view, None for memory the graph does not own)."""
+    """When each allocation of a graph is alive, in node positions: keyed by the node that owns the memory (a view
+    counts as its base; a tuple element is its own, born with its producer; memory the graph does not own is left
+    out)."""
 
     nodes: List[fx.Node]
     order: Dict[fx.Node, int]
-    owner: Dict[fx.Node, Optional[fx.Node]]
     start: Dict[fx.Node, int]
     end: Dict[fx.Node, int]
     size: Dict[fx.Node, int]
@@ -124,7 +124,7 @@ def _lifetimes(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None
         end[o] = max(end.get(o, 0), last)
     size = {o: owned_inputs[o.name] if o.op == "placeholder" else
             _bytes_of(o) if not isinstance(o.meta.get("val"), (tuple, list)) else 0 for o in start}
-    return Lifetimes(nodes, order, owner, start, end, size)
+    return Lifetimes(nodes, order, start, end, size)
 
 
 def _live_peak(gm: fx.GraphModule, owned_inputs: Optional[Dict[str, int]] = None) -> int:

@@ -196,6 +196,15 @@ def test_chunk_rows_bound_the_buffer():
     assert chunk_rows_for(4096, 10**9, 4) == 16  # never below one matmul tile
 
 
+@pytest.mark.parametrize("dtype,vocab,row_stride", [(torch.bfloat16, 50257, 50264), (torch.float32, 50257, 50260),
+                                                    (torch.float16, 128256, 128256)])
+def test_logits_buffer_rows_are_16_byte_aligned(dtype, vocab, row_stride):
+    # an odd vocab's rows are padded so cuBLAS can use its aligned GEMM kernels; the view still has `vocab` columns
+    buf = ce.logits_buffer(3, vocab, dtype, torch.device("cpu"))
+    assert buf.shape == (3, vocab) and buf.stride() == (row_stride, 1)
+    assert buf.stride(0) * dtype.itemsize % 16 == 0
+
+
 def test_cost_is_registered_forward_one_matmul_fwd_with_grads_three():
     import torch.fx as fx
     from torch._subclasses.fake_tensor import FakeTensorMode

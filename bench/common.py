@@ -229,6 +229,43 @@ def remat_prediction(fn: Any) -> Dict[str, float]:
     return {"remat_predicted_peak_gb": totals["peak_bytes"] / 1e9, "remat_saved_gb": totals["activation_bytes"] / 1e9}
 
 
+def _fp32_reference(case: Case) -> Optional[Dict[str, Any]]:
+    """The same step in float32 (SDPA attention): the yardstick that says whether a provider's 16-bit gradients are
+    as accurate as eager's own, rather than merely close to them. The model is cast up and back in place (bf16 and
+    fp16 values are exact in fp32); None for a model already in fp32 or when the fp32 step does not fit."""
+    params = list(case.model.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    if dtype == torch.float32:
+        return None
+    attn = getattr(getattr(case.model, "config", None), "_attn_implementation", None)
+    try:
+        case.model.float()
+        providers.set_attention(case.model, "sdpa")
+        loss = case.step(case.model).float().item()
+        grads = {n: g.to("cpu", torch.float32, copy=True) for n, g in _grads(case).items()}
+        return {"loss": loss, "grads": grads}
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        case.model.zero_grad(set_to_none=True)
+        case.model.to(dtype)
+        if attn is not None:
+            providers.set_attention(case.model, attn)
+        free_memory(next(case.model.parameters()).device)
+
+
+def _fp32_errors(record: Dict[str, Any], reference: Dict[str, Any], grads: Dict[str, torch.Tensor]) -> None:
+    """Loss and worst gradient error against the fp32 step, for the reference provider (eager) too."""
+    fp32 = reference.get("fp32")
+    if not fp32:
+        return
+    record["loss_rel_err_fp32"] = abs(record["loss"] - fp32["loss"]) / max(abs(fp32["loss"]), 1e-12)
+    errs = {n: max_rel_error(grads[n], g) for n, g in fp32["grads"].items() if n in grads}
+    if errs:
+        worst = max(errs, key=errs.get)
+        record.update(grad_rel_err_fp32=errs[worst], grad_worst_fp32=worst)
+
+
 def _numerics(case: Case, record: Dict[str, Any], out: Any, reference: Dict[str, Any]) -> None:
     tensor = out if isinstance(out, torch.Tensor) else None
     if tensor is None:
@@ -240,6 +277,8 @@ def _numerics(case: Case, record: Dict[str, Any], out: Any, reference: Dict[str,
             # on the host: every gradient of a large model would otherwise sit in the next providers' peaks
             reference.update({"loss": record["loss"], "provider": record["provider"],
                               "grads": {n: g.to("cpu", copy=True) for n, g in grads.items()}})
+            reference["fp32"] = _fp32_reference(case)
+            _fp32_errors(record, reference, grads)
             return
         ref_loss = reference["loss"]
         record["loss_rel_err"] = abs(record["loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
@@ -248,6 +287,7 @@ def _numerics(case: Case, record: Dict[str, Any], out: Any, reference: Dict[str,
             worst = max(errs, key=errs.get)
             record.update(grad_rel_err=errs[worst], grad_worst=worst, grads_compared=len(errs),
                           grads_missing=len(reference["grads"]) - len(errs))
+        _fp32_errors(record, reference, grads)
     else:
         if not reference:
             reference.update({"out": tensor.detach().clone(), "provider": record["provider"]})

@@ -105,15 +105,15 @@ class _Tiny(torch.nn.Module):
         return self.lin(x)
 
 
-def _tiny_case(training):
+def _tiny_case(training, dtype=torch.float32):
     torch.manual_seed(0)  # a rebuilt case has the same weights, as build_hf's seeded models do
-    model = _Tiny()
+    model = _Tiny().to(dtype)
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
 
     def step(fn):
         if training:
             model.zero_grad(set_to_none=True)
-            loss = fn(x).square().mean()
+            loss = fn(x.to(next(model.parameters()).dtype)).float().square().mean()
             loss.backward()
             return loss.detach()
         with torch.no_grad():
@@ -139,6 +139,20 @@ def test_run_case_records_a_failure_and_goes_on(monkeypatch):
     assert final["sdpa"]["reference"] == "eager"
     assert final["sdpa"]["loss"] == final["eager"]["loss"] and final["sdpa"]["grad_rel_err"] == 0.0
     assert final["eager"]["tokens_per_s"] > 0 and final["eager"]["repeats"] == 3
+
+
+def test_16bit_training_rows_are_also_compared_with_the_fp32_step(monkeypatch):
+    table = {"eager": providers.Provider("eager", "plain"), "sdpa": providers.Provider("sdpa", "plain again")}
+    monkeypatch.setattr(providers, "PROVIDERS", table)
+    records = []
+    case = _tiny_case(training=True, dtype=torch.bfloat16)
+    common.run_case(case, ["eager", "sdpa"], common.Options(device=torch.device("cpu"), tiny=True), {}, records.append)
+    final = {r["provider"]: r for r in records if r["status"] != "started"}
+    # eager's own bf16 rounding is the yardstick: nonzero, and the same model run again scores the same
+    assert 0.0 < final["eager"]["grad_rel_err_fp32"] < 0.05
+    assert final["sdpa"]["grad_rel_err_fp32"] == final["eager"]["grad_rel_err_fp32"]
+    assert final["eager"]["grad_worst_fp32"] == "lin.weight" and final["eager"]["loss_rel_err_fp32"] < 0.05
+    assert all(p.dtype == torch.bfloat16 for p in case.model.parameters())  # cast back after the fp32 step
 
 
 def test_run_case_skips_past_the_deadline_and_training_only_on_inference(monkeypatch):

@@ -83,15 +83,19 @@ def test_a_parameter_left_to_its_default_never_binds(fake_cuda):
     assert [c[0] for c in fn.calls] == ["jit", "jit"]
 
 
-def test_off_the_gpu_or_when_disabled_every_call_is_triton_s(monkeypatch):
+def test_off_the_gpu_or_unless_asked_every_call_is_triton_s(monkeypatch):
     fn, x = FakeJit(), torch.zeros(8)
     run = launch.Launcher(fn, {"BLOCK": 64})
     run((1,), (x, 8, 1.0))
     run((1,), (x, 8, 1.0))  # a CPU tensor: the interpreter path, nothing bound
     assert [c[0] for c in fn.calls] == ["jit", "jit"]
-    launch.fast_launch_available.cache_clear()
-    monkeypatch.setenv("FLASHFX_FAST_LAUNCH", "0")
-    assert not launch.fast_launch_available()
+    for value in (None, "0"):  # opt-in: off by default and when set to 0
+        launch.fast_launch_available.cache_clear()
+        if value is None:
+            monkeypatch.delenv("FLASHFX_FAST_LAUNCH", raising=False)
+        else:
+            monkeypatch.setenv("FLASHFX_FAST_LAUNCH", value)
+        assert not launch.fast_launch_available()
     launch.fast_launch_available.cache_clear()
 
 

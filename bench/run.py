@@ -342,7 +342,8 @@ def _run_external(name: str, out: str, run_id: str, progress: common.Progress) -
 def latest(records: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Any], Dict[str, float],
                                                        Dict[str, Dict[str, Dict[str, Any]]],
                                                        Dict[str, Dict[str, Any]]]:
-    """(run meta, ceilings, {workload: {provider: result}}, {workload: case info}); later records win."""
+    """(run meta, ceilings, {workload: {provider: result}}, {workload: case info}); later records win, except that
+    a skipped row (not measured) never hides an earlier measurement of the same provider."""
     meta: Dict[str, Any] = {}
     ceilings: Dict[str, float] = {}
     results: Dict[str, Dict[str, Dict[str, Any]]] = {}
@@ -356,7 +357,11 @@ def latest(records: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Any], Dict[str,
         elif kind == "event" and r.get("provider") == "-":
             cases[r["workload"]] = r
         elif kind == "result":
-            results.setdefault(r["workload"], {})[r["provider"]] = r
+            rows = results.setdefault(r["workload"], {})
+            earlier = rows.get(r["provider"])
+            if r.get("status") == "skipped" and earlier and earlier.get("status") == "ok":
+                continue
+            rows[r["provider"]] = r
     return meta, ceilings, results, cases
 
 

@@ -442,6 +442,17 @@ def test_render_of_two_runs_names_each_and_flags_a_table_mixed_from_both():
     assert "Measured in run" not in single and "Not one process" not in single
 
 
+def test_a_later_skipped_row_does_not_hide_an_earlier_measurement():
+    first = _records()
+    skipped = {"type": "result", "run_id": "r2", "workload": "llama-train", "provider": "compile",
+               "status": "skipped", "error": "time budget spent"}
+    _, _, results, _ = run.latest(first + [skipped])
+    assert results["llama-train"]["compile"]["status"] == "ok"
+    failed = dict(skipped, status="failed", error="boom")  # a failure is a result: the latest one wins
+    _, _, results, _ = run.latest(first + [failed])
+    assert results["llama-train"]["compile"]["status"] == "failed"
+
+
 def test_breakdown_classes_kernel_names():
     from bench.breakdown import kernel_class
 

@@ -361,7 +361,17 @@ class _Lowerer:
             dtype = compute_dtype(out_dtype)
             if not (dtype == torch.float32 and all(o.dtype in (torch.float32, None) for o in operands)):
                 expr = f"({expr}).to({TL_DTYPES[dtype]})"
+            if out_dtype in LOW_PRECISION and self.stored_and_reused(node):
+                # The graph outside reads this value rounded (it is stored in out_dtype); what the group derives
+                # from it must see the same rounding, or statistics saved for a backward (LayerNorm's mean and
+                # rstd of a residual sum) disagree with the stored tensor the backward recomputes from.
+                expr = f"({expr}).to({TL_DTYPES[out_dtype]}).to(tl.float32)"
         return self.new(op="compute", kind=kind, dtype=dtype, expr=expr, deps=deps, source=node.name).name
+
+    def stored_and_reused(self, node: fx.Node) -> bool:
+        """Whether `node` is both an output of the group and read by another member."""
+        inside = [u in self.members for u in node.users]
+        return any(inside) and not all(inside)
 
     def reduction(self, node: fx.Node, packet: Any) -> str:
         src = node.args[0]

@@ -32,6 +32,25 @@ def test_linear_bias_activation_residual_cast(tmp_path, act, dtype):
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("backend", ["triton", "aten"])
+def test_an_epilogue_reads_a_stored_16bit_product_rounded(tmp_path, monkeypatch, backend):
+    # h is returned (stored in fp16) and also read by the epilogue: h - 300 must be that of the stored h, as the
+    # unfused graph computes it. Near 300 fp16's step is 0.25, so reading the fp32 accumulator differs visibly.
+    monkeypatch.setenv("FLASHFX_MATMUL_BACKEND", backend)
+
+    def fn(x, w, b):
+        h = F.linear(x, w, b)
+        return h, h - 300.0
+
+    torch.manual_seed(4)
+    xs = [torch.randn(6, 40, dtype=torch.float16), (torch.randn(24, 40) / 6).half(),
+          torch.full((24,), 300.0, dtype=torch.float16)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert ctx.counters["fusion.matmul_epilogues"] == 1
+    h, shifted = gm(*xs)
+    torch.testing.assert_close(shifted, h - 300.0, rtol=0, atol=0)
+
+
 def test_swiglu_is_one_dual_gemm_kernel(tmp_path):
     def fn(x, wg, wu):
         return F.silu(x @ wg.t()) * (x @ wu.t())

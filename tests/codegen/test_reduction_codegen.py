@@ -148,6 +148,27 @@ def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch
     assert_close(gm(*xs), fn(*xs))  # the launch fast path zeroes the partials too
 
 
+def test_a_stored_16bit_value_is_rounded_before_the_group_reuses_it(tmp_path):
+    # s = a + b is an output in fp16 and the input of the statistics: mean and variance must be those of the
+    # stored (rounded) s, as a backward that recomputes x_hat from the saved s and the saved statistics assumes.
+    # Near 300 fp16's step is 0.25, so the unrounded sum's statistics differ from the stored tensor's by ~1e-2.
+    def fn(a, b):
+        s = a + b
+        m = s.float().mean(-1, keepdim=True)
+        return s, m, (s.float() - m).pow(2).mean(-1, keepdim=True)
+
+    a = (300.0 + torch.randn(6, 40)).half()
+    b = (torch.randn(6, 40) * 0.1).half()
+    gm, ctx = fuse_function(fn, [a, b], tmp_path)
+    assert ctx.counters["fusion.groups"] == 1
+    s, m, var = gm(a, b)
+    stored = s.float()
+    torch.testing.assert_close(s, a + b, rtol=0, atol=0)
+    torch.testing.assert_close(m, stored.mean(-1, keepdim=True), rtol=0, atol=1e-4)
+    torch.testing.assert_close(var, (stored - stored.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True),
+                               rtol=1e-4, atol=1e-4)
+
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

@@ -37,6 +37,11 @@ _RUN_STATEMENT = ("kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel
                   "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())")
 
 
+# Signatures remembered per launcher. An int that changes every call (attention's dropout seed) makes a new
+# signature each time: past this many, such calls keep going through fn[grid] instead of growing the table.
+MAX_BOUND = 64
+
+
 @functools.lru_cache(maxsize=None)
 def fast_launch_available() -> bool:
     """Whether the installed Triton launches the way `Launcher` replays (see the module docstring)."""
@@ -110,7 +115,7 @@ class Launcher:
                        kernel.function, kernel.packed_metadata, None, None, None, *full)
             return
         kernel = self.fn[grid](*args, **kwargs, **self.fixed)
-        if kernel is not None and getattr(kernel, "function", None) is not None:
+        if kernel is not None and getattr(kernel, "function", None) is not None and len(self._bound) < MAX_BOUND:
             self._bound[sig] = kernel
 
     def _positional(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:

@@ -66,6 +66,17 @@ def test_a_new_int_or_an_unaligned_tensor_goes_back_through_triton(fake_cuda):
     assert [c[0] for c in fn.calls] == ["jit", "jit", "jit", "jit", "direct"]
 
 
+def test_an_int_that_changes_every_call_does_not_grow_the_table(fake_cuda, monkeypatch):
+    monkeypatch.setattr(launch, "MAX_BOUND", 3)
+    fn, x = FakeJit(), torch.zeros(8)
+    run = launch.Launcher(fn, {"BLOCK": 64})
+    for seed in range(6):  # a dropout seed: a new signature every call
+        run((1,), (x, seed, 1.0))
+    assert len(run._bound) == 3
+    run((1,), (x, 2, 1.0))  # bound before the table filled: direct
+    assert [c[0] for c in fn.calls] == ["jit"] * 6 + ["direct"]
+
+
 def test_a_constexpr_float_is_compared_by_value(fake_cuda):
     fn = FakeJit()
     fn.params = [types.SimpleNamespace(is_constexpr=c) for c in (False, False, True, True)]  # alpha constexpr

@@ -32,7 +32,8 @@ import torch
 
 from flashfx import _compat
 
-# What JITFunction.run calls once it holds the compiled kernel (whitespace removed), Triton 3.4 and later.
+# What JITFunction.run calls once it holds the compiled kernel (whitespace removed), as written in Triton 3.9;
+# `fast_launch_available` looks for it in the installed Triton.
 _RUN_STATEMENT = ("kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata,"
                   "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())")
 

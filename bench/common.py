@@ -260,10 +260,15 @@ def _fp32_errors(record: Dict[str, Any], reference: Dict[str, Any], grads: Dict[
     if not fp32:
         return
     record["loss_rel_err_fp32"] = abs(record["loss"] - fp32["loss"]) / max(abs(fp32["loss"]), 1e-12)
-    errs = {n: max_rel_error(grads[n], g) for n, g in fp32["grads"].items() if n in grads}
+    errs = _grad_errors(grads, fp32["grads"])
     if errs:
         worst = max(errs, key=errs.get)
         record.update(grad_rel_err_fp32=errs[worst], grad_worst_fp32=worst)
+
+
+def _grad_errors(grads: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """max_rel_error per gradient the reference also has."""
+    return {n: max_rel_error(grads[n], g) for n, g in reference.items() if n in grads}
 
 
 def _numerics(case: Case, record: Dict[str, Any], out: Any, reference: Dict[str, Any]) -> None:
@@ -282,7 +287,7 @@ def _numerics(case: Case, record: Dict[str, Any], out: Any, reference: Dict[str,
             return
         ref_loss = reference["loss"]
         record["loss_rel_err"] = abs(record["loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
-        errs = {n: max_rel_error(grads[n], g) for n, g in reference["grads"].items() if n in grads}
+        errs = _grad_errors(grads, reference["grads"])
         if errs:
             worst = max(errs, key=errs.get)
             record.update(grad_rel_err=errs[worst], grad_worst=worst, grads_compared=len(errs),

@@ -379,7 +379,8 @@ def workload_table(workload: str, rows: Dict[str, Dict[str, Any]]) -> str:
     rate = "tok/s" if any("tokens_per_s" in r for r in ok.values()) else "img/s"
     bandwidth = any("gbps" in r for r in ok.values())
     headers = ["provider", "ms (p20–p80)", rate, "TFLOP/s (MFU)"] + (["GB/s (of copy)"] if bandwidth else []) + [
-        "peak GB", "compile s cold / warm", "loss (rel err) / grad rel err vs eager; grad rel err vs fp32" if training else "max rel err vs eager"]
+        "peak GB", "compile s cold / warm",
+        "loss (rel err) / grad rel err vs eager; grad rel err vs fp32" if training else "max rel err vs eager"]
     body = []
     for p, r in rows.items():
         if r.get("status") != "ok":

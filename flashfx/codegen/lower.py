@@ -36,6 +36,18 @@ CASTS = {aten._to_copy, torch.ops.prims.convert_element_type}
 CATS = (aten.cat.default, aten.slice_backward.default)
 
 
+def read_as_stored(node: fx.Node, members: Any, expr: str) -> str:
+    """`expr` (node's value, computed in fp32) rounded to node's 16-bit dtype when the group both stores node and
+    reads it: the graph outside reads the rounded value, and what the group derives from it must see the same one,
+    or statistics saved for a backward (LayerNorm's mean and rstd of a residual sum) disagree with the stored tensor
+    the backward recomputes from. Otherwise `expr` unchanged."""
+    dtype = val(node).dtype
+    inside = [u in members for u in node.users]
+    if dtype in LOW_PRECISION and any(inside) and not all(inside):
+        return f"({expr}).to({TL_DTYPES[dtype]}).to(tl.float32)"
+    return expr
+
+
 def cat_operands(node: fx.Node) -> Tuple[List[Any], Any, Any]:
     """(operands, dim, offset of the first operand) of a node in CATS: cat's parts from 0, or slice_backward's one
     operand at its start."""
@@ -361,17 +373,8 @@ class _Lowerer:
             dtype = compute_dtype(out_dtype)
             if not (dtype == torch.float32 and all(o.dtype in (torch.float32, None) for o in operands)):
                 expr = f"({expr}).to({TL_DTYPES[dtype]})"
-            if out_dtype in LOW_PRECISION and self.stored_and_reused(node):
-                # The graph outside reads this value rounded (it is stored in out_dtype); what the group derives
-                # from it must see the same rounding, or statistics saved for a backward (LayerNorm's mean and
-                # rstd of a residual sum) disagree with the stored tensor the backward recomputes from.
-                expr = f"({expr}).to({TL_DTYPES[out_dtype]}).to(tl.float32)"
+            expr = read_as_stored(node, self.members, expr)
         return self.new(op="compute", kind=kind, dtype=dtype, expr=expr, deps=deps, source=node.name).name
-
-    def stored_and_reused(self, node: fx.Node) -> bool:
-        """Whether `node` is both an output of the group and read by another member."""
-        inside = [u in self.members for u in node.users]
-        return any(inside) and not all(inside)
 
     def reduction(self, node: fx.Node, packet: Any) -> str:
         src = node.args[0]

@@ -30,7 +30,7 @@ from flashfx.codegen import autotune, kernel_cache
 from flashfx.codegen.kernel import on_device
 from flashfx.codegen.launch import launcher
 from flashfx.codegen import pointwise as pw
-from flashfx.codegen.lower import CASTS, COMPARISONS, LoweringError, UNIT_VIEWS, shape_of, val
+from flashfx.codegen.lower import CASTS, COMPARISONS, LoweringError, UNIT_VIEWS, read_as_stored, shape_of, val
 from flashfx.codegen.pointwise import HELPERS, LOW_PRECISION, TL_DTYPES, compute_dtype
 
 aten = torch.ops.aten
@@ -227,14 +227,6 @@ def lower_matmul(name: str, mms: List[fx.Node], members: List[fx.Node]) -> Matmu
             return pw.Operand(pw.literal(arg), None, arg)
         return pw.Operand(str(arg), None, arg)
 
-    def rounded_if_reused(node: fx.Node, expr: str) -> str:
-        # a 16-bit value stored for the graph and also read by the epilogue: the epilogue reads it rounded, as
-        # the rest of the graph does (lower.Lowering.compute says why)
-        inside = [u in memberset for u in node.users]
-        if val(node).dtype in LOW_PRECISION and any(inside) and not all(inside):
-            return f"({expr}).to({TL_DTYPES[val(node).dtype]}).to(tl.float32)"
-        return expr
-
     for j, mm in enumerate(mms):
         plan.covered.append(mm.format_node())
         expr = f"acc{j}"
@@ -243,7 +235,7 @@ def lower_matmul(name: str, mms: List[fx.Node], members: List[fx.Node]) -> Matmu
             bias = operand(mm.args[0], mm)
             expr = (f"acc{j}" if alpha == 1 else f"acc{j} * {pw.literal(alpha)}") + \
                 (f" + {bias}" if beta == 1 else f" + {pw.literal(beta)} * {bias}")
-        env[mm] = (new(rounded_if_reused(mm, expr), mm.name), torch.float32)
+        env[mm] = (new(read_as_stored(mm, memberset, expr), mm.name), torch.float32)
     for node in members:
         plan.covered.append(node.format_node())
         packet = node.target.overloadpacket
@@ -264,7 +256,7 @@ def lower_matmul(name: str, mms: List[fx.Node], members: List[fx.Node]) -> Matmu
             dtype = compute_dtype(out_dtype)
             if dtype != torch.float32:
                 expr = f"({expr}).to({TL_DTYPES[dtype]})"
-            expr = rounded_if_reused(node, expr)
+            expr = read_as_stored(node, memberset, expr)
         env[node] = (new(expr, node.name), dtype)
     view_dims = None
     for node in members:

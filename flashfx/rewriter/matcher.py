@@ -17,7 +17,8 @@ from flashfx.rewriter.cost import node_value
 
 __all__ = [
     "value", "tensor", "is_call", "arg", "is_number", "single_user", "depends_on", "fake_value", "insert_node",
-    "erase_dead", "same_size", "same_shape", "normalize_dim", "is_dtype_cast", "is_inplace", "written_in_place", "walk_up",
+    "erase_dead", "same_size", "same_shape", "normalize_dim", "is_dtype_cast", "is_inplace", "written_in_place",
+    "walk_up",
 ]
 
 

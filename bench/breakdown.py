@@ -3,12 +3,15 @@
     python bench/breakdown.py llama-train --providers compile,flashfx-loss
     python bench/breakdown.py bert-infer --providers sdpa,flashfx --top 30 --json out.json
     python bench/breakdown.py bert-infer --providers flashfx --host 25   # also where the host time goes
+    python bench/breakdown.py gpt2-train --providers flashfx-loss --compile-profile 30   # where compile time goes
 
 For each provider: compile and warm up, then profile `--steps` steps and print the wall time per step, the GPU busy
 time per step (sum of kernel durations: a wall time well above it means the host, not the GPU, is the bottleneck),
 the time per kernel class (matmul, attention, flashfx generated, Inductor generated, other ATen) and the top kernels.
 Same process and inputs for every provider, so the rows compare. With `--host N`, the steps also run once more under
 cProfile and the N functions with the most host time of their own are printed (a host-bound step shows its cost).
+With `--compile-profile N`, the compiling warm-up steps run under cProfile and the N functions with the most
+cumulative time are printed (passes, Triton compiles, autotune timing).
 """
 from __future__ import annotations
 
@@ -51,29 +54,33 @@ def kernel_class(name: str) -> str:
     return "other ATen / copies"
 
 
-def host_profile(step: Any, steps: int, top: int) -> str:
-    """The `top` functions by own host time, then by cumulative time, over `steps` steps (cProfile's tables)."""
+def host_profile(step: Any, steps: int, top: int, orders: Sequence[str] = ("tottime", "cumulative")) -> str:
+    """The `top` functions by each of `orders` (own host time, cumulative time) over `steps` steps (cProfile)."""
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
         step()
     profiler.disable()
     text = io.StringIO()
-    for order in ("tottime", "cumulative"):
+    for order in orders:
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(top)
     return text.getvalue()
 
 
 def profile_provider(case: common.Case, name: str, opts: common.Options, steps: int, top: int,
-                     host_top: int = 0) -> Dict[str, Any]:
+                     host_top: int = 0, compile_top: int = 0) -> Dict[str, Any]:
     provider = providers.PROVIDERS[name]
     providers.set_attention(case.model, provider.attn)
     case.model.train(case.training)
     context = provider.context() if provider.context else contextlib.nullcontext()
     with context:
         fn = provider.wrap(case.model, case, opts) if provider.wrap else case.model
-        for _ in range(3):  # compile, autotune, settle the allocator
+        t0 = time.perf_counter()
+        compile_host = host_profile(lambda: case.step(fn), 1, compile_top, ("cumulative",)) if compile_top else ""
+        for _ in range(3 - bool(compile_top)):  # compile, autotune, settle the allocator
             case.step(fn)
+        measure.synchronize(opts.device)
+        warmup_s = time.perf_counter() - t0
         fell_back = common.fallbacks(fn)  # generated kernels that failed and run their ATen ops: shown with the times
         counters = common._flashfx_counters(fn)
         measure.synchronize(opts.device)
@@ -101,7 +108,8 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
     case.model.zero_grad(set_to_none=True)
     measure.free_memory(opts.device)
     return {"provider": name, "counters": counters, "fallbacks": fell_back, "wall_ms": wall_ms, "gpu_busy_ms": busy,
-            "launches": sum(calls.values()) // steps, "host_profile": host,
+            "launches": sum(calls.values()) // steps, "host_profile": host, "warmup_s": warmup_s,
+            "compile_profile": compile_host,
             "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": k, "ms": ms, "calls": calls[k] // steps, "class": kernel_class(k)} for k, ms in ranked]}
 
@@ -109,12 +117,12 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
 def render(workload: str, results: Sequence[Dict[str, Any]]) -> str:
     lines: List[str] = [f"## {workload}: time per step by kernel class (ms)"]
     classes = list(dict.fromkeys(c for r in results for c in r["classes"]))
-    lines.append("| provider | wall | GPU busy | launches | " + " | ".join(classes) + " |")
-    lines.append("|---" * (4 + len(classes)) + "|")
+    lines.append("| provider | warm-up s | wall | GPU busy | launches | " + " | ".join(classes) + " |")
+    lines.append("|---" * (5 + len(classes)) + "|")
     for r in results:
         cells = [f"{r['classes'].get(c, 0.0):.2f}" for c in classes]
-        lines.append(f"| {r['provider']} | {r['wall_ms']:.2f} | {r['gpu_busy_ms']:.2f} | {r['launches']} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {r['provider']} | {r['warmup_s']:.1f} | {r['wall_ms']:.2f} | {r['gpu_busy_ms']:.2f} | "
+                     f"{r['launches']} | " + " | ".join(cells) + " |")
     for r in results:
         lines.append(f"\n### {r['provider']}: top kernels")
         if r["counters"]:
@@ -125,8 +133,9 @@ def render(workload: str, results: Sequence[Dict[str, Any]]) -> str:
         lines.append("|---|---|---|---|")
         for k in r["top"]:
             lines.append(f"| {k['ms']:.3f} | {k['calls']} | {k['class']} | `{k['kernel'][:90]}` |")
-        if r.get("host_profile"):
-            lines.append(f"\n```\n{r['host_profile'].strip()}\n```")
+        for key in ("compile_profile", "host_profile"):
+            if r.get(key):
+                lines.append(f"\n{key.replace('_', ' ')}:\n```\n{r[key].strip()}\n```")
     return "\n".join(lines)
 
 
@@ -139,6 +148,8 @@ def main(argv: Sequence[str] = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--host", type=int, default=0, metavar="N",
                     help="also profile the host (cProfile) and print the N functions with the most own time")
+    ap.add_argument("--compile-profile", type=int, default=0, metavar="N",
+                    help="profile the compiling first step (cProfile) and print the N functions by cumulative time")
     args = ap.parse_args(argv)
     found = workloads()
     if args.workload not in found:
@@ -154,7 +165,8 @@ def main(argv: Sequence[str] = None) -> int:
     results = []
     for name in providers.order_providers(names):
         try:
-            results.append(profile_provider(case, name, opts, args.steps, args.top, args.host))
+            results.append(profile_provider(case, name, opts, args.steps, args.top, args.host,
+                                            args.compile_profile))
         except Exception as exc:  # noqa: BLE001  (one provider failing still leaves the others' profiles)
             print(f"{name}: failed: {measure.one_line(exc)}", file=sys.stderr)
     print(render(args.workload, results))

@@ -11,7 +11,9 @@ the time per kernel class (matmul, attention, flashfx generated, Inductor genera
 Same process and inputs for every provider, so the rows compare. With `--host N`, the steps also run once more under
 cProfile and the N functions with the most host time of their own are printed (a host-bound step shows its cost).
 With `--compile-profile N`, the compiling warm-up steps run under cProfile and the N functions with the most
-cumulative time are printed (passes, Triton compiles, autotune timing).
+cumulative time are printed (passes, Triton compiles, autotune timing). With `--sync-check`, one more step runs
+under `torch.cuda.set_sync_debug_mode("warn")` and the host synchronisations it makes are listed (a sync inside a
+step stalls the host while the GPU drains, so the wall time becomes host + GPU instead of the larger of the two).
 """
 from __future__ import annotations
 
@@ -67,8 +69,24 @@ def host_profile(step: Any, steps: int, top: int, orders: Sequence[str] = ("tott
     return text.getvalue()
 
 
+def host_syncs(step: Any) -> List[str]:
+    """The synchronising CUDA calls one `step()` makes (first line of each warning, with the count per line)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    found = collections.Counter(str(w.message).splitlines()[0] for w in caught
+                                if "synchroniz" in str(w.message).lower())
+    return [f"{n} x {text}" for text, n in found.most_common()]
+
+
 def profile_provider(case: common.Case, name: str, opts: common.Options, steps: int, top: int,
-                     host_top: int = 0, compile_top: int = 0) -> Dict[str, Any]:
+                     host_top: int = 0, compile_top: int = 0, sync_check: bool = False) -> Dict[str, Any]:
     provider = providers.PROVIDERS[name]
     providers.set_attention(case.model, provider.attn)
     case.model.train(case.training)
@@ -92,6 +110,7 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
             measure.synchronize(opts.device)
             wall_ms = (time.perf_counter() - t0) * 1e3 / steps
         host = host_profile(lambda: case.step(fn), steps, host_top) if host_top else ""
+        syncs = host_syncs(lambda: case.step(fn)) if sync_check else None
         measure.synchronize(opts.device)
         del fn
     per_kernel: Dict[str, float] = collections.defaultdict(float)
@@ -109,7 +128,7 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
     measure.free_memory(opts.device)
     return {"provider": name, "counters": counters, "fallbacks": fell_back, "wall_ms": wall_ms, "gpu_busy_ms": busy,
             "launches": sum(calls.values()) // steps, "host_profile": host, "warmup_s": warmup_s,
-            "compile_profile": compile_host,
+            "compile_profile": compile_host, "syncs": syncs,
             "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": k, "ms": ms, "calls": calls[k] // steps, "class": kernel_class(k)} for k, ms in ranked]}
 
@@ -133,6 +152,8 @@ def render(workload: str, results: Sequence[Dict[str, Any]]) -> str:
         lines.append("|---|---|---|---|")
         for k in r["top"]:
             lines.append(f"| {k['ms']:.3f} | {k['calls']} | {k['class']} | `{k['kernel'][:90]}` |")
+        if r.get("syncs") is not None:
+            lines.append(f"\nhost synchronisations in one step: {r['syncs'] or 'none'}")
         for key in ("compile_profile", "host_profile"):
             if r.get(key):
                 lines.append(f"\n{key.replace('_', ' ')}:\n```\n{r[key].strip()}\n```")
@@ -148,6 +169,8 @@ def main(argv: Sequence[str] = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--host", type=int, default=0, metavar="N",
                     help="also profile the host (cProfile) and print the N functions with the most own time")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="list the host synchronisations one step makes (torch.cuda.set_sync_debug_mode)")
     ap.add_argument("--compile-profile", type=int, default=0, metavar="N",
                     help="profile the compiling first step (cProfile) and print the N functions by cumulative time")
     args = ap.parse_args(argv)
@@ -166,7 +189,7 @@ def main(argv: Sequence[str] = None) -> int:
     for name in providers.order_providers(names):
         try:
             results.append(profile_provider(case, name, opts, args.steps, args.top, args.host,
-                                            args.compile_profile))
+                                            args.compile_profile, args.sync_check))
         except Exception as exc:  # noqa: BLE001  (one provider failing still leaves the others' profiles)
             print(f"{name}: failed: {measure.one_line(exc)}", file=sys.stderr)
     print(render(args.workload, results))

@@ -40,7 +40,6 @@ from torch import Tensor
 
 from flashfx import _compat
 from flashfx._compat import triton_runs_on
-from flashfx.codegen import launch
 from flashfx.rewriter.cost import (NodeCost, arg_value, bound_arguments, numel, register_cost, size_expr,
                                    tensor_bytes)
 
@@ -277,15 +276,15 @@ _CHOSEN: dict = {}
 
 def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict) -> None:
     key = (id(autotuner), args[0].dtype, *(kwargs.get(name) for name in autotuner.keys))
-    chosen = _CHOSEN.get(key)
-    if chosen is None:
+    config = _CHOSEN.get(key)
+    if config is None:
         autotuner[grid](*args, **kwargs)
         best = getattr(autotuner, "best_config", None)
         if best is not None:
-            _CHOSEN[key] = (best.all_kwargs(), launch.launcher(autotuner.fn, **best.all_kwargs()))
+            _CHOSEN[key] = best
         return
-    config, launch_fn = chosen
-    launch_fn(grid({**kwargs, **config}) if callable(grid) else grid, args, kwargs)
+    meta = {**kwargs, **config.all_kwargs()}
+    autotuner.fn[grid(meta) if callable(grid) else grid](*args, **meta)
 
 
 def _loop_variant(is_causal: bool) -> str:
@@ -379,8 +378,8 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Option
     # the atomic variant adds dQ into a zeroed fp32 [B, H, L, D] buffer, cast to q's dtype at the end
     dq_acc = torch.zeros((B, H, L, D), dtype=torch.float32, device=q.device) if atomic else dq
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        launch.launcher(kern.preprocess, D_PAD=consts["D_PAD"], BLOCK_M=64)(
-            (triton_cdiv(L, 64), B * H), (out, dout, delta, *out.stride(), *dout.stride(), H, L, D))
+        kern.preprocess[(triton_cdiv(L, 64), B * H)](out, dout, delta, *out.stride(), *dout.stride(), H, L, D,
+                                                     D_PAD=consts["D_PAD"], BLOCK_M=64)
         _tuned_launch(
             kern.dkdv_atomic if atomic else kern.dkdv, lambda meta: (triton_cdiv(S, meta["BLOCK_N"]), B * Hkv),
             (q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc, *q.stride(), *k.stride(), *v.stride(),

@@ -16,7 +16,7 @@ under "mean". A target outside [0, V) that is not ignore_index gives a NaN loss 
 
 How it works: the rows are walked in chunks of C rows (C chosen so the chunk's logits take at most
 `CHUNK_BYTES`, 256 MiB by default). For each chunk: logits = input_c @ W.T (+ b) by torch.matmul into one reused
-[C, V] buffer in the input dtype; one Triton program per row computes the online-softmax loss and, when gradients
+[C, V] buffer in the input dtype (V padded with zero rows of W where cuBLAS needs it: `padded_vocab`); one Triton program per row computes the online-softmax loss and, when gradients
 are wanted, overwrites the row in place with d loss / d logits; then grad_input_c = dlogits @ W and
 grad_weight += dlogits.T @ input_c (in the weight's dtype; `WGRAD_FP32` below), grad_bias += dlogits.sum(0).
 
@@ -106,13 +106,23 @@ def chunk_rows_for(n_rows: int, vocab: int, element_size: int, budget: Optional[
     return max(1, min(rows, n_rows))
 
 
-def logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The reused [rows, vocab] chunk buffer, its rows padded to a multiple of 16 bytes. With an odd vocab
-    (GPT-2's 50257) unpadded rows leave all three chunk GEMMs (logits, d input, d weight) on cuBLAS's slow
-    align-1 kernels: 15.8 of the 32.8 ms of GPU time in GPT-2-small's training step on the H100."""
+def padded_vocab(vocab: int, dtype: torch.dtype) -> int:
+    """The vocab the chunk GEMMs run at: unchanged when a row of it fills whole 16-byte words, else rounded up to a
+    multiple of 64. cuBLAS picks its aligned kernels only when the GEMM's extents are (a padded row stride is not
+    enough): with GPT-2's odd 50257, the logits, d-input and d-weight GEMMs ran on align-1 kernels, 11.6 of the
+    30.2 ms of GPU time in GPT-2-small's training step on the H100 (docs/benchmarks.md)."""
     per_16_bytes = max(1, 16 // dtype.itemsize)
-    padded = -(-vocab // per_16_bytes) * per_16_bytes
-    return torch.empty((rows, padded), dtype=dtype, device=device)[:, :vocab]
+    return vocab if vocab % per_16_bytes == 0 else -(-vocab // 64) * 64
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    """`t` with zero rows appended up to `rows` (a zero weight row gives a zero logit column, and a zero row of W
+    leaves d input = dlogits @ W unchanged whatever that column holds)."""
+    if t.shape[0] == rows:
+        return t
+    out = t.new_zeros((rows,) + tuple(t.shape[1:]))
+    out[: t.shape[0]].copy_(t)
+    return out
 
 
 def _accumulate_wgrad(acc: Tensor, dlogits: Tensor, x: Tensor, first: bool) -> None:
@@ -157,16 +167,19 @@ def _chunk_loop(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tenso
                 chunk_rows: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     N, H = x.shape
     V = weight.shape[0]
+    Vp = padded_vocab(V, x.dtype)
     use_triton = triton_runs_on(x.device)
     rows_fn = _rows_triton if use_triton else _rows_reference
-    C = chunk_rows or chunk_rows_for(N, V, x.element_size())
+    C = chunk_rows or chunk_rows_for(N, Vp, x.element_size())
     loss = torch.empty(N, dtype=torch.float32, device=x.device)
-    buf = logits_buffer(min(C, N), V, x.dtype, x.device)
-    wt = weight.t()
+    buf = torch.empty((min(C, N), Vp), dtype=x.dtype, device=x.device)  # columns V..Vp: logits of zero rows of W
+    w = _pad_rows(weight, Vp)
+    b = _pad_rows(bias, Vp) if bias is not None else None
+    wt = w.t()
     dx = dw = db = None
     if want_grads:
         dx = torch.empty((N, H), dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides
-        dw = torch.empty((V, H), dtype=torch.float32 if WGRAD_FP32 else weight.dtype, device=x.device)
+        dw = torch.empty((Vp, H), dtype=torch.float32 if WGRAD_FP32 else weight.dtype, device=x.device)
         db = torch.zeros(V, dtype=torch.float32, device=x.device) if bias is not None else None
         if scale is None:
             raise AssertionError("gradients need a scale")
@@ -175,22 +188,23 @@ def _chunk_loop(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tenso
     for start in range(0, N, C):
         end = min(start + C, N)
         xc = x[start:end]
-        logits = buf[: end - start]
-        if bias is not None:
-            torch.addmm(bias, xc, wt, out=logits)
+        padded = buf[: end - start]
+        if b is not None:
+            torch.addmm(b, xc, wt, out=padded)
         else:
-            torch.mm(xc, wt, out=logits)
+            torch.mm(xc, wt, out=padded)
+        logits = padded[:, :V]
         sc = scale[start:end] if scale.numel() > 1 else scale
         rows_fn(logits, target[start:end], loss[start:end], sc, ignore_index, smoothing, z_loss, want_grads)
         if want_grads:
-            torch.mm(logits, weight, out=dx[start:end])
-            _accumulate_wgrad(dw, logits, xc, first=start == 0)
+            torch.mm(padded, w, out=dx[start:end])
+            _accumulate_wgrad(dw, padded, xc, first=start == 0)  # rows V..Vp of dw are dropped below
             if db is not None:
                 db += logits.sum(0, dtype=torch.float32)
     if want_grads:
         if N == 0:
             dw.zero_()
-        dw = dw.to(weight.dtype)
+        dw = dw[:V].to(weight.dtype, copy=Vp != V)  # a copy: the padded rows' storage is not kept
         db = db.to(bias.dtype) if db is not None else None
     return loss, dx, dw, db
 

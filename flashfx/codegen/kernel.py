@@ -14,7 +14,6 @@ import triton
 from flashfx import _compat
 from flashfx.codegen import autotune, kernel_cache
 from flashfx.codegen.emit import KernelSource, Signature, Layout, emit, symbolic_dims
-from flashfx.codegen.launch import Launcher
 from flashfx.codegen.lower import Plan, nonunit, shape_of, strides_of, x_dims
 
 _STATS = {"cache_hits": 0, "cache_misses": 0}
@@ -123,12 +122,12 @@ class FusedKernel:
             if self.fallback is None:
                 return self._call_slow(key, args)
             return self.fallback.guard(lambda: self._call_slow(key, args), args)
-        out_specs, launcher, param_plan, grid, columns = fast
+        out_specs, fn, param_plan, grid, meta, columns = fast
         outs = [torch.empty_strided(shape, stride, dtype=dtype, device=dev) if stride is not None else
                 torch.zeros(shape, dtype=dtype, device=dev) for shape, stride, dtype, dev in out_specs]
         call_args = [args[i] if kind == 0 else (outs[i] if kind == 1 else i) for kind, i in param_plan]
         with on_device(out_specs[0][3]):
-            launcher(grid, call_args)
+            fn[grid](*call_args, **meta)
         return self._finish(outs, columns)
 
     @staticmethod
@@ -244,7 +243,7 @@ class FusedKernel:
         col_ks = {k for k, _, _ in columns}
         out_specs = [(tuple(o.shape), None if k in col_ks else o.stride(), o.dtype, o.device)
                      for k, o in enumerate(outs)]
-        self._fast[key] = (out_specs, Launcher(fn, meta), param_plan, grid_of(config), columns)
+        self._fast[key] = (out_specs, fn, param_plan, grid_of(config), meta, columns)
         return self._finish(outs, columns)
 
     def _empty_result(self, outs: List[torch.Tensor], rnumel: int) -> Tuple[torch.Tensor, ...]:

@@ -28,7 +28,6 @@ import triton
 from flashfx import _compat
 from flashfx.codegen import autotune, kernel_cache
 from flashfx.codegen.kernel import on_device
-from flashfx.codegen.launch import launcher
 from flashfx.codegen import pointwise as pw
 from flashfx.codegen.lower import CASTS, COMPARISONS, LoweringError, UNIT_VIEWS, read_as_stored, shape_of, val
 from flashfx.codegen.pointwise import HELPERS, LOW_PRECISION, TL_DTYPES, compute_dtype
@@ -371,7 +370,7 @@ class MatmulKernel:
                 kernel_args = [a, *bs, *flat, *outs, *scalars, M, N, K, *stride_args, *ext_strides]
                 launch_fn = fn
             with on_device(a.device):
-                launcher(launch_fn, **tiles)(grid_of(c), kernel_args)
+                launch_fn[grid_of(c)](*kernel_args, **tiles)
             return outs
 
         config = self._configs.get(bucket)

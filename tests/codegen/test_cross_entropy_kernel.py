@@ -196,13 +196,27 @@ def test_chunk_rows_bound_the_buffer():
     assert chunk_rows_for(4096, 10**9, 4) == 16  # never below one matmul tile
 
 
-@pytest.mark.parametrize("dtype,vocab,row_stride", [(torch.bfloat16, 50257, 50264), (torch.float32, 50257, 50260),
-                                                    (torch.float16, 128256, 128256)])
-def test_logits_buffer_rows_are_16_byte_aligned(dtype, vocab, row_stride):
-    # an odd vocab's rows are padded so cuBLAS can use its aligned GEMM kernels; the view still has `vocab` columns
-    buf = ce.logits_buffer(3, vocab, dtype, torch.device("cpu"))
-    assert buf.shape == (3, vocab) and buf.stride() == (row_stride, 1)
-    assert buf.stride(0) * dtype.itemsize % 16 == 0
+@pytest.mark.parametrize("dtype,vocab,padded", [(torch.bfloat16, 50257, 50304), (torch.float32, 50257, 50304),
+                                                (torch.float32, 50260, 50260), (torch.float16, 128256, 128256)])
+def test_padded_vocab_only_where_rows_are_not_16_byte_words(dtype, vocab, padded):
+    assert ce.padded_vocab(vocab, dtype) == padded
+
+
+def test_chunk_gemms_run_at_the_padded_vocab(monkeypatch):
+    # V=341 in fp16 is padded to 384: every chunk GEMM sees the aligned extent, and the grads keep V rows
+    seen = []
+    mm = torch.mm
+
+    def spy(a, b, out=None):
+        seen.append((tuple(a.shape), tuple(b.shape)))
+        return mm(a, b, out=out)
+    monkeypatch.setattr(torch, "mm", spy)
+    h, w, _, y = make(20, 24, 341, torch.float16, bias=False)
+    loss = linear_cross_entropy(h, w, None, y)
+    gw, = torch.autograd.grad(loss, [w])
+    assert (20, 24) in [s[0] for s in seen] and (24, 384) in [s[1] for s in seen]  # logits = x @ W_padded.T
+    assert (20, 384) in [s[0] for s in seen]  # d input = dlogits_padded @ W_padded
+    assert gw.shape == (341, 24) and gw.untyped_storage().nbytes() == 341 * 24 * 2
 
 
 def test_cost_is_registered_forward_one_matmul_fwd_with_grads_three():

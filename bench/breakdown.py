@@ -7,7 +7,8 @@
 
 For each provider: compile and warm up, then profile `--steps` steps and print the wall time per step, the GPU busy
 time per step (sum of kernel durations: a wall time well above it means the host, not the GPU, is the bottleneck),
-the time per kernel class (matmul, attention, flashfx generated, Inductor generated, other ATen) and the top kernels.
+the host time per step (until `step()` returns, from an idle GPU: wall ≈ host means host-bound), the time per
+kernel class (matmul, attention, flashfx generated, Inductor generated, other ATen) and the top kernels.
 Same process and inputs for every provider, so the rows compare. With `--host N`, the steps also run once more under
 cProfile and the N functions with the most host time of their own are printed (a host-bound step shows its cost).
 With `--compile-profile N`, the compiling warm-up steps run under cProfile and the N functions with the most
@@ -102,6 +103,12 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
         fell_back = common.fallbacks(fn)  # generated kernels that failed and run their ATen ops: shown with the times
         counters = common._flashfx_counters(fn)
         measure.synchronize(opts.device)
+        host_ms = []  # time until step() returns, from an idle GPU: the host's own cost when it never waits
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            case.step(fn)
+            host_ms.append((time.perf_counter() - t0) * 1e3)
+            measure.synchronize(opts.device)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
@@ -120,6 +127,11 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
             per_kernel[event.name] += event.device_time / 1e3 / steps  # ms per step
             calls[event.name] += 1
     busy = sum(per_kernel.values())
+    # host-side calls by own CPU time (CUDA runtime calls such as cudaLaunchKernel / cudaMalloc show up here)
+    cpu_self: Dict[str, float] = collections.defaultdict(float)
+    for avg in prof.key_averages():
+        cpu_self[avg.key] += avg.self_cpu_time_total / 1e3 / steps
+    cpu_top = sorted(cpu_self.items(), key=lambda kv: -kv[1])[:top]
     by_class: Dict[str, float] = collections.defaultdict(float)
     for kname, ms in per_kernel.items():
         by_class[kernel_class(kname)] += ms
@@ -128,6 +140,7 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
     measure.free_memory(opts.device)
     return {"provider": name, "counters": counters, "fallbacks": fell_back, "wall_ms": wall_ms, "gpu_busy_ms": busy,
             "launches": sum(calls.values()) // steps, "host_profile": host, "warmup_s": warmup_s,
+            "host_ms": sorted(host_ms)[len(host_ms) // 2], "cpu_self_top": cpu_top,
             "compile_profile": compile_host, "syncs": syncs,
             "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": k, "ms": ms, "calls": calls[k] // steps, "class": kernel_class(k)} for k, ms in ranked]}
@@ -136,11 +149,11 @@ def profile_provider(case: common.Case, name: str, opts: common.Options, steps: 
 def render(workload: str, results: Sequence[Dict[str, Any]]) -> str:
     lines: List[str] = [f"## {workload}: time per step by kernel class (ms)"]
     classes = list(dict.fromkeys(c for r in results for c in r["classes"]))
-    lines.append("| provider | warm-up s | wall | GPU busy | launches | " + " | ".join(classes) + " |")
-    lines.append("|---" * (5 + len(classes)) + "|")
+    lines.append("| provider | warm-up s | host | wall | GPU busy | launches | " + " | ".join(classes) + " |")
+    lines.append("|---" * (6 + len(classes)) + "|")
     for r in results:
         cells = [f"{r['classes'].get(c, 0.0):.2f}" for c in classes]
-        lines.append(f"| {r['provider']} | {r['warmup_s']:.1f} | {r['wall_ms']:.2f} | {r['gpu_busy_ms']:.2f} | "
+        lines.append(f"| {r['provider']} | {r['warmup_s']:.1f} | {r['host_ms']:.2f} | {r['wall_ms']:.2f} | {r['gpu_busy_ms']:.2f} | "
                      f"{r['launches']} | " + " | ".join(cells) + " |")
     for r in results:
         lines.append(f"\n### {r['provider']}: top kernels")
@@ -152,6 +165,8 @@ def render(workload: str, results: Sequence[Dict[str, Any]]) -> str:
         lines.append("|---|---|---|---|")
         for k in r["top"]:
             lines.append(f"| {k['ms']:.3f} | {k['calls']} | {k['class']} | `{k['kernel'][:90]}` |")
+        lines.append("\nhost: own CPU time per step under the profiler (ms), top calls")
+        lines.append("; ".join(f"{name} {ms:.2f}" for name, ms in r["cpu_self_top"]))
         if r.get("syncs") is not None:
             lines.append(f"\nhost synchronisations in one step: {r['syncs'] or 'none'}")
         for key in ("compile_profile", "host_profile"):

@@ -99,6 +99,8 @@ PROVIDERS: Dict[str, Provider] = {p.name: p for p in [
              "(cuda_graphs=False)", compiles=True, wrap=_flashfx(cuda_graphs=False), est_s=85),
     Provider("flashfx-loss", "flashfx, all default passes, on `model(**batch).loss` (logits not returned)",
              compiles=True, wrap=_flashfx(loss_only=True), training_only=True, est_s=85),
+    Provider("flashfx-graphs", "flashfx, all default passes + cuda_graphs='training', on `model(**batch).loss`",
+             compiles=True, wrap=_flashfx(loss_only=True, cuda_graphs="training"), training_only=True, est_s=90),
     Provider("flashfx-attention", "flashfx, attention pass only", compiles=True,
              wrap=_flashfx(**{**_ONLY, "attention": "exact"}), est_s=75),
     Provider("flashfx-fusion", "flashfx, fusion pass only", compiles=True,

@@ -6,8 +6,9 @@ pass costs nothing (and its Triton code is never imported).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import default_partition
@@ -18,6 +19,11 @@ from flashfx.report import GraphReport
 from flashfx.rewriter import cost as cost_model
 from flashfx.rewriter.capture import attach_metadata, name_symbols
 from flashfx.rewriter.pass_manager import Pass, PassManager, copy_graph_module
+
+
+def on_cuda(example_inputs: Sequence[Any]) -> bool:
+    """Whether the graph runs on a GPU (CUDA graphs are considered only then)."""
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
 def torch_passes(config: Config) -> List[Tuple[str, Pass]]:
@@ -65,6 +71,7 @@ class Compiler:
     def __init__(self, config: Optional[Config] = None) -> None:
         self.config = config or Config()
         self.reports: List[GraphReport] = []
+        self._training_graphs: Dict[int, Any] = {}  # report index -> its TrainingGraphs (cuda_graphs="training")
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         attach_metadata(gm)
@@ -103,18 +110,45 @@ class Compiler:
             # the remat plan predicts on the graphs before fusion; this checks the graphs that will run
             report.compiled_peaks[stage] = compiled_peak(gm, stage)
         compiled = boxed_graph_module(gm)  # inputs (saved activations in the backward) freed at their last use
-        if stage == "inference" and self.config.cuda_graphs:
+        if not self.config.cuda_graphs or not on_cuda(example_inputs):
+            return compiled  # nothing to capture off the GPU; not worth a line in every CPU report
+        if stage == "inference":
             return self._cuda_graphs(report, gm, compiled, example_inputs)
+        if self.config.cuda_graphs == "training":
+            return self._training_graphs_for(report, stage, gm, compiled, example_inputs)
         return compiled
+
+    def _training_graphs_for(self, report: GraphReport, stage: str, gm: fx.GraphModule, compiled: Callable[..., Any],
+                             example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        """The forward / backward graph as one side of a `TrainingGraphs`, or as it is (the report says why)."""
+        from flashfx.cuda_graphs import graph_hazard
+        from flashfx.cuda_graphs_training import Runner, TrainingGraphs, saved_slice
+
+        device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor))
+        hazard = graph_hazard(gm, device, outputs_may_alias=True)
+        if stage == "forward":
+            saved = saved_slice()
+            reason = hazard or (None if saved is not None else
+                                "AOTAutograd's metadata does not say which outputs are saved for the backward")
+            if reason is not None:
+                report.cuda_graphs.append(f"cuda graphs (training) off: forward: {reason}")
+                return compiled
+            graphs = self._training_graphs[report.index] = TrainingGraphs(compiled, saved)
+            report.cuda_graphs.append(graphs)
+            return Runner(graphs, "forward")
+        graphs = self._training_graphs.get(report.index)
+        if graphs is None:
+            return compiled
+        graphs.backward_fn = compiled
+        if hazard is not None:
+            graphs.backward_off = hazard
+            return compiled
+        return Runner(graphs, "backward")
 
     @staticmethod
     def _cuda_graphs(report: GraphReport, gm: fx.GraphModule, compiled: Callable[..., Any],
                      example_inputs: Sequence[Any]) -> Callable[..., Any]:
         """The inference graph as a CUDA-graph runner, or as it is (with the reason in the report)."""
-        import torch
-
-        if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
-            return compiled  # nothing to capture off the GPU; not worth a line in every CPU report
         from flashfx.cuda_graphs import CudaGraphRunner, decline_reason
 
         reason = decline_reason(gm, example_inputs)

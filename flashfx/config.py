@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 ATTENTION_MODES = ("exact", "off")
 QUANTIZE_MODES = (None,)  # int8 / fp8 / int4 weights are planned; only "no quantization" exists today.
 REMAT_COMPRESS_MODES = (None, "fp8")
+CUDA_GRAPHS_MODES = (True, False, "training")
 
 
 def default_cache_dir() -> str:
@@ -42,10 +43,12 @@ class Config:
         remat_compress: ``None`` or ``"fp8"`` (store chosen saved activations in fp8 with a scale).
         quantize: weight quantization scheme; only ``None`` today.
         autotune: autotune block sizes per shape (otherwise the first config of each kernel is used).
-        cuda_graphs: replay inference graphs (no autograd) on CUDA as CUDA graphs, one per input signature seen
-            twice, so a call costs one launch instead of one per kernel; each keeps a private memory pool of the
-            graph's intermediates. Graphs a replay could change (in-place writes to inputs, random numbers, host
-            tensors) run op by op, and the report says why. Training graphs are never captured.
+        cuda_graphs: ``True`` replays inference graphs (no autograd) on CUDA as CUDA graphs, one per input
+            signature seen twice, so a call costs one launch instead of one per kernel; each keeps a private memory
+            pool of the graph's intermediates. ``"training"`` also replays the forward and backward graphs of
+            training (flashfx/cuda_graphs_training.py: the saved activations stay in the pool, the loss and the
+            gradients are copied out). ``False``: never. Graphs a replay could change (in-place writes to inputs,
+            random numbers, host tensors) run op by op, and the report says why.
         cache_dir: where compiled kernels and autotune results are kept.
         debug: after each pass, run its input and output graphs on the example inputs and name the first
             pass whose output diverges.
@@ -58,7 +61,7 @@ class Config:
     remat_compress: Optional[str] = None
     quantize: Optional[str] = None
     autotune: bool = True
-    cuda_graphs: bool = True
+    cuda_graphs: Union[bool, str] = True
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
     debug: bool = False
 
@@ -84,8 +87,11 @@ class Config:
 
     def _validate(self) -> None:
         _check_choice("attention", self.attention, ATTENTION_MODES)
-        for flag in ("fusion", "cross_entropy", "autotune", "cuda_graphs", "debug"):
+        for flag in ("fusion", "cross_entropy", "autotune", "debug"):
             _check_bool(flag, getattr(self, flag))
+        if not (isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "training"):
+            raise ValueError(f"flashfx.Config: cuda_graphs={self.cuda_graphs!r} is not allowed; choose one of "
+                             f"{', '.join(map(repr, CUDA_GRAPHS_MODES))}")
         _check_choice("quantize", self.quantize, QUANTIZE_MODES,
                       extra="(int8 / fp8 / int4 weight quantization is not implemented yet)")
         _check_choice("remat_compress", self.remat_compress, REMAT_COMPRESS_MODES)

@@ -40,9 +40,10 @@ def decline_reason(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optiona
     return graph_hazard(gm, next(iter(devices)))
 
 
-def graph_hazard(gm: fx.GraphModule, device: torch.device) -> Optional[str]:
+def graph_hazard(gm: fx.GraphModule, device: torch.device, outputs_may_alias: bool = False) -> Optional[str]:
     """What in the graph a replay would change (see the module docstring), for a graph whose inputs are on `device`;
-    None when there is nothing."""
+    None when there is nothing. `outputs_may_alias`: outputs that are (views of) inputs or of each other are the
+    caller's concern (training graphs: see cuda_graphs_training)."""
     placeholders = set(gm.graph.find_nodes(op="placeholder"))
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -57,6 +58,8 @@ def graph_hazard(gm: fx.GraphModule, device: torch.device) -> Optional[str]:
         # (a multi-output op's unused host output, such as attention's dropout seed without dropout, is harmless)
         if isinstance(value, torch.Tensor) and value.device != device and node.users:
             return f"{node.name} makes a tensor on {value.device} that is used (computed once at capture, then frozen)"
+    if outputs_may_alias:
+        return None
     bases = []
     for out in _flat_outputs(gm):
         base = storage_owner(out)
@@ -76,7 +79,7 @@ class CudaGraphRunner:
     def __init__(self, fn: Callable[[List[Any]], Any]) -> None:
         self.fn = fn
         self.seen: Dict[Tuple, List[int]] = {}  # signature -> input addresses at its first call
-        self.graphs: Dict[Tuple, "_Captured"] = {}
+        self.graphs: Dict[Tuple, "Captured"] = {}
         self.replays = 0
         self.op_by_op_calls = 0
         self.captures = 0
@@ -89,19 +92,19 @@ class CudaGraphRunner:
                 f"{self.op_by_op_calls} calls op by op")
 
     def __call__(self, args: List[Any]) -> Any:
-        key = _signature(args)
+        key = signature(args)
         captured = self.graphs.get(key)
         if captured is not None:
             if captured.ready(args):
                 captured.misses = 0
                 self.replays += 1
-                return captured.replay(args)
+                return _copied(captured.replay(args))
             captured.misses += 1
             if captured.misses >= 2 and self.captures < MAX_CAPTURES:
                 # weights replaced, say: forget the graph; the next call captures anew, telling the inputs that
                 # stay put from those that move by comparing with this call's addresses
                 del self.graphs[key]
-                self.seen[key] = _addresses(args)
+                self.seen[key] = addresses(args)
             self.op_by_op_calls += 1
             return self.fn(args)
         if self.disabled is None and key in self.seen and len(self.graphs) < MAX_SIGNATURES \
@@ -109,18 +112,18 @@ class CudaGraphRunner:
             captured = self._capture(key, args)
             if captured is not None:
                 self.replays += 1
-                return captured.replay(args)
+                return _copied(captured.replay(args))
         if len(self.seen) >= 16 * MAX_SIGNATURES:  # shapes that keep changing: forget, rather than grow forever
             self.seen.clear()
-        self.seen.setdefault(key, _addresses(args))
+        self.seen.setdefault(key, addresses(args))
         self.op_by_op_calls += 1
         return self.fn(args)
 
-    def _capture(self, key: Tuple, args: List[Any]) -> Optional["_Captured"]:
+    def _capture(self, key: Tuple, args: List[Any]) -> Optional["Captured"]:
         first = self.seen[key]
         in_place = [isinstance(a, torch.Tensor) and a.data_ptr() == p for a, p in zip(args, first)]
         try:
-            captured = _Captured(self.fn, args, in_place)
+            captured = Captured(self.fn, args, in_place)
         except Exception as exc:  # noqa: BLE001  (any capture failure: run op by op from now on, say why)
             self.disabled = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             return None
@@ -129,10 +132,12 @@ class CudaGraphRunner:
         return captured
 
 
-class _Captured:
-    """One signature's CUDA graph: its input buffers, the addresses it reads in place, its outputs in its pool."""
+class Captured:
+    """One signature's CUDA graph: its input buffers, the addresses it reads in place, its outputs in its pool
+    (a new pool, or `pool`: graphs sharing one must replay in the order they were captured)."""
 
-    def __init__(self, fn: Callable[[List[Any]], Any], args: Sequence[Any], in_place: Sequence[bool]) -> None:
+    def __init__(self, fn: Callable[[List[Any]], Any], args: Sequence[Any], in_place: Sequence[bool],
+                 pool: Any = None) -> None:
         self.misses = 0  # calls in a row whose in-place inputs had moved
         self.in_place = [(i, a.data_ptr()) for i, (a, keep) in enumerate(zip(args, in_place)) if keep]
         # same strides as the caller's tensors: the kernels were compiled and tuned for them at the first call
@@ -145,7 +150,7 @@ class _Captured:
             fn(list(graph_args))
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = fn(list(graph_args))
 
     def ready(self, args: Sequence[Any]) -> bool:
@@ -153,21 +158,27 @@ class _Captured:
         return all(args[i].data_ptr() == ptr for i, ptr in self.in_place)
 
     def replay(self, args: List[Any]) -> Any:
+        """The graph's own outputs, overwritten by this replay (the next one overwrites them again)."""
         for i, buf in self.buffers.items():
             buf.copy_(args[i])
         args.clear()
         self.graph.replay()
-        return type(self.outputs)(o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs)
+        return self.outputs
 
 
 # --------------------------------------------------------------------------------------------------- helpers
 
-def _signature(args: Sequence[Any]) -> Tuple:
+def _copied(outputs: Any) -> Any:
+    """Outputs the caller owns: copies out of the pool, which the next replay overwrites."""
+    return type(outputs)(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
+
+
+def signature(args: Sequence[Any]) -> Tuple:
     return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
                  for a in args)
 
 
-def _addresses(args: Sequence[Any]) -> List[int]:
+def addresses(args: Sequence[Any]) -> List[int]:
     return [a.data_ptr() if isinstance(a, torch.Tensor) else 0 for a in args]
 
 

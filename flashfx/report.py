@@ -140,7 +140,7 @@ class Report:
             for f in g.active_fallbacks():
                 lines.append(f"  FELL BACK at run time: {f.name} runs its ATen ops ({f.error})")
             for runner in g.cuda_graphs:
-                lines.append(f"  inference: {_graph_status(runner)}")
+                lines.append(f"  {_graph_status(runner)}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------------------ json

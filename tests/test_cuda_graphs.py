@@ -59,7 +59,7 @@ class FakeCapture:
     made = []
     fail = False
 
-    def __init__(self, fn, args, in_place):
+    def __init__(self, fn, args, in_place, pool=None):
         self.misses = 0
         if FakeCapture.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
@@ -76,13 +76,13 @@ class FakeCapture:
 @pytest.fixture
 def fake_capture(monkeypatch):
     FakeCapture.made, FakeCapture.fail = [], False
-    monkeypatch.setattr(cuda_graphs, "_Captured", FakeCapture)
+    monkeypatch.setattr(cuda_graphs, "Captured", FakeCapture)
     return FakeCapture
 
 
 def test_a_signature_is_captured_at_its_second_call_and_replayed_after(fake_capture):
     calls = []
-    runner = CudaGraphRunner(lambda args: calls.append(len(args)) or sum(args))
+    runner = CudaGraphRunner(lambda args: calls.append(len(args)) or (sum(args),))
     w, x = torch.ones(3), torch.ones(3)
     for _ in range(4):
         runner([w, x])
@@ -93,7 +93,7 @@ def test_a_signature_is_captured_at_its_second_call_and_replayed_after(fake_capt
 
 
 def test_inputs_read_in_place_that_move_for_good_are_captured_anew(fake_capture):
-    runner = CudaGraphRunner(lambda args: sum(args))
+    runner = CudaGraphRunner(lambda args: (sum(args),))
     w, x = torch.ones(3), torch.ones(3)
     runner([w, x])
     runner([w, x])  # captured, both read in place
@@ -107,14 +107,14 @@ def test_inputs_read_in_place_that_move_for_good_are_captured_anew(fake_capture)
 
 
 def test_growing_shapes_are_never_captured(fake_capture):
-    runner = CudaGraphRunner(lambda args: args[0].sum())
+    runner = CudaGraphRunner(lambda args: (args[0].sum(),))
     for n in range(1, 20):
         runner([torch.ones(n)])
     assert fake_capture.made == [] and runner.op_by_op_calls == 19
 
 
 def test_at_most_max_signatures_are_captured(fake_capture):
-    runner = CudaGraphRunner(lambda args: args[0].sum())
+    runner = CudaGraphRunner(lambda args: (args[0].sum(),))
     xs = [torch.ones(n) for n in range(1, cuda_graphs.MAX_SIGNATURES + 3)]
     for x in xs + xs:
         runner([x])
@@ -123,10 +123,10 @@ def test_at_most_max_signatures_are_captured(fake_capture):
 
 def test_a_failed_capture_turns_the_runner_off_and_says_why(fake_capture):
     fake_capture.fail = True
-    runner = CudaGraphRunner(lambda args: args[0] * 2)
+    runner = CudaGraphRunner(lambda args: (args[0] * 2,))
     x = torch.ones(3)
     outs = [runner([x]) for _ in range(3)]
-    assert all(torch.equal(o, x * 2) for o in outs)
+    assert all(torch.equal(o[0], x * 2) for o in outs)
     assert "capture failed" in runner.status() and "stream is capturing" in runner.status()
 
 

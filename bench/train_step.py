@@ -14,16 +14,18 @@ try:
 except ImportError:  # run as a file: python bench/train_step.py
     import common  # type: ignore[no-redef]
 
-TRAIN_PROVIDERS = ("eager", "sdpa", "compile", "compile-amb0.5", "compile-max-autotune", "flashfx", "flashfx-loss",
-                   "flashfx-attention", "flashfx-fusion", "flashfx-ce", "flashfx-remat0.5", "flashfx-remat-speed",
-                   "flashfx-none", "liger")
+TRAIN_PROVIDERS = ("eager", "sdpa", "compile", "compile-amb0.5", "compile-reduce-overhead", "compile-max-autotune",
+                   "flashfx", "flashfx-loss", "flashfx-graphs", "flashfx-attention", "flashfx-fusion", "flashfx-ce",
+                   "flashfx-remat0.5", "flashfx-remat-speed", "flashfx-none", "liger")
 # --quick: in priority order (a time budget skips from the end; Liger always runs last, it patches classes).
 # The single-pass flashfx variants (-attention, -fusion, -ce) compile as long as flashfx itself (~80 s on the H100):
 # they run in the full suite only. `flashfx-loss` (the loss alone returned, so the fused cross-entropy can fire) is
 # the training setup flashfx documents; plain `flashfx` on the HF model was measured in the first H100 run. The
-# remat budget (issue 5's row) comes first: it pays the cold compile, and `flashfx-loss` after it reuses the kernels.
-LLAMA_QUICK = ("eager", "sdpa", "compile", "flashfx-remat0.5", "compile-amb0.5", "flashfx-loss", "liger")
-GPT2_QUICK = ("eager", "sdpa", "flashfx-loss", "compile")
+# remat budget (issue 5's row) comes first: it pays the cold compile, and `flashfx-loss` after it reuses the kernels
+# (Triton's own cache). GPT-2's step is host-bound: `flashfx-graphs` (training CUDA graphs) against torch.compile
+# with and without its CUDA graphs. Eager (math attention) last: the slowest row, and SDPA is the eager baseline.
+LLAMA_QUICK = ("sdpa", "compile", "flashfx-remat0.5", "compile-amb0.5", "flashfx-loss", "liger", "eager")
+GPT2_QUICK = ("sdpa", "compile", "flashfx-graphs", "compile-reduce-overhead", "flashfx-loss", "eager")
 
 # ANCHORS.md: hidden 2048, intermediate 5632, 8 layers, 16 heads, 4 KV heads (GQA), vocab 128256.
 LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,

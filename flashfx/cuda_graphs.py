@@ -19,6 +19,7 @@ off with the reason; the call still runs op by op. Training graphs are never cap
 """
 from __future__ import annotations
 
+import operator
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -55,8 +56,8 @@ def graph_hazard(gm: fx.GraphModule, device: torch.device, outputs_may_alias: bo
         if schema is not None and schema.is_mutable:
             return f"{node.name} ({name}) writes into a tensor in place"
         value = node.meta.get("val")
-        # (a multi-output op's unused host output, such as attention's dropout seed without dropout, is harmless)
-        if isinstance(value, torch.Tensor) and value.device != device and node.users:
+        # (a multi-output op's unused host output is harmless, and so is a host value that never changes)
+        if isinstance(value, torch.Tensor) and value.device != device and node.users and not _constant_seed(node):
             return f"{node.name} makes a tensor on {value.device} that is used (computed once at capture, then frozen)"
     if outputs_may_alias:
         return None
@@ -185,6 +186,13 @@ def addresses(args: Sequence[Any]) -> List[int]:
 def _flat_outputs(gm: fx.GraphModule) -> List[fx.Node]:
     out = gm.graph.find_nodes(op="output")[0].args[0]
     return [n for n in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(n, fx.Node)]
+
+
+def _constant_seed(node: fx.Node) -> bool:
+    """Attention's dropout seed without dropout: a host zero, the same at every call (training saves it for the
+    backward)."""
+    source = node.args[0] if node.target is operator.getitem and node.args else None
+    return isinstance(source, fx.Node) and "attention_fwd" in str(source.target) and not _dropout_arg(source)
 
 
 def _dropout_arg(node: fx.Node) -> bool:

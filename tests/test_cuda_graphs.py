@@ -54,6 +54,26 @@ def test_attention_with_dropout_is_random_and_without_is_not():
         assert (found is not None and "random" in found) == declined, (p, found)
 
 
+def test_attentions_seed_without_dropout_may_be_used_on_the_host():
+    # training saves the (host, int64) seed for the backward: without dropout it is always zero, so a replay
+    # reusing the value from capture changes nothing; with dropout the graph is random anyway
+    import operator
+
+    import flashfx.codegen.attention  # noqa: F401
+    with FakeTensorMode():
+        q = torch.randn(1, 2, 8, 16, device="cuda", dtype=torch.float16)
+        outs = torch.ops.flashfx.attention_fwd.default(q, q, q, None, False, None, 0.0)
+    g = fx.Graph()
+    x = g.placeholder("q")
+    node = g.call_function(torch.ops.flashfx.attention_fwd.default, (x, x, x, None, False, None, 0.0))
+    items = [g.call_function(operator.getitem, (node, i)) for i in range(3)]
+    for item, value in zip(items, outs):
+        item.meta["val"] = value
+    assert outs[2].device.type == "cpu"
+    g.output(tuple(items))  # the seed is used: returned for the backward
+    assert graph_hazard(fx.GraphModule({}, g), torch.device("cuda"), outputs_may_alias=True) is None
+
+
 class FakeCapture:
     """Stands in for a CUDA graph on the CPU: records the capture, "replays" by running the function."""
     made = []

@@ -3,7 +3,9 @@ small config the CPU interpreter runs quickly. Choices persist in the kernel cac
 time again."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional
 
 import triton
 
@@ -66,10 +68,43 @@ def candidates(mode: str, xnumel: int, rnumel: int, interpreting: bool) -> List[
     return keep or configs[:1]
 
 
-def pick(configs: List[Dict[str, Any]], run: Callable[[Dict[str, Any]], Any], tune: bool) -> Dict[str, Any]:
-    """Time `run(config)` for each config (median ms) and return the fastest; the first if not tuning."""
+def compile_threads() -> int:
+    """Threads that compile one kernel's candidate configs at once (FLASHFX_COMPILE_THREADS, default 8; 1 = one
+    after another). Triton's compile waits on ptxas, a subprocess, for much of its time."""
+    raw = os.environ.get("FLASHFX_COMPILE_THREADS", "8")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"FLASHFX_COMPILE_THREADS={raw!r}: use a whole number >= 1") from None
+    if value < 1:
+        raise ValueError(f"FLASHFX_COMPILE_THREADS={raw!r}: use a whole number >= 1")
+    return value
+
+
+def precompile(configs: List[Dict[str, Any]], compile_one: Callable[[Dict[str, Any]], Any]) -> None:
+    """Compile every config before the timing loop, `compile_threads()` at a time. A config that fails here is left
+    to the timing loop, which compiles it again and skips it if it fails there too."""
+    threads = min(len(configs), compile_threads())
+    if threads < 2:
+        return
+
+    def quietly(config: Dict[str, Any]) -> None:
+        try:
+            compile_one(config)
+        except Exception:  # noqa: BLE001  (reported, if it matters, by the serial compile that follows)
+            pass
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(quietly, configs))
+
+
+def pick(configs: List[Dict[str, Any]], run: Callable[[Dict[str, Any]], Any], tune: bool,
+         compile_one: Optional[Callable[[Dict[str, Any]], Any]] = None) -> Dict[str, Any]:
+    """Time `run(config)` for each config (median ms) and return the fastest; the first if not tuning.
+    `compile_one(config)` (compile without launching) lets the configs compile concurrently first."""
     if not tune or len(configs) == 1:
         return configs[0]
+    if compile_one is not None:
+        precompile(configs, compile_one)
     best, best_ms = configs[0], float("inf")
     for c in configs:
         try:

@@ -215,6 +215,12 @@ class FusedKernel:
             with on_device(device):
                 fn[grid_of(config)](*[values[p] for p in src.params], **meta)
 
+        def compile_one(config: Dict[str, Any]) -> None:
+            _, src, fn = variants[config["mode"]]
+            meta = {k: v for k, v in config.items() if k != "mode"}
+            with on_device(device):
+                fn.warmup(*[values[p] for p in src.params], grid=grid_of(config), **meta)
+
         # one autotune entry per group source (its first mode's variant) and shape bucket
         first_sig, first_src, _ = variants[modes[0]]
         b = autotune.bucket(plan.is_reduction, xnumel, rnumel)
@@ -228,7 +234,7 @@ class FusedKernel:
                 if config is None:
                     configs = [dict(c, mode=m) for m in modes
                                for c in autotune.candidates(m, xnumel, rnumel, interpreting)]
-                    config = autotune.pick(configs, launch, tune)
+                    config = autotune.pick(configs, launch, tune, compile_one)
                     kernel_cache.save_choice(self.cache_dir, cache_key, b, config)
                 launch(config)  # compiles (or loads the cached binary) under cache_dir
             self._configs[(first_sig, b)] = config

@@ -114,15 +114,12 @@ class CudaGraphRunner:
             if captured is not None:
                 self.replays += 1
                 return _copied(captured.replay(args))
-        if len(self.seen) >= 16 * MAX_SIGNATURES:  # shapes that keep changing: forget, rather than grow forever
-            self.seen.clear()
-        self.seen.setdefault(key, addresses(args))
+        remember(self.seen, key, args)
         self.op_by_op_calls += 1
         return self.fn(args)
 
     def _capture(self, key: Tuple, args: List[Any]) -> Optional["Captured"]:
-        first = self.seen[key]
-        in_place = [isinstance(a, torch.Tensor) and a.data_ptr() == p for a, p in zip(args, first)]
+        in_place = found_in_place(args, self.seen[key])
         try:
             captured = Captured(self.fn, args, in_place)
         except Exception as exc:  # noqa: BLE001  (any capture failure: run op by op from now on, say why)
@@ -181,6 +178,19 @@ def signature(args: Sequence[Any]) -> Tuple:
 
 def addresses(args: Sequence[Any]) -> List[int]:
     return [a.data_ptr() if isinstance(a, torch.Tensor) else 0 for a in args]
+
+
+def remember(seen: Dict[Tuple, List[int]], key: Tuple, args: Sequence[Any]) -> None:
+    """Note a signature's input addresses at its first call; shapes that keep changing are forgotten rather than
+    kept forever."""
+    if len(seen) >= 16 * MAX_SIGNATURES:
+        seen.clear()
+    seen.setdefault(key, addresses(args))
+
+
+def found_in_place(args: Sequence[Any], first: Sequence[int]) -> List[bool]:
+    """Per input: a tensor at the address it had in the first call (weights): the graph reads it in place."""
+    return [isinstance(a, torch.Tensor) and a.data_ptr() == p for a, p in zip(args, first)]
 
 
 def _flat_outputs(gm: fx.GraphModule) -> List[fx.Node]:

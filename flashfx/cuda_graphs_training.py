@@ -16,9 +16,10 @@ second captures; later calls replay):
 Why this never gives a wrong answer: a forward replay overwrites the activations of the previous replay, so it
 only happens once nothing but the runner holds their storage (its backward ran and autograd released them, or
 the graph was dropped; checked by the storage's use count). Otherwise the forward runs op by op, with its own
-memory, and so does its backward (recognised by its inputs: not at the latest replay's addresses). Gradient accumulation over several forwards before
-one backward, `retain_graph=True`, or a loss kept with its graph therefore work, at op-by-op speed. Graphs with
-random numbers, in-place writes or tensors off the GPU are never captured (the report says why), as for inference.
+memory, and so does its backward (recognised by its inputs: not at the latest replay's addresses). Several
+forwards before their backwards (gradient accumulation written that way), or a forward whose backward never runs
+while its graph is kept, therefore work, at op-by-op speed. Graphs with random numbers, in-place writes or
+tensors off the GPU are never captured (the report says why), as for inference.
 
 The memory cost: the pool keeps the forward's and backward's intermediates reserved between steps (the caching
 allocator would keep most of them too), plus one extra copy of the parameter gradients.
@@ -29,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from flashfx.cuda_graphs import MAX_CAPTURES, MAX_SIGNATURES, Captured, addresses, signature
+from flashfx.cuda_graphs import MAX_CAPTURES, MAX_SIGNATURES, Captured, found_in_place, remember, signature
 
 
 class TrainingGraphs:
@@ -72,13 +73,12 @@ class TrainingGraphs:
             pair = self._capture_forward(key, args)
             if pair is not None:
                 return self._replay_forward(pair, args)
-        self.seen.setdefault(key, addresses(args))
+        remember(self.seen, key, args)
         self.op_by_op_calls += 1
         return self.forward_fn(args)
 
     def _capture_forward(self, key: Tuple, args: List[Any]) -> Optional["_Pair"]:
-        first = self.seen[key]
-        in_place = [isinstance(a, torch.Tensor) and a.data_ptr() == p for a, p in zip(args, first)]
+        in_place = found_in_place(args, self.seen[key])
         weights = {a.untyped_storage().data_ptr() for a, keep in zip(args, in_place) if keep}
         try:
             captured = Captured(self.forward_fn, args, in_place)

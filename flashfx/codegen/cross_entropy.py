@@ -17,8 +17,9 @@ under "mean". A target outside [0, V) that is not ignore_index gives a NaN loss 
 How it works: the rows are walked in chunks of C rows (C chosen so the chunk's logits take at most
 `CHUNK_BYTES`, 256 MiB by default). For each chunk: logits = input_c @ W.T (+ b) by torch.matmul into one reused
 [C, V] buffer in the input dtype (V padded with zero rows of W where cuBLAS needs it: `padded_vocab`); one
-Triton program per row computes the online-softmax loss and, when gradients are wanted, overwrites the row in place with d loss / d logits; then grad_input_c = dlogits @ W and
-grad_weight += dlogits.T @ input_c (in the weight's dtype; `WGRAD_FP32` below), grad_bias += dlogits.sum(0).
+Triton program per row computes the online-softmax loss and, when gradients are wanted, overwrites the row in
+place with d loss / d logits; then grad_input_c = dlogits @ W and grad_weight += dlogits.T @ input_c (in the
+weight's dtype; `WGRAD_FP32` below), grad_bias += dlogits.sum(0).
 
 When the gradients are computed (the memory / time trade):
 - reduction "mean"/"sum" with autograd recording (training): in the forward, as Liger-Kernel does, so the logits

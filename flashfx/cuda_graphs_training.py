@@ -30,7 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from flashfx.cuda_graphs import MAX_CAPTURES, MAX_SIGNATURES, Captured, found_in_place, remember, signature
+from flashfx.cuda_graphs import (MAX_CAPTURES, MAX_SIGNATURES, Captured, addresses, found_in_place, remember,
+                                 signature)
 
 
 class TrainingGraphs:
@@ -66,8 +67,22 @@ class TrainingGraphs:
     def run_forward(self, args: List[Any]) -> Any:
         key = signature(args)
         pair = self.pairs.get(key)
-        if pair is not None and pair.forward.ready(args) and self.released():
-            return self._replay_forward(pair, args)
+        if pair is not None:
+            if pair.forward.ready(args):
+                pair.misses = 0
+                if self.released():
+                    return self._replay_forward(pair, args)
+            else:
+                pair.misses += 1
+                if pair.misses >= 2 and (pair is not self.latest or self.released()):
+                    # weights moved for good (`p.data = ...`, say): drop the pair (only the latest replay's
+                    # activations can still be held), and capture anew from the addresses of this call
+                    del self.pairs[key]
+                    if pair is self.latest:
+                        self.latest, self.handed_out = None, []
+                    self.seen[key] = addresses(args)
+                    self.op_by_op_calls += 1
+                    return self.forward_fn(args)
         if pair is None and self.disabled is None and key in self.seen and self.released() \
                 and len(self.pairs) < MAX_SIGNATURES and self.captures < MAX_CAPTURES:
             pair = self._capture_forward(key, args)
@@ -140,6 +155,7 @@ class _Pair:
     def __init__(self, forward: Captured, weights: set) -> None:
         self.forward = forward
         self.weights = weights  # storages of the inputs read in place
+        self.misses = 0  # calls in a row whose in-place inputs had moved
         self.backward: Optional[Captured] = None
         self.backward_key: Optional[Tuple] = None
 

@@ -147,6 +147,26 @@ def test_a_forward_without_backward_holds_its_activations_until_dropped(fake_gpu
     assert graphs.op_by_op_calls >= 3 and graphs.replays >= 4  # step 3 ran op by op; replays resumed after
 
 
+def test_weights_that_move_are_read_where_they_are_then_captured_anew(fake_gpu):
+    model, graphed, reference, plain = pair()
+    for step, (x, y) in enumerate(batches(7)):
+        if step == 3:  # new storage for every weight, same Parameter objects (as a re-materialised model)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data = p.data.clone()
+        loss, ref = graphed(x, y), plain(x, y)
+        loss.backward()
+        ref.backward()
+        assert torch.equal(loss, ref), step
+        for p, q in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-7), step
+        sgd(model)
+        sgd(reference)
+    graphs = training_graphs(graphed)
+    # steps 0, 3 and 4 op by op (first call; two misses); 5 captures anew; 1, 2, 5, 6 replay forward and backward
+    assert len(fake_gpu.made) == 4 and graphs.replays == 2 * 4 and graphs.op_by_op_calls == 2 * 3
+
+
 def test_training_graphs_are_opt_in_and_checked():
     assert flashfx.Config().cuda_graphs is True
     with pytest.raises(ValueError, match="cuda_graphs='train'.*'training'"):

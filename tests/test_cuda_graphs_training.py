@@ -63,8 +63,9 @@ def pair(**config):
     torch.manual_seed(0)
     model = MLP()
     reference = copy.deepcopy(model)
-    graphed = flashfx.optimize(model, fusion=False, cuda_graphs="training", **config)
-    plain = flashfx.optimize(reference, fusion=False, cuda_graphs=False, **config)
+    config = {"fusion": False, **config}
+    graphed = flashfx.optimize(model, cuda_graphs="training", **config)
+    plain = flashfx.optimize(reference, cuda_graphs=False, **config)
     return model, graphed, reference, plain
 
 
@@ -86,8 +87,9 @@ def training_graphs(fn):
     return found[0]
 
 
-def test_a_training_loop_replays_forward_and_backward_and_matches(fake_gpu):
-    model, graphed, reference, plain = pair()
+@pytest.mark.parametrize("fusion", [False, True], ids=["aten", "generated-kernels"])
+def test_a_training_loop_replays_forward_and_backward_and_matches(fake_gpu, fusion):
+    model, graphed, reference, plain = pair(fusion=fusion)
     for x, y in batches(5):
         loss, ref = graphed(x, y), plain(x, y)
         loss.backward()

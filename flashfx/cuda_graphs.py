@@ -8,14 +8,14 @@ signature (shapes, strides, dtypes, scalar values) and replays it.
 Per signature: the first call runs the graph as it is (kernels compile and autotune outside any capture); the second
 captures it. A tensor input found at the same address in both calls (weights, buffers) is read in place, and each
 replay checks it is still there (else that call runs op by op, and two such calls in a row capture the signature
-anew, as when weights are replaced); any other tensor input is copied into a buffer the graph reads. Outputs are copied out of the graph's private memory pool, so a later replay never overwrites a
-tensor the caller holds. A signature seen only once is never captured: growing shapes (a KV cache concatenated each
+anew, as when weights are replaced); any other tensor input is copied into a buffer the graph reads. Outputs are
+copied out of the graph's private memory pool, so a later replay never overwrites a tensor the caller holds. A signature seen only once is never captured: growing shapes (a KV cache concatenated each
 step) stay op by op rather than capturing a graph per length.
 
 `decline_reason` keeps a graph op by op where a replay could give another answer than running it: an input written
 in place, an output that is (a view of) an input, outputs sharing memory, random numbers, tensors off the GPU
 (host values computed at capture would be frozen). A capture that fails (a host sync inside, say) turns the runner
-off with the reason; the call still runs op by op. Training graphs are never captured.
+off with the reason; the call still runs op by op. Training graphs: flashfx/cuda_graphs_training.py (opt in).
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ Per signature: the first call runs the graph as it is (kernels compile and autot
 captures it. A tensor input found at the same address in both calls (weights, buffers) is read in place, and each
 replay checks it is still there (else that call runs op by op, and two such calls in a row capture the signature
 anew, as when weights are replaced); any other tensor input is copied into a buffer the graph reads. Outputs are
-copied out of the graph's private memory pool, so a later replay never overwrites a tensor the caller holds. A signature seen only once is never captured: growing shapes (a KV cache concatenated each
-step) stay op by op rather than capturing a graph per length.
+copied out of the graph's private memory pool, so a later replay never overwrites a tensor the caller holds. A
+signature seen only once is never captured: growing shapes (a KV cache concatenated each step) stay op by op
+rather than capturing a graph per length.
 
 `decline_reason` keeps a graph op by op where a replay could give another answer than running it: an input written
 in place, an output that is (a view of) an input, outputs sharing memory, random numbers, tensors off the GPU

@@ -124,7 +124,9 @@ class Compiler:
         from flashfx.cuda_graphs import graph_hazard
         from flashfx.cuda_graphs_training import Runner, TrainingGraphs, saved_slice
 
-        device = next(t.device for t in example_inputs if isinstance(t, torch.Tensor))
+        tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+        # the GPU's (a host input such as attention's saved seed may come first in a backward's inputs)
+        device = next((t.device for t in tensors if t.is_cuda), tensors[0].device)
         hazard = graph_hazard(gm, device, outputs_may_alias=True)
         if stage == "forward":
             saved = saved_slice()

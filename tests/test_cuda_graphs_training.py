@@ -203,3 +203,8 @@ def test_training_replays_match_running_the_model_on_the_gpu():
         sgd(model)
         sgd(reference)
     assert training_graphs(graphed).replays == 2 * 4  # steps 2-5: a forward and a backward each
+
+
+def test_outside_aot_autograd_nothing_says_which_outputs_are_saved():
+    # the forward runner needs AOTAutograd's metadata; without it the compiler keeps the graph op by op
+    assert cuda_graphs_training.saved_slice() is None

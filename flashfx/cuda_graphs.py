@@ -100,7 +100,7 @@ class CudaGraphRunner:
             if captured.ready(args):
                 captured.misses = 0
                 self.replays += 1
-                return _copied(captured.replay(args))
+                return copied(captured.replay(args))
             captured.misses += 1
             if captured.misses >= 2 and self.captures < MAX_CAPTURES:
                 # weights replaced, say: forget the graph; the next call captures anew, telling the inputs that
@@ -114,7 +114,7 @@ class CudaGraphRunner:
             captured = self._capture(key, args)
             if captured is not None:
                 self.replays += 1
-                return _copied(captured.replay(args))
+                return copied(captured.replay(args))
         remember(self.seen, key, args)
         self.op_by_op_calls += 1
         return self.fn(args)
@@ -167,7 +167,7 @@ class Captured:
 
 # --------------------------------------------------------------------------------------------------- helpers
 
-def _copied(outputs: Any) -> Any:
+def copied(outputs: Any) -> Any:
     """Outputs the caller owns: copies out of the pool, which the next replay overwrites."""
     return type(outputs)(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
 

@@ -30,8 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from flashfx.cuda_graphs import (MAX_CAPTURES, MAX_SIGNATURES, Captured, addresses, found_in_place, remember,
-                                 signature)
+from flashfx.cuda_graphs import (MAX_CAPTURES, MAX_SIGNATURES, Captured, addresses, copied, found_in_place,
+                                 remember, signature)
 
 
 class TrainingGraphs:
@@ -145,8 +145,7 @@ class TrainingGraphs:
             self.op_by_op_calls += 1
             return self.backward_fn(args)
         self.replays += 1
-        outputs = pair.backward.replay(args)
-        return type(outputs)(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
+        return copied(pair.backward.replay(args))  # gradients: the caller keeps them past the next replay
 
 
 class _Pair:

@@ -268,9 +268,8 @@ def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> An
     )
 
 
-# (autotuner, its key's values, q's dtype) -> the config it chose and its launcher. Triton's Autotuner.run
-# re-derives its key from every argument at each call; the launches below skip it once a key is tuned (host time at
-# short sequences).
+# (autotuner, its key's values, q's dtype) -> the config it chose. Triton's Autotuner.run re-derives its key from
+# every argument at each call; the launches below skip it once a key is tuned (host time at short sequences).
 _CHOSEN: dict = {}
 
 

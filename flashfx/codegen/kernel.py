@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Dict, List, Sequence, Tuple
 
 import sympy
@@ -207,19 +208,17 @@ class FusedKernel:
                             32 if reach < 2 ** 31 - 2 ** 20 else 64)
             variants[mode] = (sig,) + self.variant(sig)
 
-        def launch(config: Dict[str, Any]) -> None:
+        def launch(config: Dict[str, Any], compile_only: bool = False) -> None:
             _, src, fn = variants[config["mode"]]
             meta = {k: v for k, v in config.items() if k != "mode"}
-            for k, _, _ in columns:  # partials accumulate: every launch starts from zero
-                outs[k].zero_()
+            kernel_args = [values[p] for p in src.params]
             with on_device(device):
-                fn[grid_of(config)](*[values[p] for p in src.params], **meta)
-
-        def compile_one(config: Dict[str, Any]) -> None:
-            _, src, fn = variants[config["mode"]]
-            meta = {k: v for k, v in config.items() if k != "mode"}
-            with on_device(device):
-                fn.warmup(*[values[p] for p in src.params], grid=grid_of(config), **meta)
+                if compile_only:
+                    fn.warmup(*kernel_args, grid=grid_of(config), **meta)
+                    return
+                for k, _, _ in columns:  # partials accumulate: every launch starts from zero
+                    outs[k].zero_()
+                fn[grid_of(config)](*kernel_args, **meta)
 
         # one autotune entry per group source (its first mode's variant) and shape bucket
         first_sig, first_src, _ = variants[modes[0]]
@@ -234,7 +233,7 @@ class FusedKernel:
                 if config is None:
                     configs = [dict(c, mode=m) for m in modes
                                for c in autotune.candidates(m, xnumel, rnumel, interpreting)]
-                    config = autotune.pick(configs, launch, tune, compile_one)
+                    config = autotune.pick(configs, launch, tune, functools.partial(launch, compile_only=True))
                     kernel_cache.save_choice(self.cache_dir, cache_key, b, config)
                 launch(config)  # compiles (or loads the cached binary) under cache_dir
             self._configs[(first_sig, b)] = config

@@ -16,6 +16,7 @@ Order in this file: template (source emission) -> plan (lowering) -> launcher.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple
@@ -355,9 +356,8 @@ class MatmulKernel:
         grid_of = lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]), batch)
         ext_strides = [s for t in flat for s in (t.stride(0), t.stride(1))]
 
-        def prepared(c: Dict[str, Any], compile_only: bool = False) -> Tuple[Any, List[Any], Dict[str, Any],
-                                                                            List[torch.Tensor]]:
-            """(kernel, its arguments, its tile constexprs, the outputs) for config `c`."""
+        def launch(c: Dict[str, Any], compile_only: bool = False) -> List[torch.Tensor]:
+            """Run config `c` and return its outputs; with `compile_only`, compile it and launch nothing."""
             outs = [torch.empty((batch * M, N), dtype=val(node).dtype, device=a.device) for _, node in plan.outputs]
             if c.get("backend") == "aten":  # cuBLAS writes each product, contiguous; the epilogue kernel reads it
                 mm = torch.bmm if plan.batched else torch.mm
@@ -373,18 +373,12 @@ class MatmulKernel:
                 tiles = dict(c, EVEN_K=K % c["BLOCK_K"] == 0)
                 kernel_args = [a, *bs, *flat, *outs, *scalars, M, N, K, *stride_args, *ext_strides]
                 launch_fn = fn
-            return launch_fn, kernel_args, tiles, outs
-
-        def launch(c: Dict[str, Any]) -> List[torch.Tensor]:
-            launch_fn, kernel_args, tiles, outs = prepared(c)
             with on_device(a.device):
-                launch_fn[grid_of(c)](*kernel_args, **tiles)
+                if compile_only:
+                    launch_fn.warmup(*kernel_args, grid=grid_of(c), **tiles)
+                else:
+                    launch_fn[grid_of(c)](*kernel_args, **tiles)
             return outs
-
-        def compile_one(c: Dict[str, Any]) -> None:
-            launch_fn, kernel_args, tiles, _ = prepared(c, compile_only=True)
-            with on_device(a.device):
-                launch_fn.warmup(*kernel_args, grid=grid_of(c), **tiles)
 
         config = self._configs.get(bucket)
         if config is None:
@@ -396,7 +390,7 @@ class MatmulKernel:
                     # "race" where timing is worth it: ATen's matmul + the epilogue kernel race the fused kernel
                     backend = "triton" if self.backend == "race" and not race else self.backend
                     configs = candidates(M, N, nb, _compat.triton_interpreting(), backend)
-                    config = autotune.pick(configs, launch, race, compile_one)
+                    config = autotune.pick(configs, launch, race, functools.partial(launch, compile_only=True))
                     kernel_cache.save_choice(self.cache_dir, key, bucket, config)
                 outs = launch(config)
             self._configs[bucket] = config

@@ -110,6 +110,7 @@ class Options:
     deadline: Optional[float] = None       # time.time() after which providers are skipped
     est_scale: float = 1.0                 # Workload.est_scale
     progress: Optional[Progress] = None
+    layers: Optional[int] = None           # fewer layers than the workload's model (ncu's per-kernel replay)
 
 
 # ----------------------------------------------------------------------------------------- running a case
@@ -420,10 +421,13 @@ def fmt_err(value: Optional[float]) -> str:
 # ----------------------------------------------------------------------------------------- models and formulas
 
 def build_hf(model_class: str, fields: Dict[str, Any], dtype: torch.dtype, device: torch.device,
-             seed: int = 0) -> torch.nn.Module:
-    """A transformers model from its config class with seeded random weights (no download), on `device`."""
+             seed: int = 0, layers: Optional[int] = None) -> torch.nn.Module:
+    """A transformers model from its config class with seeded random weights (no download), on `device`;
+    `layers` overrides the number of layers."""
     import transformers
     cls = getattr(transformers, model_class)
+    if layers:
+        fields = {**fields, cls.config_class.attribute_map.get("num_hidden_layers", "num_hidden_layers"): layers}
     config = cls.config_class(**fields)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)

@@ -27,7 +27,8 @@ def build(opts: common.Options) -> common.Case:
 
     context = 32 if opts.tiny else 2048
     dtype = torch.float32 if opts.tiny else torch.bfloat16
-    model = common.build_hf("LlamaForCausalLM", LLAMA_TINY if opts.tiny else LLAMA, dtype, opts.device)
+    model = common.build_hf("LlamaForCausalLM", LLAMA_TINY if opts.tiny else LLAMA, dtype, opts.device,
+                            layers=opts.layers)
     cfg = model.config
     model.eval()
     prompt = common.random_ids(cfg.vocab_size, (1, context), opts.device)

@@ -40,7 +40,8 @@ def _infer(ids_or_pixels: str, inputs: torch.Tensor) -> Callable[[Callable[..., 
 def build_bert(opts: common.Options) -> common.Case:
     batch, seq = (4, 64) if opts.tiny else (32, 512)
     dtype = torch.float32 if opts.tiny else torch.float16
-    model = common.build_hf("BertModel", BERT_TINY if opts.tiny else {}, dtype, opts.device)
+    model = common.build_hf("BertModel", BERT_TINY if opts.tiny else {}, dtype, opts.device,
+                            layers=opts.layers)
     cfg = model.config
     ids = common.random_ids(cfg.vocab_size, (batch, seq), opts.device)
     flops = _encoder_flops(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
@@ -54,7 +55,8 @@ def build_bert(opts: common.Options) -> common.Case:
 def build_vit(opts: common.Options) -> common.Case:
     batch = 4 if opts.tiny else 64
     dtype = torch.float32 if opts.tiny else torch.float16
-    model = common.build_hf("ViTModel", VIT_TINY if opts.tiny else {}, dtype, opts.device)
+    model = common.build_hf("ViTModel", VIT_TINY if opts.tiny else {}, dtype, opts.device,
+                            layers=opts.layers)
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
     pixels = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size, generator=gen)

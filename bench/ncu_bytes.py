@@ -3,10 +3,12 @@
     PYTHONPATH=. python bench/ncu_bytes.py --out $OUT          # every case; needs `ncu` and a CUDA GPU
     PYTHONPATH=. python bench/ncu_bytes.py --cases softmax,rmsnorm
     PYTHONPATH=. python bench/ncu_bytes.py --step bert-infer --providers compile,flashfx   # whole steps
+    PYTHONPATH=. python bench/ncu_bytes.py --step llama-train --layers 2 --providers compile,flashfx-loss
 
 `--step WORKLOAD` measures instead the DRAM bytes of every kernel of one step of a bench/run.py workload, per
 provider (issue 4: flashfx should move no more HBM bytes per step than torch.compile). ncu replays each kernel of
-the step, so keep to the inference workloads or small steps: a training step of ~1000 kernels takes many minutes.
+the step, so keep to the inference workloads or small steps (`--layers 2`): a training step of ~1000 kernels takes
+many minutes.
 
 For each case (the fusion workloads of bench/fusion.py, and the attention forward) a child process compiles the
 kernel, autotunes it, then runs it once more inside the NVTX range "measure"; the parent runs that child under
@@ -130,14 +132,14 @@ def child(name: str, out_path: str) -> None:
         json.dump({"predicted_bytes": predicted}, f)
 
 
-def step_child(workload: str, provider: str, out_path: str) -> None:
+def step_child(workload: str, provider: str, out_path: str, layers: Optional[int] = None) -> None:
     """One step of a bench/run.py workload with `provider`, warmed up, the last inside NVTX range 'measure'."""
     import torch
 
     from bench import common, providers
     from bench.run import workloads
 
-    opts = common.Options(device=torch.device("cuda"))
+    opts = common.Options(device=torch.device("cuda"), layers=layers)
     case = workloads()[workload].build(opts)
     spec = providers.PROVIDERS[provider]
     providers.set_attention(case.model, spec.attn)
@@ -161,11 +163,14 @@ def _report_bytes(fn: Any) -> float:
     return float(sum(max(after.bytes_value, 0) for g in report.graphs for _, after in g.aten_costs.values()))
 
 
-def run_case(name: str, ncu: str, timeout_s: float, step_of: Optional[str] = None) -> Dict[str, Any]:
+def run_case(name: str, ncu: str, timeout_s: float, step_of: Optional[str] = None,
+             layers: Optional[int] = None) -> Dict[str, Any]:
     """`name` is a kernel case, or with `step_of` a provider whose step of that workload is measured."""
     with tempfile.TemporaryDirectory() as tmp:
         pred_path = os.path.join(tmp, "predicted.json")
         child_args = ["--child", name] if step_of is None else ["--step", step_of, "--child-provider", name]
+        if layers:
+            child_args += ["--layers", str(layers)]
         cmd = [ncu, "--csv", "--nvtx", "--nvtx-include", "measure/", "--metrics", ",".join(METRICS),
                sys.executable, os.path.abspath(__file__), *child_args, "--child-out", pred_path]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -199,6 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=240.0, help="per case")
     ap.add_argument("--step", metavar="WORKLOAD", help="measure whole steps of this bench/run.py workload")
     ap.add_argument("--providers", default="compile,flashfx", help="with --step (default: compile,flashfx)")
+    ap.add_argument("--layers", type=int, help="with --step: build the model with this many layers (ncu replays "
+                                               "every kernel: a training step of the full model takes many minutes)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-provider", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -207,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         child(args.child, args.child_out)
         return 0
     if args.child_provider:
-        step_child(args.step, args.child_provider, args.child_out)
+        step_child(args.step, args.child_provider, args.child_out, args.layers)
         return 0
     if args.step:
         from bench import measure, providers
@@ -233,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = []
     for name in names:
         try:
-            rows.append(run_case(name, ncu, args.timeout_s, step_of=args.step))
+            rows.append(run_case(name, ncu, args.timeout_s, step_of=args.step, layers=args.layers))
         except subprocess.TimeoutExpired:
             rows.append({"case": name, "error": f"over {args.timeout_s:.0f} s"})
         print(table(rows[-1:]).splitlines()[-1], flush=True)

@@ -24,7 +24,8 @@ PREFILL_QUICK = ("eager", "sdpa", "flashfx", "compile", "liger")
 def build(opts: common.Options) -> common.Case:
     batch, seq = (1, 128) if opts.tiny else (1, 8192)
     dtype = torch.float32 if opts.tiny else torch.bfloat16
-    model = common.build_hf("LlamaForCausalLM", LLAMA_TINY if opts.tiny else LLAMA, dtype, opts.device)
+    model = common.build_hf("LlamaForCausalLM", LLAMA_TINY if opts.tiny else LLAMA, dtype, opts.device,
+                            layers=opts.layers)
     cfg = model.config
     ids = common.random_ids(cfg.vocab_size, (batch, seq), opts.device)
 

@@ -70,7 +70,8 @@ class LossOnly(torch.nn.Module):
         self.model = model
 
     def forward(self, **batch: Any) -> torch.Tensor:
-        return self.model(**batch).loss
+        out = self.model(**batch)
+        return out if isinstance(out, torch.Tensor) else out.loss  # flashfx.zoo models return the loss itself
 
 
 def _flashfx(loss_only: bool = False, **config: Any) -> Callable[..., Any]:

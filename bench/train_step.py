@@ -25,6 +25,9 @@ TRAIN_PROVIDERS = ("eager", "sdpa", "compile", "compile-amb0.5", "compile-reduce
 # (Triton's own cache). GPT-2's step is host-bound: `flashfx-graphs` (training CUDA graphs) against torch.compile
 # with and without its CUDA graphs. Eager (math attention) last: the slowest row, and SDPA is the eager baseline.
 # torch.compile with an activation budget (issue 5's second comparison, 85 s) runs in the full suite only.
+# The zoo models have no attention implementation to switch and no Liger patch.
+ZOO_PROVIDERS = ("eager", "compile", "compile-reduce-overhead", "flashfx", "flashfx-graphs", "flashfx-fusion",
+                 "flashfx-remat0.5", "flashfx-none")
 LLAMA_QUICK = ("sdpa", "compile", "flashfx-remat0.5", "liger", "flashfx-loss", "eager")
 GPT2_QUICK = ("sdpa", "compile", "flashfx-graphs", "compile-reduce-overhead", "flashfx-loss", "eager")
 
@@ -69,7 +72,8 @@ def _train_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[Callable
 def build_llama(opts: common.Options) -> common.Case:
     batch, seq = (2, 64) if opts.tiny else (4, 2048)
     dtype = torch.float32 if opts.tiny else torch.bfloat16
-    model = common.build_hf("LlamaForCausalLM", LLAMA_TINY if opts.tiny else LLAMA, dtype, opts.device)
+    model = common.build_hf("LlamaForCausalLM", LLAMA_TINY if opts.tiny else LLAMA, dtype, opts.device,
+                            layers=opts.layers)
     model.loss_type = "ForCausalLM"  # unset, HF warns inside forward: a graph break for every compiler
     cfg = model.config
     ids = common.random_ids(cfg.vocab_size, (batch, seq), opts.device)
@@ -89,7 +93,8 @@ def build_llama(opts: common.Options) -> common.Case:
 def build_gpt2(opts: common.Options) -> common.Case:
     batch, seq = (2, 64) if opts.tiny else (8, 1024)
     dtype = torch.float32 if opts.tiny else torch.bfloat16
-    model = common.build_hf("GPT2LMHeadModel", GPT2_TINY if opts.tiny else GPT2, dtype, opts.device)
+    model = common.build_hf("GPT2LMHeadModel", GPT2_TINY if opts.tiny else GPT2, dtype, opts.device,
+                            layers=opts.layers)
     model.loss_type = "ForCausalLM"  # unset, HF warns inside forward: a graph break for every compiler
     cfg = model.config
     ids = common.random_ids(cfg.vocab_size, (batch, seq), opts.device)
@@ -103,9 +108,44 @@ def build_gpt2(opts: common.Options) -> common.Case:
                  f"{str(dtype)[6:]}, dropout 0, forward + backward, no optimizer")
 
 
+def _build_zoo(family: str) -> Callable[[common.Options], common.Case]:
+    """flashfx's own zoo model (attention written out by hand, no Hugging Face code), same sizes as the HF one."""
+    def build(opts: common.Options) -> common.Case:
+        from flashfx import zoo
+        name = f"{family}-tiny" if opts.tiny else family
+        sizes = {"num_hidden_layers": opts.layers} if opts.layers else {}
+        if family == "gpt2":
+            sizes["dropout"] = 0.0  # every provider computes the same function, as for the HF GPT-2
+        batch, seq = (2, 64) if opts.tiny else ((4, 2048) if family == "llama" else (8, 1024))
+        dtype = torch.float32 if opts.tiny else torch.bfloat16
+        model, _ = zoo.build(name, batch=batch, seq=seq, dtype=dtype, device=opts.device, **sizes)
+        model.train()
+        cfg = model.config
+        ids = common.random_ids(cfg.vocab_size, (batch, seq), opts.device)
+        h = cfg.hidden_size
+        if family == "llama":
+            params = llama_linear_params(cfg)
+        else:
+            params = cfg.num_hidden_layers * 12 * h * h + h * cfg.vocab_size
+        attn = cfg.num_hidden_layers * common.attention_fwd_flops(batch, cfg.num_attention_heads, seq, seq,
+                                                                  h // cfg.num_attention_heads, causal=True)
+        return common.Case(
+            name=f"zoo-{family}-train", model=model, step=_train_step(model, ids), training=True,
+            flops=common.train_flops(params, batch * seq, attn), tokens=batch * seq, grad_params=None,
+            family=family,
+            describe=f"flashfx.zoo {name} ({cfg.num_hidden_layers} layers, hidden {h}), batch {batch} × {seq}, "
+                     f"{str(dtype)[6:]}, dropout 0, forward + backward, no optimizer")
+    return build
+
+
 WORKLOADS = {
     "llama-train": common.Workload("llama-train", "Llama-style training step (ANCHORS config), 4 × 2048 bf16",
                                    build_llama, TRAIN_PROVIDERS, LLAMA_QUICK, share=3.5),
     "gpt2-train": common.Workload("gpt2-train", "GPT-2-small training step, 8 × 1024 bf16", build_gpt2,
                                   TRAIN_PROVIDERS, GPT2_QUICK, share=2.0, est_scale=0.7),
+    # The zoo models are plain PyTorch (attention by hand, returning the loss alone): full suite and ncu only.
+    "zoo-llama-train": common.Workload("zoo-llama-train", "flashfx.zoo Llama training step, 4 × 2048 bf16",
+                                       _build_zoo("llama"), ZOO_PROVIDERS, (), share=3.5),
+    "zoo-gpt2-train": common.Workload("zoo-gpt2-train", "flashfx.zoo GPT-2 training step, 8 × 1024 bf16",
+                                      _build_zoo("gpt2"), ZOO_PROVIDERS, (), share=2.0, est_scale=0.7),
 }

@@ -204,6 +204,8 @@ def test_loss_only_wrapper_returns_the_models_loss_and_shares_parameters():
     wrapped = providers.LossOnly(lm)
     assert torch.equal(wrapped(x=x, labels=y), lm(x, labels=y).loss)
     assert [p is q for p, q in zip(wrapped.parameters(), lm.parameters())] == [True, True]
+    plain = torch.nn.Linear(4, 1)  # a model that returns its loss itself (flashfx.zoo) passes through
+    assert torch.equal(providers.LossOnly(plain)(input=x), plain(x))
 
 
 def test_isolated_runner_records_a_crash_and_restarts_for_the_rest(monkeypatch, tmp_path):
@@ -258,6 +260,26 @@ def test_hf_llama_tiny_end_to_end_on_cpu(tmp_path):
     assert results["eager"]["status"] == "ok" and results["sdpa"]["status"] == "ok", results
     assert results["sdpa"]["loss_rel_err"] < 1e-5 and results["sdpa"]["grad_rel_err"] < 1e-4
     assert {r["type"] for r in recs} >= {"run", "ceilings", "event", "result"}
+
+
+def test_zoo_training_workloads_run_on_cpu(tmp_path):
+    """The plain-PyTorch zoo models as training workloads (they return the loss itself, not an HF output)."""
+    out = tmp_path / "z.jsonl"
+    rc = run.main(["zoo-gpt2-train", "zoo-llama-train", "--device", "cpu", "--tiny", "--providers", "eager",
+                   "--warmup", "0", "--repeat", "1", "--no-docs", "--out", str(out)])
+    assert rc == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    results = {r["workload"]: r for r in recs if r["type"] == "result"}
+    assert {w: r["status"] for w, r in results.items()} == {"zoo-gpt2-train": "ok", "zoo-llama-train": "ok"}
+
+
+def test_layers_option_shrinks_every_workload_model():
+    from bench.run import workloads
+
+    opts = common.Options(device=torch.device("cpu"), tiny=True, layers=1)
+    for name in ("llama-train", "gpt2-train", "zoo-llama-train", "zoo-gpt2-train", "bert-infer", "vit-infer"):
+        cfg = workloads()[name].build(opts).model.config
+        assert cfg.num_hidden_layers == 1, name
 
 
 # ----------------------------------------------------------------------------------------- tables and doc

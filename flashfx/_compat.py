@@ -43,6 +43,18 @@ def triton_version() -> str:
     return triton.__version__
 
 
+def triton_allocator_missing() -> bool:
+    """Whether the current context has no `triton.set_allocator` allocator (kernels with device-side tensor
+    descriptors need one). Triton 3.6–3.9 keep it in a private ContextVar; a Triton without that reads as
+    missing, so flashfx sets its own there and may then replace one the caller set."""
+    try:
+        from triton.runtime import _allocation
+
+        return isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        return True
+
+
 def autotune_disk_cache_kwargs() -> dict:
     """Keyword arguments that make `triton.autotune` keep its results on disk, where this Triton can (>= 3.2)."""
     import inspect

@@ -22,12 +22,15 @@ How it is built, so that it passes through Dynamo and AOTAutograd as single node
   reference, the interpreter gets bf16 wrong).
 
 Environment knobs (read at each launch): FLASHFX_ATTENTION_TUNE=0 (one default config, no autotuning),
-FLASHFX_ATTENTION_BWD=split|atomic, FLASHFX_ATTENTION_LOOP=split|single (kernel variants; see the kernels file).
+FLASHFX_ATTENTION_BWD=split|atomic, FLASHFX_ATTENTION_LOOP=split|single (kernel variants; see the kernels file),
+FLASHFX_ATTENTION_FWD=pointer|tma|auto (the forward through tensor descriptors, `attention_tma`; see
+`_forward_variant`), FLASHFX_ATTENTION_WS=0|1 (also autotune warp-specialized configs of that kernel on sm_90+).
 Limits: head dim <= 256 on the kernel path; dropout needs L * S < 2**31; a float bias that needs a gradient
 materialises an fp32 [B, Hq, L, S] dS buffer (reduced to the bias's shape).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -227,13 +230,16 @@ _SPACES = {
 }
 
 
-def _kernels(big_head: bool) -> Any:
+def _tune_knobs() -> Tuple[bool, Optional[int]]:
     # FLASHFX_ATTENTION_TUNE=0: one default config per kernel (no autotuning: quick correctness runs).
     # FLASHFX_ATTENTION_CONFIG=i: only the i-th config of each kernel (to fill Triton's compile cache from
     # several processes at once before autotuning; see bench/attention.py).
     only = os.environ.get("FLASHFX_ATTENTION_CONFIG")
-    tune = os.environ.get("FLASHFX_ATTENTION_TUNE", "1") != "0"
-    return _build_kernels(big_head, tune, int(only) if only else None)
+    return os.environ.get("FLASHFX_ATTENTION_TUNE", "1") != "0", int(only) if only else None
+
+
+def _kernels(big_head: bool) -> Any:
+    return _build_kernels(big_head, *_tune_knobs())
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,6 +303,38 @@ def _loop_variant(is_causal: bool) -> str:
     return choice
 
 
+def _forward_variant(q: Tensor, k: Tensor, v: Tensor, out: Tensor, bias: Optional[Tensor], dropout_p: float) -> str:
+    """"pointer": `_attn_fwd_kernel` (any input); "tma": `attention_tma`'s kernel, which reads Q, K, V and writes
+    Out through tensor descriptors (TMA on sm_90+), for no bias, no dropout, head dim 64 / 128, 16-byte aligned rows.
+    FLASHFX_ATTENTION_FWD=tma runs it wherever the inputs allow (also in the CPU interpreter: the tests),
+    =auto only on GPUs of compute capability >= 9, =pointer never. Inputs it cannot run keep the pointer kernel.
+    The default is "pointer" until the descriptor kernel is measured on an H100 / H200 (.diag/attention_tma.py);
+    then it becomes "auto" if it wins."""
+    choice = os.environ.get("FLASHFX_ATTENTION_FWD", "pointer")
+    if choice not in ("pointer", "tma", "auto"):
+        raise ValueError(f"FLASHFX_ATTENTION_FWD={choice!r}: use 'pointer', 'tma' or 'auto'")
+    if choice == "pointer":
+        return "pointer"
+    from flashfx.codegen import attention_tma
+
+    if choice == "auto" and not attention_tma.tma_hardware(q.device):
+        return "pointer"
+    return "tma" if attention_tma.ineligible(q, k, v, out, bias, dropout_p) is None else "pointer"
+
+
+def _warp_specialize(device: torch.device) -> bool:
+    """FLASHFX_ATTENTION_WS=1 adds warp-specialized 8-warp configs (`tl.range(warp_specialize=True)`) to the
+    descriptor kernel's autotuning, on sm_90+ only. Off by default: Triton 3.6 documents warp specialization for
+    Blackwell, and sm_90 compiles of this kernel without a GPU (Triton 3.6 and 3.9) found its Hopper pass failing
+    at 4 warps and emitting the same PTX as without it at 8 warps: on an H100 / H200 it should change nothing."""
+    choice = os.environ.get("FLASHFX_ATTENTION_WS", "0")
+    if choice not in ("0", "1"):
+        raise ValueError(f"FLASHFX_ATTENTION_WS={choice!r}: use '0' or '1'")
+    from flashfx.codegen import attention_tma
+
+    return choice == "1" and attention_tma.tma_hardware(device)
+
+
 def _backward_variant(bias_grad: bool) -> str:
     """"split": dK/dV kernel + dQ kernel (7 matmuls, no atomics); "atomic": one kernel adding dQ with fp32
     atomics (5 matmuls). FLASHFX_ATTENTION_BWD overrides; the bias gradient needs the dQ kernel (it writes dS).
@@ -350,13 +388,36 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if L == 0 or B * H == 0:
         return out, lse
-    kern = _kernels(consts["D_PAD"] > 128)
+    variant = _forward_variant(q, k, v, out, bias, dropout_p)
+    FORWARD_LAUNCHES[variant] += 1
     grid = lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _tuned_launch(kern.fwd, grid, (q, k, v, bias_t if bias_t is not None else q, out, lse,
-                                       *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *out.stride()),
-                      dict(sm_scale=sm_scale, **scalars, **consts))
+        if variant == "tma":
+            _launch_forward_tma(q, k, v, out, lse, is_causal, sm_scale, scalars, consts["PRECISION"], grid)
+        else:
+            _tuned_launch(_kernels(consts["D_PAD"] > 128).fwd, grid,
+                          (q, k, v, bias_t if bias_t is not None else q, out, lse,
+                           *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *out.stride()),
+                          dict(sm_scale=sm_scale, **scalars, **consts))
     return out, lse
+
+
+# Forward launches per kernel variant ("pointer" / "tma"), for tests and benchmarks to see which one ran.
+FORWARD_LAUNCHES: collections.Counter = collections.Counter()
+
+
+def _launch_forward_tma(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, sm_scale: float,
+                        scalars: dict, precision: str, grid: Any) -> None:
+    from flashfx.codegen import attention_tma
+
+    if q.is_cuda:
+        attention_tma.ensure_allocator()
+    kern = attention_tma.autotuned(q.shape[-1], q.element_size(), *_tune_knobs(), _warp_specialize(q.device))
+    names = ("H", "GROUP", "L", "S", "L_BUCKET", "S_BUCKET")
+    _tuned_launch(kern, grid, (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                               *out.stride()[:3]),
+                  dict(sm_scale=sm_scale, IS_CAUSAL=bool(is_causal), D=q.shape[-1], PRECISION=precision,
+                       **{n: scalars[n] for n in names}))
 
 
 def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor,

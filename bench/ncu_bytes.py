@@ -11,9 +11,10 @@ the step, so keep to the inference workloads or small steps (`--layers 2`): a tr
 many minutes.
 
 For each case (the fusion workloads of bench/fusion.py, and the attention forward) a child process compiles the
-kernel, autotunes it, then runs it once more inside the NVTX range "measure"; the parent runs that child under
-`ncu --nvtx --nvtx-include measure/ --metrics dram__bytes_read.sum,dram__bytes_write.sum`, so only that last call
-is profiled, and compares the DRAM bytes with the cost model's HBM bytes for the same graph (what
+kernel, autotunes it, then runs it once more between cudaProfilerStart and cudaProfilerStop; the parent runs that
+child under `ncu --profile-from-start off --metrics dram__bytes_read.sum,dram__bytes_write.sum`, so only that last
+call is profiled (on every thread: a training step's backward kernels are launched by autograd's worker thread, which
+an NVTX range on the main thread missed until 2026-12-03), and compares the DRAM bytes with the cost model's HBM bytes for the same graph (what
 `flashfx.explain` reports). A ratio near 1 says the model counts what the hardware moves; well above 1, the kernel
 moves more than it must (re-reads, spills) or the model undercounts.
 """
@@ -64,6 +65,7 @@ def parse_ncu_csv(text: str) -> Dict[str, Dict[str, float]]:
 def compare(predicted: float, measured: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
     total = sum(sum(m.values()) for m in measured.values())
     return {"predicted_bytes": predicted, "measured_bytes": total, "kernels": sorted(measured),
+            "kernel_bytes": {k: sum(m.values()) for k, m in measured.items()},
             "ratio": total / predicted if predicted else None}
 
 
@@ -124,12 +126,22 @@ def child(name: str, out_path: str) -> None:
     call, predicted = build(name, torch.device("cuda"))
     for _ in range(3):  # compile and autotune outside the profiled range
         call()
-    torch.cuda.synchronize()
-    with torch.cuda.nvtx.range("measure"):
-        call()
-    torch.cuda.synchronize()
+    _profiled(call)
     with open(out_path, "w") as f:
         json.dump({"predicted_bytes": predicted}, f)
+
+
+def _profiled(call: Callable[[], Any]) -> None:
+    """Run `call` with the CUDA profiler on (ncu runs with --profile-from-start off). Not an NVTX range: those
+    are per thread, and the autograd engine launches a CUDA backward from its own worker thread, so a range
+    around `loss.backward()` on the main thread catches the forward's kernels only."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
 
 
 def step_child(workload: str, provider: str, out_path: str, layers: Optional[int] = None) -> None:
@@ -147,10 +159,7 @@ def step_child(workload: str, provider: str, out_path: str, layers: Optional[int
     fn = spec.wrap(case.model, case, opts) if spec.wrap else case.model
     for _ in range(3):
         case.step(fn)
-    torch.cuda.synchronize()
-    with torch.cuda.nvtx.range("measure"):
-        case.step(fn)
-    torch.cuda.synchronize()
+    _profiled(lambda: case.step(fn))
     with open(out_path, "w") as f:
         json.dump({"predicted_bytes": _report_bytes(fn)}, f)
 
@@ -163,6 +172,12 @@ def _report_bytes(fn: Any) -> float:
     return float(sum(max(after.bytes_value, 0) for g in report.graphs for _, after in g.aten_costs.values()))
 
 
+def ncu_command(ncu: str, child_args: Sequence[str]) -> List[str]:
+    """ncu profiling only what runs between the child's cudaProfilerStart and Stop, every thread included."""
+    return [ncu, "--csv", "--profile-from-start", "off", "--metrics", ",".join(METRICS),
+            sys.executable, os.path.abspath(__file__), *child_args]
+
+
 def run_case(name: str, ncu: str, timeout_s: float, step_of: Optional[str] = None,
              layers: Optional[int] = None) -> Dict[str, Any]:
     """`name` is a kernel case, or with `step_of` a provider whose step of that workload is measured."""
@@ -171,8 +186,7 @@ def run_case(name: str, ncu: str, timeout_s: float, step_of: Optional[str] = Non
         child_args = ["--child", name] if step_of is None else ["--step", step_of, "--child-provider", name]
         if layers:
             child_args += ["--layers", str(layers)]
-        cmd = [ncu, "--csv", "--nvtx", "--nvtx-include", "measure/", "--metrics", ",".join(METRICS),
-               sys.executable, os.path.abspath(__file__), *child_args, "--child-out", pred_path]
+        cmd = ncu_command(ncu, [*child_args, "--child-out", pred_path])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0 or not os.path.exists(pred_path):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -444,6 +444,19 @@ def test_ncu_step_mode_takes_flashfx_bytes_from_the_report(tmp_path):
     assert ncu_bytes._report_bytes(model) == 0.0
 
 
+def test_ncu_profiles_between_profiler_start_and_stop_not_an_nvtx_range():
+    # NVTX push/pop ranges are per thread: autograd's CUDA worker thread launches the backward outside them
+    from bench import ncu_bytes
+
+    cmd = ncu_bytes.ncu_command("ncu", ["--step", "gpt2-train", "--child-provider", "compile"])
+    assert cmd[cmd.index("--profile-from-start") + 1] == "off"
+    assert not any("nvtx" in word for word in cmd)
+    assert cmd[-4:] == ["--step", "gpt2-train", "--child-provider", "compile"]
+    measured = {"k1": {"dram__bytes_read.sum": 3.0, "dram__bytes_write.sum": 1.0}, "k2": {"dram__bytes_read.sum": 2.0}}
+    row = ncu_bytes.compare(3.0, measured)
+    assert row["kernel_bytes"] == {"k1": 4.0, "k2": 2.0} and row["measured_bytes"] == 6.0 and row["ratio"] == 2.0
+
+
 def test_render_of_two_runs_names_each_and_flags_a_table_mixed_from_both():
     # two calls fill the suite: each workload's table says which run it came from; a workload whose rows came
     # from two runs is flagged as not side by side

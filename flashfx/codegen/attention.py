@@ -308,8 +308,9 @@ def _forward_variant(q: Tensor, k: Tensor, v: Tensor, out: Tensor, bias: Optiona
     Out through tensor descriptors (TMA on sm_90+), for no bias, no dropout, head dim 64 / 128, 16-byte aligned rows.
     FLASHFX_ATTENTION_FWD=tma runs it wherever the inputs allow (also in the CPU interpreter: the tests),
     =auto only on GPUs of compute capability >= 9, =pointer never. Inputs it cannot run keep the pointer kernel.
-    The default is "pointer" until the descriptor kernel is measured on an H100 / H200 (.diag/attention_tma.py);
-    then it becomes "auto" if it wins."""
+    The default is "pointer": measured on an H200 (2026-12-03, Triton 3.6, bf16, B=4, D=128, S=1024-8192, H=16 and
+    GQA 32/8, both autotuned), the descriptor kernel ran at 0.93x the pointer kernel's TFLOP/s non-causal and 0.92x
+    causal (geometric means; 0.85-0.99x per shape), same outputs to rounding."""
     choice = os.environ.get("FLASHFX_ATTENTION_FWD", "pointer")
     if choice not in ("pointer", "tma", "auto"):
         raise ValueError(f"FLASHFX_ATTENTION_FWD={choice!r}: use 'pointer', 'tma' or 'auto'")

@@ -13,9 +13,9 @@ many minutes.
 For each case (the fusion workloads of bench/fusion.py, and the attention forward) a child process compiles the
 kernel, autotunes it, then runs it once more between cudaProfilerStart and cudaProfilerStop; the parent runs that
 child under `ncu --profile-from-start off --metrics dram__bytes_read.sum,dram__bytes_write.sum`, so only that last
-call is profiled (on every thread: a training step's backward kernels are launched by autograd's worker thread, which
-an NVTX range on the main thread missed until 2026-12-03), and compares the DRAM bytes with the cost model's HBM bytes for the same graph (what
-`flashfx.explain` reports). A ratio near 1 says the model counts what the hardware moves; well above 1, the kernel
+call is profiled (on every thread: a training step's backward kernels are launched by autograd's worker thread,
+which an NVTX range on the main thread missed until 2026-12-03), and compares the DRAM bytes with the cost model's
+HBM bytes for the same graph (what `flashfx.explain` reports). A ratio near 1 says the model counts what the hardware moves; well above 1, the kernel
 moves more than it must (re-reads, spills) or the model undercounts.
 """
 from __future__ import annotations

@@ -569,14 +569,15 @@ def _grads_compared(r: Dict[str, Any]) -> str:
 
 
 METHOD = """Whole models, providers side by side in one process (`python bench/run.py`, i.e. `flashfx bench`; JSON
-lines under `bench/results/`; Liger-Kernel rows run last because its patch changes the model classes). Times are medians of CUDA-event timings after warm-up, with
-the 20th–80th percentile range; peak memory is `torch.cuda.max_memory_allocated` over one step, weights included
-(runs after 2026-11-23 17:30 add the free part of CUDA-graph memory pools, which a replay uses unseen by it);
-compile time is the first call minus one steady-state call with empty on-disk kernel caches (cold) and, where
-shown, again after `torch._dynamo.reset()` with those caches filled (warm). Numerics compare each provider with the
-first that ran (eager attention): max |out − ref| / max |ref| for outputs; for training the loss and the same metric
-over the parameters' gradients (every parameter from runs after 2026-11-23 18:00, the worst one named; earlier
-runs, four). A provider that failed shows its one-line error; one that did not fit the time budget says so."""
+lines under `bench/results/`; Liger-Kernel rows run last because its patch changes the model classes). Times are medians of
+CUDA-event timings after warm-up, with the 20th–80th percentile range; peak memory is
+`torch.cuda.max_memory_allocated` over one step, weights included (runs after 2026-11-23 17:30 add the free part of
+CUDA-graph memory pools, which a replay uses unseen by it); compile time is the first call minus one steady-state
+call with empty on-disk kernel caches (cold) and, where shown, again after `torch._dynamo.reset()` with those caches
+filled (warm). Numerics compare each provider with the first that ran (eager attention, or SDPA where eager did not
+run): max |out − ref| / max |ref| for outputs; for training the loss and the same metric over the parameters'
+gradients (every parameter from runs after 2026-11-23 18:00, the worst one named; earlier runs, four). A provider
+that failed shows its one-line error; one that did not fit the time budget says so."""
 SECTION_HEADING = "## Models: training, prefill, decode, encoders (`bench/run.py`)"
 
 

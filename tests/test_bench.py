@@ -452,7 +452,8 @@ def test_ncu_profiles_between_profiler_start_and_stop_not_an_nvtx_range():
     assert cmd[cmd.index("--profile-from-start") + 1] == "off"
     assert not any("nvtx" in word for word in cmd)
     assert cmd[-4:] == ["--step", "gpt2-train", "--child-provider", "compile"]
-    measured = {"k1": {"dram__bytes_read.sum": 3.0, "dram__bytes_write.sum": 1.0}, "k2": {"dram__bytes_read.sum": 2.0}}
+    measured = {"k1": {"dram__bytes_read.sum": 3.0, "dram__bytes_write.sum": 1.0},
+                "k2": {"dram__bytes_read.sum": 2.0}}
     row = ncu_bytes.compare(3.0, measured)
     assert row["kernel_bytes"] == {"k1": 4.0, "k2": 2.0} and row["measured_bytes"] == 6.0 and row["ratio"] == 2.0
 

@@ -119,8 +119,11 @@ class _Emitter:
         out = self.plan.outputs[k]
         layout = self.sig.outputs[k]
         v = self.plan.value(out.value)
+        if out.kind == "col" and self.sig.mode == "persistent":  # a whole row per block: sum in registers,
+            # stored once after the program's last row block (`column_stores`)
+            return [f"colacc{k} += tl.sum(tl.where(xrmask, {v.deps[0]}, 0.0), 0)  # {out.node.name}"]
         if out.kind == "col":  # add this program's rows into its own row of the partials (no other program writes it)
-            rcol = "roffset + tl.arange(0, RBLOCK)" if self.sig.mode == "looped" else "tl.arange(0, RBLOCK)"
+            rcol = "roffset + tl.arange(0, RBLOCK)"
             return [f"rcol = {rcol}",
                     f"pcol = out{k}_ptr + tl.program_id(0) * rnumel + rcol",
                     f"tl.store(pcol, tl.load(pcol, mask=rcol < rnumel) + "
@@ -136,6 +139,18 @@ class _Emitter:
         mask = self.mask(out.kind) if layout != "s" else "xmask"
         return [f"{indent}tl.store(out{k}_ptr + ({off}), {expr}.to(out{k}_ptr.dtype.element_ty), mask={mask})"
                 f"  # {out.node.name}"]
+
+    def column_accumulators(self) -> Tuple[List[str], List[str]]:
+        """Persistent mode: the column sums' fp32 registers (before the row-block loop) and their one store each
+        into this program's row of the partials (after it). Looped mode keeps them in the partials buffer."""
+        if self.sig.mode != "persistent":
+            return [], []
+        cols = [k for k, o in enumerate(self.plan.outputs) if o.kind == "col"]
+        init = [f"colacc{k} = tl.zeros([RBLOCK], dtype=tl.float32)" for k in cols]
+        stores = ["rcol = tl.arange(0, RBLOCK)"] + [
+            f"tl.store(out{k}_ptr + tl.program_id(0) * rnumel + rcol, colacc{k}, mask=rcol < rnumel)"
+            f"  # {self.plan.outputs[k].node.name}" for k in cols]
+        return init, stores
 
     # -------------------------------------------------------------------------------------------- regions
     def emit_pointwise_or_persistent(self) -> List[str]:
@@ -257,8 +272,11 @@ class _Emitter:
             lines += [HELPERS[h], ""]
         lines += ["@triton.jit", f"def {plan.name}({', '.join(params + [consts])}):"]
         if columns:
+            accumulators, column_stores = self.column_accumulators()
+            lines += ["    " + s for s in accumulators]
             lines += ["    for xb in range(tl.program_id(0), tl.cdiv(xnumel, XBLOCK), tl.num_programs(0)):"]
             lines += ["        " + s for s in head + body]
+            lines += ["    " + s for s in column_stores]
         else:
             lines += ["    " + s for s in head + body]
         return KernelSource(plan.name, "\n".join(lines) + "\n", params)

@@ -200,19 +200,25 @@ def _flat_outputs(gm: fx.GraphModule) -> List[fx.Node]:
 
 
 def _constant_seed(node: fx.Node) -> bool:
-    """Attention's dropout seed without dropout: a host zero, the same at every call (training saves it for the
-    backward)."""
+    """A host output of an op that takes a `dropout_p` (flashfx's attention: its seed) called without dropout: a
+    zero, the same at every call (training saves it for the backward)."""
     source = node.args[0] if node.target is operator.getitem and node.args else None
-    return isinstance(source, fx.Node) and "attention_fwd" in str(source.target) and not _dropout_arg(source)
+    return isinstance(source, fx.Node) and _dropout_p(source) == 0
 
 
 def _dropout_arg(node: fx.Node) -> bool:
-    """An op with a `dropout_p` argument (flashfx's attention) called with a non-zero probability: its seed is drawn
-    on the host, once, at capture."""
+    """An op with a `dropout_p` argument called with a non-zero (or traced) probability: its seed is drawn on the
+    host, once, at capture."""
+    p = _dropout_p(node)
+    return p is not None and p != 0
+
+
+def _dropout_p(node: fx.Node) -> Any:
+    """The node's `dropout_p` argument (0.0 when left out), or None if its op has no such argument."""
     schema = getattr(node.target, "_schema", None)
     names = [a.name for a in schema.arguments] if schema is not None else []
     if "dropout_p" not in names:
-        return False
+        return None
     i = names.index("dropout_p")
     p = node.kwargs.get("dropout_p", node.args[i] if i < len(node.args) else 0.0)
-    return not isinstance(p, (int, float)) or p != 0
+    return p if isinstance(p, (int, float)) else float("nan")  # traced: not provably zero

@@ -112,6 +112,42 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, offs_m, offs_n, offs
 
 
 @triton.jit
+def _fwd_program(H, GROUP, IS_CAUSAL: tl.constexpr):
+    """(query block, batch x head, batch, head, kv head) of this forward program; causal grids run the longest
+    rows (the last query blocks) first, for a better tail balance."""
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    off_h = bh % H
+    return pid_m, bh, bh // H, off_h, off_h // GROUP
+
+
+@triton.jit
+def _key_ranges(start_m, S, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full_hi, hi) for the query tile at start_m: keys [0, full_hi) need no mask; [full_hi, hi) are the diagonal
+    (causal) and the last partial block. Any BLOCK_M / BLOCK_N ratio: the masked range starts at the key block
+    holding the tile's first query."""
+    if IS_CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M)
+        full_hi = tl.minimum((start_m // BLOCK_N) * BLOCK_N, (S // BLOCK_N) * BLOCK_N)
+    else:
+        hi = S
+        full_hi = (S // BLOCK_N) * BLOCK_N
+    return full_hi, hi
+
+
+@triton.jit
+def _finish_rows(acc, l_i, m_i):
+    """The online softmax's end: (out = acc / l, LSE in natural log); a row whose keys were all masked gets out 0
+    and LSE +inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    return acc / l_safe[:, None], lse
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Bias, Out, Lse,                  # Q: [B, H, L, D]; K, V: [B, H // GROUP, S, D]; Lse: [B * H, L] fp32
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -126,13 +162,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # the longest rows first: better tail balance
-    bh = tl.program_id(1)
-    off_b = bh // H
-    off_h = bh % H
-    off_kh = off_h // GROUP
+    pid_m, bh, off_b, off_h, off_kh = _fwd_program(H, GROUP, IS_CAUSAL)
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kh.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_kh.to(tl.int64) * stride_vh
@@ -159,13 +189,7 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
 
-    # Keys [0, full_hi) need no mask; [full_hi, hi) are the diagonal (causal) and the last partial block.
-    if IS_CAUSAL:
-        hi = tl.minimum(S, start_m + BLOCK_M)
-        full_hi = tl.minimum(start_m, (S // BLOCK_N) * BLOCK_N)
-    else:
-        hi = S
-        full_hi = (S // BLOCK_N) * BLOCK_N
+    full_hi, hi = _key_ranges(start_m, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
     if SINGLE_LOOP:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, offs_m, offs_n, offs_d, start_m,
                                    0, hi, S, D, qk_scale, seed, bh, drop_threshold, drop_scale,
@@ -181,10 +205,7 @@ def _attn_fwd_kernel(
                                    stride_kn, stride_vn, stride_bn, 1, IS_CAUSAL, BIAS_KIND, DROPOUT, EVEN_D,
                                    BLOCK_N, PRECISION)
 
-    empty = l_i == 0.0  # every key masked: output 0, LSE +inf
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    out, lse = _finish_rows(acc, l_i, m_i)
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
     o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
               + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)

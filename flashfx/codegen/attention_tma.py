@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from flashfx import _compat
-from flashfx.codegen.attention_kernels import LN2, LOG2E, _keep_fwd
+from flashfx.codegen.attention_kernels import LOG2E, _finish_rows, _fwd_program, _keep_fwd, _key_ranges
 
 TMA_HEAD_DIMS = (64, 128)
 _TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -69,13 +69,7 @@ def _attn_fwd_tma_kernel(
     IS_CAUSAL: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # the longest rows first: better tail balance
-    bh = tl.program_id(1)
-    off_b = bh // H
-    off_h = bh % H
-    off_kh = off_h // GROUP
+    pid_m, bh, off_b, off_h, off_kh = _fwd_program(H, GROUP, IS_CAUSAL)
     q_desc = tl.make_tensor_descriptor(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh,
                                        shape=[L, D], strides=[stride_qm, 1], block_shape=[BLOCK_M, D])
     k_desc = tl.make_tensor_descriptor(K + off_b.to(tl.int64) * stride_kb + off_kh.to(tl.int64) * stride_kh,
@@ -93,23 +87,13 @@ def _attn_fwd_tma_kernel(
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
 
-    # Keys [0, full_hi) need no mask; [full_hi, hi) are the diagonal (causal) and the last partial block. Any
-    # BLOCK_M / BLOCK_N ratio: the masked range starts at the key block holding the tile's first query.
-    if IS_CAUSAL:
-        hi = tl.minimum(S, start_m + BLOCK_M)
-        full_hi = tl.minimum((start_m // BLOCK_N) * BLOCK_N, (S // BLOCK_N) * BLOCK_N)
-    else:
-        hi = S
-        full_hi = (S // BLOCK_N) * BLOCK_N
+    full_hi, hi = _key_ranges(start_m, S, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _tma_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, 0, full_hi, S, qk_scale, False,
                                IS_CAUSAL, BLOCK_N, PRECISION, WARP_SPECIALIZE)
     acc, l_i, m_i = _tma_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, full_hi, hi, S, qk_scale, True,
                                IS_CAUSAL, BLOCK_N, PRECISION, False)
 
-    empty = l_i == 0.0  # every key masked: output 0, LSE +inf
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    out, lse = _finish_rows(acc, l_i, m_i)
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
     o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))  # rows past L are clipped
 

@@ -15,28 +15,16 @@ import os
 import sys
 import time
 
-T0 = time.time()
-ap = argparse.ArgumentParser()
-ap.add_argument("--quick", action="store_true")
-ap.add_argument("--ws", action="store_true")
-ap.add_argument("--budget-s", type=float, default=210.0)
-args = ap.parse_args()
-if args.quick:
-    os.environ["FLASHFX_ATTENTION_TUNE"] = "0"
-if args.ws:
-    os.environ["FLASHFX_ATTENTION_WS"] = "1"
+import torch
+import triton
+from triton.testing import do_bench
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+if __package__ in (None, ""):  # run as a file: make `flashfx` importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flashfx.codegen.attention as A  # noqa: E402
+from bench.measure import EXIT_NO_CUDA  # noqa: E402
 from flashfx.codegen import attention_tma  # noqa: E402
-
-assert torch.cuda.is_available(), "needs a CUDA GPU"
-print(f"{torch.cuda.get_device_name()} cc={torch.cuda.get_device_capability()} torch {torch.__version__} "
-      f"triton {triton.__version__} tune={not args.quick} ws={args.ws}", flush=True)
-
 
 def fwd(variant, q, k, v, causal):
     os.environ["FLASHFX_ATTENTION_FWD"] = variant
@@ -71,54 +59,75 @@ def make(B, Hq, Hkv, S, D):
     return q, k, v
 
 
-rows, failures = [], 0
-print(f"{'shape':>24} {'causal':>6} | {'out tma~ptr':>11} {'lse tma~ptr':>11} {'ref: tma':>9} {'ptr':>9} | "
-      f"{'ptr TF/s':>8} {'tma TF/s':>8} {'tma/ptr':>7} | {'s':>5}", flush=True)
-for Hq, Hkv in ((16, 16), (32, 8)):
-    for S in (1024, 2048, 4096, 8192):
-        for causal in (False, True):
-            if time.time() - T0 > args.budget_s:
-                print(f"budget of {args.budget_s:.0f} s spent: skipping Hq={Hq} S={S} causal={causal}", flush=True)
-                continue
-            B, D = 4, 128
-            torch.manual_seed(0)
-            q, k, v = make(B, Hq, Hkv, S, D)
-            before = dict(A.FORWARD_LAUNCHES)
-            o_t, l_t = fwd("tma", q, k, v, causal)
-            assert A.FORWARD_LAUNCHES["tma"] == before.get("tma", 0) + 1, "the descriptor kernel did not run"
-            o_p, l_p = fwd("pointer", q, k, v, causal)
-            r_o, r_l = ref32(q, k, v, causal)
-            e_out, e_lse = rel(o_t, o_p), rel(l_t, l_p)
-            e_rt, e_rp = rel(o_t[0, :2], r_o), rel(o_p[0, :2], r_o)
-            e_lr = rel(l_t[0, :2], r_l)
-            ok = e_out < 1e-2 and e_lse < 1e-4 and e_rt < 1e-2 and e_lr < 1e-4 and e_rt < 2 * e_rp + 1e-3
-            failures += not ok
-            del r_o, r_l
-            flops = 4 * B * Hq * S * S * D / (2 if causal else 1)
-            t_p = do_bench(lambda: fwd("pointer", q, k, v, causal))
-            t_t = do_bench(lambda: fwd("tma", q, k, v, causal))
-            tf_p, tf_t = flops / t_p / 1e9, flops / t_t / 1e9
-            print(f"{f'B{B} H{Hq}/{Hkv} S{S} D{D}':>24} {str(causal):>6} | {e_out:11.2e} {e_lse:11.2e} {e_rt:9.2e} "
-                  f"{e_rp:9.2e} | {tf_p:8.1f} {tf_t:8.1f} {tf_t / tf_p:7.3f} | {time.time() - T0:5.0f}"
-                  f"{'' if ok else '  <-- MISMATCH'}", flush=True)
-            rows.append((Hq, Hkv, S, causal, tf_p, tf_t))
-            del q, k, v, o_t, o_p, l_t, l_p
-            torch.cuda.empty_cache()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/attention_tma.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one default config per kernel (no autotuning)")
+    ap.add_argument("--ws", action="store_true", help="also the warp-specialized configs")
+    ap.add_argument("--budget-s", type=float, default=210.0, help="add no shape after this many seconds")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/attention_tma.py needs a CUDA GPU (the descriptor kernel is for Hopper and later)",
+              file=sys.stderr)
+        return EXIT_NO_CUDA
+    if args.quick:
+        os.environ["FLASHFX_ATTENTION_TUNE"] = "0"
+    if args.ws:
+        os.environ["FLASHFX_ATTENTION_WS"] = "1"
+    start = time.time()
+    print(f"{torch.cuda.get_device_name()} cc={torch.cuda.get_device_capability()} torch {torch.__version__} "
+          f"triton {triton.__version__} tune={not args.quick} ws={args.ws}", flush=True)
+    rows, failures = [], 0
+    print(f"{'shape':>24} {'causal':>6} | {'out tma~ptr':>11} {'lse tma~ptr':>11} {'ref: tma':>9} {'ptr':>9} | "
+          f"{'ptr TF/s':>8} {'tma TF/s':>8} {'tma/ptr':>7} | {'s':>5}", flush=True)
+    for Hq, Hkv in ((16, 16), (32, 8)):
+        for S in (1024, 2048, 4096, 8192):
+            for causal in (False, True):
+                if time.time() - start > args.budget_s:
+                    print(f"budget of {args.budget_s:.0f} s spent: skipping Hq={Hq} S={S} causal={causal}", flush=True)
+                    continue
+                B, D = 4, 128
+                torch.manual_seed(0)
+                q, k, v = make(B, Hq, Hkv, S, D)
+                before = dict(A.FORWARD_LAUNCHES)
+                o_t, l_t = fwd("tma", q, k, v, causal)
+                assert A.FORWARD_LAUNCHES["tma"] == before.get("tma", 0) + 1, "the descriptor kernel did not run"
+                o_p, l_p = fwd("pointer", q, k, v, causal)
+                r_o, r_l = ref32(q, k, v, causal)
+                e_out, e_lse = rel(o_t, o_p), rel(l_t, l_p)
+                e_rt, e_rp = rel(o_t[0, :2], r_o), rel(o_p[0, :2], r_o)
+                e_lr = rel(l_t[0, :2], r_l)
+                ok = e_out < 1e-2 and e_lse < 1e-4 and e_rt < 1e-2 and e_lr < 1e-4 and e_rt < 2 * e_rp + 1e-3
+                failures += not ok
+                del r_o, r_l
+                flops = 4 * B * Hq * S * S * D / (2 if causal else 1)
+                t_p = do_bench(lambda: fwd("pointer", q, k, v, causal))
+                t_t = do_bench(lambda: fwd("tma", q, k, v, causal))
+                tf_p, tf_t = flops / t_p / 1e9, flops / t_t / 1e9
+                print(f"{f'B{B} H{Hq}/{Hkv} S{S} D{D}':>24} {str(causal):>6} | {e_out:11.2e} {e_lse:11.2e} {e_rt:9.2e} "
+                      f"{e_rp:9.2e} | {tf_p:8.1f} {tf_t:8.1f} {tf_t / tf_p:7.3f} | {time.time() - start:5.0f}"
+                      f"{'' if ok else '  <-- MISMATCH'}", flush=True)
+                rows.append((Hq, Hkv, S, causal, tf_p, tf_t))
+                del q, k, v, o_t, o_p, l_t, l_p
+                torch.cuda.empty_cache()
 
-# the configs the autotuners chose, per (kernel, key)
-names = {id(A._kernels(False).fwd): "pointer"}
-tune, only = A._tune_knobs()
-for ws in (False, True):
-    names[id(attention_tma.autotuned(128, 2, tune, only, ws))] = "tma" + ("+ws" if ws else "")
-print("chosen configs:")
-for key, cfg in A._CHOSEN.items():
-    if key[0] in names:
-        print(f"  {names[key[0]]:>7} {key[1:]} -> {cfg}")
-if rows:
-    for causal in (False, True):
-        sel = [r for r in rows if r[3] == causal]
-        if sel:
-            gm = math.exp(sum(math.log(r[5] / r[4]) for r in sel) / len(sel))
-            print(f"causal={causal}: tma/pointer geometric mean {gm:.3f} over {len(sel)} shapes")
-print(f"{'ALL OK' if failures == 0 else f'{failures} MISMATCHES'} in {time.time() - T0:.0f} s", flush=True)
-sys.exit(1 if failures else 0)
+    # the configs the autotuners chose, per (kernel, key)
+    names = {id(A._kernels(False).fwd): "pointer"}
+    tune, only = A._tune_knobs()
+    for ws in (False, True):
+        names[id(attention_tma.autotuned(128, 2, tune, only, ws))] = "tma" + ("+ws" if ws else "")
+    print("chosen configs:")
+    for key, cfg in A._CHOSEN.items():
+        if key[0] in names:
+            print(f"  {names[key[0]]:>7} {key[1:]} -> {cfg}")
+    if rows:
+        for causal in (False, True):
+            sel = [r for r in rows if r[3] == causal]
+            if sel:
+                gm = math.exp(sum(math.log(r[5] / r[4]) for r in sel) / len(sel))
+                print(f"causal={causal}: tma/pointer geometric mean {gm:.3f} over {len(sel)} shapes")
+    print(f"{'ALL OK' if failures == 0 else f'{failures} MISMATCHES'} in {time.time() - start:.0f} s", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

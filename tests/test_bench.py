@@ -397,6 +397,13 @@ def test_remat_curve_without_cuda_exits_with_the_bench_code(capsys):
     assert "CUDA" in capsys.readouterr().err
 
 
+def test_attention_tma_ab_without_cuda_exits_with_the_bench_code(capsys):
+    from bench import attention_tma
+
+    assert attention_tma.main(["--quick"]) == measure.EXIT_NO_CUDA
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------- Nsight Compute bytes
 
 NCU_CSV = '''==PROF== Connected to process 4242

@@ -234,8 +234,13 @@ def _tune_knobs() -> Tuple[bool, Optional[int]]:
     # FLASHFX_ATTENTION_TUNE=0: one default config per kernel (no autotuning: quick correctness runs).
     # FLASHFX_ATTENTION_CONFIG=i: only the i-th config of each kernel (to fill Triton's compile cache from
     # several processes at once before autotuning; see bench/attention.py).
+    tune = os.environ.get("FLASHFX_ATTENTION_TUNE", "1")
+    if tune not in ("0", "1"):
+        raise ValueError(f"FLASHFX_ATTENTION_TUNE={tune!r}: use '1' (autotune) or '0' (one default config)")
     only = os.environ.get("FLASHFX_ATTENTION_CONFIG")
-    return os.environ.get("FLASHFX_ATTENTION_TUNE", "1") != "0", int(only) if only else None
+    if only and not only.isdigit():
+        raise ValueError(f"FLASHFX_ATTENTION_CONFIG={only!r}: use a config index (0, 1, ...) or leave it unset")
+    return tune == "1", int(only) if only else None
 
 
 def _kernels(big_head: bool) -> Any:

@@ -159,7 +159,8 @@ def test_default_and_auto_keep_the_pointer_kernel_off_hopper(monkeypatch):
     assert A._forward_variant(q, k, v, out, None, 0.0) == "pointer"
 
 
-@pytest.mark.parametrize("var,value", [("FLASHFX_ATTENTION_FWD", "hopper"), ("FLASHFX_ATTENTION_WS", "yes")])
+@pytest.mark.parametrize("var,value", [("FLASHFX_ATTENTION_FWD", "hopper"), ("FLASHFX_ATTENTION_WS", "yes"),
+                                       ("FLASHFX_ATTENTION_TUNE", "no"), ("FLASHFX_ATTENTION_CONFIG", "first")])
 def test_bad_knob_values_raise_clear_errors(monkeypatch, var, value):
     monkeypatch.setenv("FLASHFX_ATTENTION_FWD", "tma")
     monkeypatch.setenv(var, value)

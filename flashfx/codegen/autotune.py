@@ -23,6 +23,10 @@ TUNE_MIN_ELEMENTS = 1 << 20
 # Up to this extent a whole-row kernel is still timed against the looped one when autotuning on a GPU.
 PERSISTENT_TRY_RBLOCK = 32768
 
+# Programs per SM of a kernel with column sums (a norm backward's weight gradients), the default first: more
+# programs keep more rows in flight, at the price of a larger partials buffer to sum at the end.
+COLUMN_PROGRAMS_PER_SM = (4, 8)
+
 
 def choose_mode(is_reduction: bool, rnumel: int) -> str:
     if not is_reduction:

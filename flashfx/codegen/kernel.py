@@ -51,6 +51,11 @@ def on_device(device: torch.device) -> Any:
     return contextlib.nullcontext()
 
 
+def _kernel_meta(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A config's Triton launch options: without the launcher's own keys (the kernel variant, the program count)."""
+    return {k: v for k, v in config.items() if k not in ("mode", "programs")}
+
+
 class FusedKernel:
     """Runs one fusion group. Called as `kernel(*input_tensors, *scalars)`; returns a tuple of outputs."""
 
@@ -139,11 +144,13 @@ class FusedKernel:
         return tuple(outs)
 
     @staticmethod
-    def max_programs(device: torch.device) -> int:
-        """Programs of a kernel with column sums: enough to fill the GPU, few enough for small partials."""
+    def column_programs(device: torch.device) -> List[int]:
+        """Program counts a kernel with column sums may run (its partials have one row per program): enough to fill
+        the GPU, few enough for small partials; the first is the default, the others are timed when tuning."""
         if device.type == "cuda":
-            return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        return 8
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            return [per_sm * sms for per_sm in autotune.COLUMN_PROGRAMS_PER_SM]
+        return [8]
 
     def _call_slow(self, key: Any, args: Sequence[Any]) -> Tuple[torch.Tensor, ...]:
         """First call for these shapes/strides: choose the variant and config, then remember how to launch."""
@@ -168,13 +175,14 @@ class FusedKernel:
         if xnumel == 0 or rnumel == 0:
             return self._empty_result(outs, rnumel)
         columns = [(k, list(outs[k].shape), o.dtype) for k, o in enumerate(plan.outputs) if o.kind == "col"]
-        maxp = self.max_programs(device) if columns else 0
+        programs = self.column_programs(device) if columns else [0]
         for k, _, _ in columns:
-            outs[k] = torch.zeros((maxp, rnumel), dtype=torch.float32, device=device)
+            outs[k] = torch.zeros((max(programs), rnumel), dtype=torch.float32, device=device)
 
         def grid_of(config: Dict[str, Any]) -> Tuple[int]:
             blocks = triton.cdiv(xnumel, config["XBLOCK"])
-            return (min(blocks, maxp) if columns else blocks,)
+            # (a choice saved on another GPU may ask for more programs than this one's partials have rows)
+            return (min(blocks, config.get("programs", programs[0]), max(programs)) if columns else blocks,)
         interpreting = _compat.triton_interpreting()
         # small kernels are launch-bound whatever their blocks: time configs only where bandwidth matters
         tune = self.tune and device.type == "cuda" and xnumel * rnumel >= autotune.TUNE_MIN_ELEMENTS
@@ -210,7 +218,7 @@ class FusedKernel:
 
         def launch(config: Dict[str, Any], compile_only: bool = False) -> None:
             _, src, fn = variants[config["mode"]]
-            meta = {k: v for k, v in config.items() if k != "mode"}
+            meta = _kernel_meta(config)
             kernel_args = [values[p] for p in src.params]
             with on_device(device):
                 if compile_only:
@@ -233,6 +241,8 @@ class FusedKernel:
                 if config is None:
                     configs = [dict(c, mode=m) for m in modes
                                for c in autotune.candidates(m, xnumel, rnumel, interpreting)]
+                    if columns and tune:  # the program count changes the grid, not the binary: timed, not compiled
+                        configs = [dict(c, programs=p) for c in configs for p in programs]
                     config = autotune.pick(configs, launch, tune, functools.partial(launch, compile_only=True))
                     kernel_cache.save_choice(self.cache_dir, cache_key, b, config)
                 launch(config)  # compiles (or loads the cached binary) under cache_dir
@@ -244,10 +254,11 @@ class FusedKernel:
         marks = {f"in{k}_ptr": (0, k) for k in range(n_in)}
         marks.update({f"out{k}_ptr": (1, k) for k in range(len(outs))})
         param_plan = [marks.get(p, (2, values[p])) for p in src.params]
-        meta = {k: v for k, v in config.items() if k != "mode"}
+        meta = _kernel_meta(config)
         col_ks = {k for k, _, _ in columns}
-        out_specs = [(tuple(o.shape), None if k in col_ks else o.stride(), o.dtype, o.device)
-                     for k, o in enumerate(outs)]
+        # partials: one row per program the chosen grid runs (zeroed at each call, summed by _finish)
+        out_specs = [((grid_of(config)[0], rnumel) if k in col_ks else tuple(o.shape),
+                      None if k in col_ks else o.stride(), o.dtype, o.device) for k, o in enumerate(outs)]
         self._fast[key] = (out_specs, fn, param_plan, grid_of(config), meta, columns)
         return self._finish(outs, columns)
 

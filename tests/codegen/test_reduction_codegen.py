@@ -148,6 +148,40 @@ def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch
     assert_close(gm(*xs), fn(*xs))  # the launch fast path zeroes the partials too
 
 
+def test_column_sums_run_on_the_program_count_chosen(tmp_path, monkeypatch):
+    # The program count of a kernel with column sums is part of its config (timed on a GPU): a saved choice is
+    # followed, clamped to the rows of the partials (a choice saved on a bigger GPU), and the results are the same.
+    import json
+
+    from flashfx.codegen.kernel import FusedKernel
+
+    monkeypatch.setattr(FusedKernel, "column_programs", staticmethod(lambda device: [3, 5]))
+
+    def fn(x, w, g):
+        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+        return torch.autograd.grad(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w, (x, w), g)
+
+    xs = [torch.randn(50, 40), torch.randn(40), torch.randn(50, 40)]  # 7 row blocks of 8 in the interpreter
+
+    def partial_rows(gm):
+        [k] = [n.target for n in kernel_nodes(gm)]
+        [(specs, *_)] = k._fast.values()
+        return {spec[0][0] for spec in specs if spec[1] is None}  # the partials' shapes (no strides: zeroed)
+
+    gm, _ = fuse_function(fn, xs, tmp_path)
+    assert_close(gm(*xs), fn(*xs))
+    assert partial_rows(gm) == {3}  # the default, the first count
+    [choices_file] = (tmp_path / "autotune").glob("*.json")
+    for saved, used in ((4, 4), (1000, 5)):
+        choices = json.loads(choices_file.read_text())
+        choices = {bucket: dict(c, programs=saved) for bucket, c in choices.items()}
+        choices_file.write_text(json.dumps(choices))
+        gm, _ = fuse_function(fn, xs, tmp_path)
+        assert_close(gm(*xs), fn(*xs))
+        assert_close(gm(*xs), fn(*xs))  # the fast path too
+        assert partial_rows(gm) == {used}
+
+
 def test_a_stored_16bit_value_is_rounded_before_the_group_reuses_it(tmp_path):
     # s = a + b is an output in fp16 and the input of the statistics: mean and variance must be those of the
     # stored (rounded) s, as a backward that recomputes x_hat from the saved s and the saved statistics assumes.

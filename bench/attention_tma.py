@@ -26,6 +26,7 @@ import flashfx.codegen.attention as A  # noqa: E402
 from bench.measure import EXIT_NO_CUDA  # noqa: E402
 from flashfx.codegen import attention_tma  # noqa: E402
 
+
 def fwd(variant, q, k, v, causal):
     os.environ["FLASHFX_ATTENTION_FWD"] = variant
     with torch.no_grad():
@@ -59,7 +60,23 @@ def make(B, Hq, Hkv, S, D):
     return q, k, v
 
 
+KNOBS = ("FLASHFX_ATTENTION_FWD", "FLASHFX_ATTENTION_TUNE", "FLASHFX_ATTENTION_WS")
+
+
 def main(argv=None) -> int:
+    """The A/B; the attention knobs it sets are put back as they were when it returns."""
+    saved = {k: os.environ.get(k) for k in KNOBS}
+    try:
+        return _run(argv)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run(argv) -> int:
     ap = argparse.ArgumentParser(prog="bench/attention_tma.py", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one default config per kernel (no autotuning)")
     ap.add_argument("--ws", action="store_true", help="also the warp-specialized configs")

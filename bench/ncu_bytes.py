@@ -15,8 +15,8 @@ kernel, autotunes it, then runs it once more between cudaProfilerStart and cudaP
 child under `ncu --profile-from-start off --metrics dram__bytes_read.sum,dram__bytes_write.sum`, so only that last
 call is profiled (on every thread: a training step's backward kernels are launched by autograd's worker thread,
 which an NVTX range on the main thread missed until 2026-12-03), and compares the DRAM bytes with the cost model's
-HBM bytes for the same graph (what `flashfx.explain` reports). A ratio near 1 says the model counts what the hardware moves; well above 1, the kernel
-moves more than it must (re-reads, spills) or the model undercounts.
+HBM bytes for the same graph (what `flashfx.explain` reports). A ratio near 1 says the model counts what the
+hardware moves; well above 1, the kernel moves more than it must (re-reads, spills) or the model undercounts.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def build(name: str, device: Any) -> Tuple[Callable[[], Any], float]:
 
 
 def child(name: str, out_path: str) -> None:
-    """Compile, autotune, then run once inside NVTX range 'measure'; write the predicted bytes to `out_path`."""
+    """Compile, autotune, then run once with the profiler on; write the predicted bytes to `out_path`."""
     import torch
 
     call, predicted = build(name, torch.device("cuda"))
@@ -145,7 +145,7 @@ def _profiled(call: Callable[[], Any]) -> None:
 
 
 def step_child(workload: str, provider: str, out_path: str, layers: Optional[int] = None) -> None:
-    """One step of a bench/run.py workload with `provider`, warmed up, the last inside NVTX range 'measure'."""
+    """One step of a bench/run.py workload with `provider`, warmed up, the last with the profiler on."""
     import torch
 
     from bench import common, providers

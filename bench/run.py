@@ -569,8 +569,8 @@ def _grads_compared(r: Dict[str, Any]) -> str:
 
 
 METHOD = """Whole models, providers side by side in one process (`python bench/run.py`, i.e. `flashfx bench`; JSON
-lines under `bench/results/`; Liger-Kernel rows run last because its patch changes the model classes). Times are medians of
-CUDA-event timings after warm-up, with the 20th–80th percentile range; peak memory is
+lines under `bench/results/`; Liger-Kernel rows run last because its patch changes the model classes). Times are
+medians of CUDA-event timings after warm-up, with the 20th–80th percentile range; peak memory is
 `torch.cuda.max_memory_allocated` over one step, weights included (runs after 2026-11-23 17:30 add the free part of
 CUDA-graph memory pools, which a replay uses unseen by it); compile time is the first call minus one steady-state
 call with empty on-disk kernel caches (cold) and, where shown, again after `torch._dynamo.reset()` with those caches

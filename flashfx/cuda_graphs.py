@@ -200,8 +200,9 @@ def _flat_outputs(gm: fx.GraphModule) -> List[fx.Node]:
 
 
 def _constant_seed(node: fx.Node) -> bool:
-    """A host output of an op that takes a `dropout_p` (flashfx's attention: its seed) called without dropout: a
-    zero, the same at every call (training saves it for the backward)."""
+    """A host output of an op that takes a `dropout_p` (a dropout seed) called without dropout: the kernels never
+    read it (flashfx's attention returns a zero; training saves it for the backward), so a replay that keeps the
+    captured value changes nothing."""
     source = node.args[0] if node.target is operator.getitem and node.args else None
     return isinstance(source, fx.Node) and _dropout_p(source) == 0
 

@@ -276,10 +276,18 @@ def test_zoo_training_workloads_run_on_cpu(tmp_path):
 def test_layers_option_shrinks_every_workload_model():
     from bench.run import workloads
 
-    opts = common.Options(device=torch.device("cpu"), tiny=True, layers=1)
-    for name in ("llama-train", "gpt2-train", "zoo-llama-train", "zoo-gpt2-train", "bert-infer", "vit-infer"):
-        cfg = workloads()[name].build(opts).model.config
-        assert cfg.num_hidden_layers == 1, name
+    def blocks(model):  # the transformer layers actually built (HF and zoo class names)
+        names = ("DecoderLayer", "GPT2Block", "LlamaBlock", "BertLayer", "ViTLayer")
+        return sum(type(m).__name__.endswith(names) for m in model.modules())
+
+    built = {}
+    for layers in (1, 2):
+        opts = common.Options(device=torch.device("cpu"), tiny=True, layers=layers)
+        for name in workloads():
+            model = workloads()[name].build(opts).model
+            assert model.config.num_hidden_layers == layers, name
+            built.setdefault(name, []).append(blocks(model))
+    assert all(counts[0] >= 1 and counts[1] == 2 * counts[0] for counts in built.values()), built
 
 
 # ----------------------------------------------------------------------------------------- tables and doc

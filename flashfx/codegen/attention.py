@@ -283,6 +283,9 @@ def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> An
 # every argument at each call; the launches below skip it once a key is tuned (host time at short sequences).
 _CHOSEN: dict = {}
 
+# Forward launches per kernel variant ("pointer" / "tma"), for tests and benchmarks to see which one ran.
+FORWARD_LAUNCHES: collections.Counter = collections.Counter()
+
 
 def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict) -> None:
     key = (id(autotuner), args[0].dtype, *(kwargs.get(name) for name in autotuner.keys))
@@ -313,9 +316,10 @@ def _forward_variant(q: Tensor, k: Tensor, v: Tensor, out: Tensor, bias: Optiona
     Out through tensor descriptors (TMA on sm_90+), for no bias, no dropout, head dim 64 / 128, 16-byte aligned rows.
     FLASHFX_ATTENTION_FWD=tma runs it wherever the inputs allow (also in the CPU interpreter: the tests),
     =auto only on GPUs of compute capability >= 9, =pointer never. Inputs it cannot run keep the pointer kernel.
-    The default is "pointer": measured on an H200 (2026-12-03, Triton 3.6, bf16, B=4, D=128, S=1024-8192, H=16 and
-    GQA 32/8, both autotuned), the descriptor kernel ran at 0.93x the pointer kernel's TFLOP/s non-causal and 0.92x
-    causal (geometric means; 0.85-0.99x per shape), same outputs to rounding."""
+    The default is "pointer": measured on an H200 (2026-12-03, Triton 3.6, bf16, B=4, D=128, H=16 and GQA 32/8, both
+    autotuned), the descriptor kernel ran at 0.96x the pointer kernel's TFLOP/s non-causal and 0.93x causal at
+    S = 4096-8192 (geometric means; 0.91-0.99x per shape; shorter sequences are partly host time), same outputs to
+    rounding."""
     choice = os.environ.get("FLASHFX_ATTENTION_FWD", "pointer")
     if choice not in ("pointer", "tma", "auto"):
         raise ValueError(f"FLASHFX_ATTENTION_FWD={choice!r}: use 'pointer', 'tma' or 'auto'")
@@ -406,10 +410,6 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_
                            *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *out.stride()),
                           dict(sm_scale=sm_scale, **scalars, **consts))
     return out, lse
-
-
-# Forward launches per kernel variant ("pointer" / "tma"), for tests and benchmarks to see which one ran.
-FORWARD_LAUNCHES: collections.Counter = collections.Counter()
 
 
 def _launch_forward_tma(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, sm_scale: float,

@@ -85,9 +85,13 @@ def compile_threads() -> int:
     return value
 
 
-def precompile(configs: List[Dict[str, Any]], compile_one: Callable[[Dict[str, Any]], Any]) -> None:
-    """Compile every config before the timing loop, `compile_threads()` at a time. A config that fails here is left
-    to the timing loop, which compiles it again and skips it if it fails there too."""
+def precompile(configs: List[Dict[str, Any]], compile_one: Callable[[Dict[str, Any]], Any],
+               binary: Optional[Callable[[Dict[str, Any]], Any]] = None) -> None:
+    """Compile every config before the timing loop, `compile_threads()` at a time; configs with the same
+    `binary(config)` compile once (Triton does not merge concurrent compiles of one binary). A config that fails
+    here is left to the timing loop, which compiles it again and skips it if it fails there too."""
+    if binary is not None:
+        configs = list({repr(binary(c)): c for c in reversed(configs)}.values())[::-1]
     threads = min(len(configs), compile_threads())
     if threads < 2:
         return
@@ -102,13 +106,15 @@ def precompile(configs: List[Dict[str, Any]], compile_one: Callable[[Dict[str, A
 
 
 def pick(configs: List[Dict[str, Any]], run: Callable[[Dict[str, Any]], Any], tune: bool,
-         compile_one: Optional[Callable[[Dict[str, Any]], Any]] = None) -> Dict[str, Any]:
+         compile_one: Optional[Callable[[Dict[str, Any]], Any]] = None,
+         binary: Optional[Callable[[Dict[str, Any]], Any]] = None) -> Dict[str, Any]:
     """Time `run(config)` for each config (median ms) and return the fastest; the first if not tuning.
-    `compile_one(config)` (compile without launching) lets the configs compile concurrently first."""
+    `compile_one(config)` (compile without launching) lets the configs compile concurrently first, once per
+    `binary(config)` where configs differ only in how they launch."""
     if not tune or len(configs) == 1:
         return configs[0]
     if compile_one is not None:
-        precompile(configs, compile_one)
+        precompile(configs, compile_one, binary)
     best, best_ms = configs[0], float("inf")
     for c in configs:
         try:

@@ -241,9 +241,10 @@ class FusedKernel:
                 if config is None:
                     configs = [dict(c, mode=m) for m in modes
                                for c in autotune.candidates(m, xnumel, rnumel, interpreting)]
-                    if columns and tune:  # the program count changes the grid, not the binary: timed, not compiled
+                    if columns and tune:  # the program count changes the grid, not the binary (compiled once)
                         configs = [dict(c, programs=p) for c in configs for p in programs]
-                    config = autotune.pick(configs, launch, tune, functools.partial(launch, compile_only=True))
+                    config = autotune.pick(configs, launch, tune, functools.partial(launch, compile_only=True),
+                                           binary=lambda c: (c["mode"], sorted(_kernel_meta(c).items())))
                     kernel_cache.save_choice(self.cache_dir, cache_key, b, config)
                 launch(config)  # compiles (or loads the cached binary) under cache_dir
             self._configs[(first_sig, b)] = config
@@ -256,9 +257,12 @@ class FusedKernel:
         param_plan = [marks.get(p, (2, values[p])) for p in src.params]
         meta = _kernel_meta(config)
         col_ks = {k for k, _, _ in columns}
-        # partials: one row per program the chosen grid runs (zeroed at each call, summed by _finish)
-        out_specs = [((grid_of(config)[0], rnumel) if k in col_ks else tuple(o.shape),
-                      None if k in col_ks else o.stride(), o.dtype, o.device) for k, o in enumerate(outs)]
+        # partials: one row per program the chosen grid runs, summed by _finish; a persistent kernel stores each row
+        # once (left uninitialised: contiguous strides), a looped one adds into it (zeroed at each call: no strides)
+        rows = grid_of(config)[0]
+        col_stride = (rnumel, 1) if config["mode"] == "persistent" else None
+        out_specs = [((rows, rnumel), col_stride, o.dtype, o.device) if k in col_ks else
+                     (tuple(o.shape), o.stride(), o.dtype, o.device) for k, o in enumerate(outs)]
         self._fast[key] = (out_specs, fn, param_plan, grid_of(config), meta, columns)
         return self._finish(outs, columns)
 

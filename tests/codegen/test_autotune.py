@@ -31,6 +31,18 @@ def test_candidates_compile_concurrently_once_each(monkeypatch):
     assert sorted(seen) == [128, 256, 512, 1024] and most[0] > 1
 
 
+def test_configs_that_differ_only_in_their_launch_compile_once(monkeypatch):
+    monkeypatch.setenv("FLASHFX_COMPILE_THREADS", "4")
+    configs = [dict(c, programs=p) for c in CONFIGS for p in (4, 8)]
+    compiled, lock = [], threading.Lock()
+
+    def compile_one(c):
+        with lock:
+            compiled.append(c["XBLOCK"])
+    autotune.precompile(configs, compile_one, binary=lambda c: c["XBLOCK"])
+    assert sorted(compiled) == [128, 256, 512, 1024]
+
+
 def test_a_config_that_fails_to_compile_ahead_is_left_to_the_timing_loop(monkeypatch):
     monkeypatch.setenv("FLASHFX_COMPILE_THREADS", "2")
 

@@ -148,13 +148,17 @@ def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch
     assert_close(gm(*xs), fn(*xs))  # the launch fast path zeroes the partials too
 
 
-def test_column_sums_run_on_the_program_count_chosen(tmp_path, monkeypatch):
+@pytest.mark.parametrize("looped", [False, True])
+def test_column_sums_run_on_the_program_count_chosen(tmp_path, monkeypatch, looped):
     # The program count of a kernel with column sums is part of its config (timed on a GPU): a saved choice is
-    # followed, clamped to the rows of the partials (a choice saved on a bigger GPU), and the results are the same.
+    # followed, clamped to the rows of the partials (a choice saved on a bigger GPU), and the results are the same,
+    # with several row blocks per program (the persistent kernel sums them in registers, the looped one in memory).
     import json
 
     from flashfx.codegen.kernel import FusedKernel
 
+    if looped:
+        monkeypatch.setattr(autotune, "PERSISTENT_MAX_RBLOCK", 16)
     monkeypatch.setattr(FusedKernel, "column_programs", staticmethod(lambda device: [3, 5]))
 
     def fn(x, w, g):
@@ -166,7 +170,8 @@ def test_column_sums_run_on_the_program_count_chosen(tmp_path, monkeypatch):
     def partial_rows(gm):
         [k] = [n.target for n in kernel_nodes(gm)]
         [(specs, *_)] = k._fast.values()
-        return {spec[0][0] for spec in specs if spec[1] is None}  # the partials' shapes (no strides: zeroed)
+        assert {o.kind for o in k.plan.outputs} == {"col", "full"}
+        return {spec[0][0] for spec, o in zip(specs, k.plan.outputs) if o.kind == "col"}
 
     gm, _ = fuse_function(fn, xs, tmp_path)
     assert_close(gm(*xs), fn(*xs))

@@ -161,15 +161,17 @@ def step_child(workload: str, provider: str, out_path: str, layers: Optional[int
         case.step(fn)
     _profiled(lambda: case.step(fn))
     with open(out_path, "w") as f:
-        json.dump({"predicted_bytes": _report_bytes(fn)}, f)
+        json.dump(_report_costs(fn), f)
 
 
-def _report_bytes(fn: Any) -> float:
-    """flashfx's cost-model HBM bytes per step after its passes (0.0 for other providers: no model)."""
+def _report_costs(fn: Any) -> Dict[str, float]:
+    """flashfx's cost-model HBM bytes per step, summed over its compiled graphs: after its passes (the prediction),
+    before fusion, and the lower bound (inputs read once, outputs written once). Zeros for other providers."""
     report = getattr(fn, "report", None)
-    if report is None:
-        return 0.0
-    return float(sum(max(after.bytes_value, 0) for g in report.graphs for _, after in g.aten_costs.values()))
+    costs = [pair for g in report.graphs for pair in g.aten_costs.values()] if report is not None else []
+    return {"predicted_bytes": float(sum(max(after.bytes_value, 0) for _, after in costs)),
+            "unfused_bytes": float(sum(max(before.bytes_value, 0) for before, _ in costs)),
+            "lower_bound_bytes": float(sum(max(after.lower_bound_value, 0) for _, after in costs))}
 
 
 def ncu_command(ncu: str, child_args: Sequence[str]) -> List[str]:
@@ -192,21 +194,26 @@ def run_case(name: str, ncu: str, timeout_s: float, step_of: Optional[str] = Non
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return {"case": name, "error": f"ncu exit {proc.returncode}: {' | '.join(tail)[:300]}"}
         with open(pred_path) as f:
-            predicted = json.load(f)["predicted_bytes"]
-    return {"case": name, **compare(predicted, parse_ncu_csv(proc.stdout))}
+            model = json.load(f)
+    return {"case": name, **{k: v for k, v in model.items() if k != "predicted_bytes"},
+            **compare(model["predicted_bytes"], parse_ncu_csv(proc.stdout))}
 
 
 def table(rows: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| case | cost model HBM bytes | ncu DRAM bytes (read + write) | ncu ÷ model | kernels |",
-             "|---|---|---|---|---|"]
+    lines = ["| case | cost model HBM bytes | model: unfused / lower bound | ncu DRAM bytes (read + write) | "
+             "ncu ÷ model | kernels |", "|---|---|---|---|---|---|"]
+
+    def mb(x: Optional[float]) -> str:
+        return f"{x / 1e6:.1f} MB" if x else "—"
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | failed: {r['error']} |  |  |  |")
+            lines.append(f"| {r['case']} | failed: {r['error']} |  |  |  |  |")
             continue
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        model = f"{r['predicted_bytes'] / 1e6:.1f} MB" if r["predicted_bytes"] else "—"
+        bounds = (f"{mb(r.get('unfused_bytes'))} / {mb(r.get('lower_bound_bytes'))}"
+                  if r.get("unfused_bytes") else "—")
         names = r["kernels"] if len(r["kernels"]) <= 4 else r["kernels"][:3] + [f"… {len(r['kernels'])} kernels"]
-        lines.append(f"| {r['case']} | {model} | {r['measured_bytes'] / 1e6:.1f} MB | {ratio} | "
+        lines.append(f"| {r['case']} | {mb(r['predicted_bytes'])} | {bounds} | {mb(r['measured_bytes'])} | {ratio} | "
                      f"{', '.join(k[:40] for k in names)} |")
     return "\n".join(lines)
 

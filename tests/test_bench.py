@@ -454,9 +454,16 @@ def test_ncu_step_mode_takes_flashfx_bytes_from_the_report(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
     fn = flashfx.optimize(model, cache_dir=str(tmp_path))
     fn(torch.randn(4, 8)).sum().backward()
-    expected = sum(after.bytes_value for g in fn.report.graphs for _, after in g.aten_costs.values())
-    assert expected > 0 and ncu_bytes._report_bytes(fn) == expected
-    assert ncu_bytes._report_bytes(model) == 0.0
+    costs = [pair for g in fn.report.graphs for pair in g.aten_costs.values()]
+    expected = sum(after.bytes_value for _, after in costs)
+    got = ncu_bytes._report_costs(fn)
+    assert expected > 0 and got["predicted_bytes"] == expected
+    assert got["unfused_bytes"] == sum(before.bytes_value for before, _ in costs) >= expected
+    assert 0 < got["lower_bound_bytes"] <= expected
+    assert ncu_bytes._report_costs(model) == {"predicted_bytes": 0.0, "unfused_bytes": 0.0, "lower_bound_bytes": 0.0}
+    row = {"case": "flashfx", **{k: v for k, v in got.items() if k != "predicted_bytes"},
+           **ncu_bytes.compare(got["predicted_bytes"], {"k": {"dram__bytes_read.sum": expected}})}
+    assert f"{got['unfused_bytes'] / 1e6:.1f} MB / " in ncu_bytes.table([row])
 
 
 def test_ncu_profiles_between_profiler_start_and_stop_not_an_nvtx_range():

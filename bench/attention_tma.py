@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file: make `flashfx` importable from t
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flashfx.codegen.attention as A  # noqa: E402
-from bench.measure import EXIT_NO_CUDA  # noqa: E402
+from bench.measure import EXIT_NO_CUDA, environment_restored  # noqa: E402
 from flashfx.codegen import attention_tma  # noqa: E402
 
 
@@ -65,15 +65,8 @@ KNOBS = ("FLASHFX_ATTENTION_FWD", "FLASHFX_ATTENTION_TUNE", "FLASHFX_ATTENTION_W
 
 def main(argv=None) -> int:
     """The A/B; the attention knobs it sets are put back as they were when it returns."""
-    saved = {k: os.environ.get(k) for k in KNOBS}
-    try:
+    with environment_restored(KNOBS):
         return _run(argv)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _run(argv) -> int:

@@ -6,6 +6,7 @@ measures the bf16 matmul and copy-bandwidth ceilings that TFLOP/s and GB/s are c
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import math
@@ -13,7 +14,7 @@ import os
 import platform
 import re
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -41,6 +42,20 @@ def require_device(device: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------- statistics
+
+@contextlib.contextmanager
+def environment_restored(names: Sequence[str]) -> Iterator[None]:
+    """Put the environment variables `names` back as they were (set or unset) when the block ends."""
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 
 def quantile(values: Sequence[float], q: float) -> float:
     """The q-quantile (0 ≤ q ≤ 1) with linear interpolation between order statistics (numpy's default)."""

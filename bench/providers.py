@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
 import torch
 
 try:
-    from bench.measure import BenchError, liger_version
+    from bench.measure import BenchError, environment_restored, liger_version
 except ImportError:  # run from inside bench/
-    from measure import BenchError, liger_version  # type: ignore[no-redef]
+    from measure import BenchError, environment_restored, liger_version  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     from bench.common import Case, Options
@@ -148,19 +148,14 @@ def fresh_compile_caches(root: str, tag: str) -> Iterator[str]:
     """Empty Inductor / Triton / flashfx on-disk caches for one provider; kept for its warm re-compile."""
     path = os.path.join(root, tag)
     os.makedirs(path, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASHFX_BENCH_CACHE")}
-    os.environ.update({"TORCHINDUCTOR_CACHE_DIR": os.path.join(path, "inductor"),
-                       "TRITON_CACHE_DIR": os.path.join(path, "triton"),
-                       "FLASHFX_BENCH_CACHE": os.path.join(path, "flashfx")})
-    _clear_inductor_memory_caches()
     try:
-        yield path
+        with environment_restored(("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASHFX_BENCH_CACHE")):
+            os.environ.update({"TORCHINDUCTOR_CACHE_DIR": os.path.join(path, "inductor"),
+                               "TRITON_CACHE_DIR": os.path.join(path, "triton"),
+                               "FLASHFX_BENCH_CACHE": os.path.join(path, "flashfx")})
+            _clear_inductor_memory_caches()
+            yield path
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         _clear_inductor_memory_caches()
 
 

@@ -405,6 +405,20 @@ def test_remat_curve_without_cuda_exits_with_the_bench_code(capsys):
     assert "CUDA" in capsys.readouterr().err
 
 
+def test_fresh_compile_caches_point_the_caches_at_a_folder_and_put_the_environment_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with providers.fresh_compile_caches(str(tmp_path), "compile") as path:
+        assert os.environ["TRITON_CACHE_DIR"] == os.path.join(path, "triton")
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(path, "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    with pytest.raises(RuntimeError):
+        with measure.environment_restored(["TRITON_CACHE_DIR"]):
+            os.environ["TRITON_CACHE_DIR"] = "/changed"
+            raise RuntimeError("a failing provider")
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else"
+
+
 def test_attention_tma_ab_without_cuda_exits_with_the_bench_code(capsys):
     from bench import attention_tma
 

@@ -54,8 +54,9 @@ def llama_linear_params(cfg: Any, with_head: bool = True) -> int:
 
 
 def gpt2_linear_params(cfg: Any) -> int:
-    h = cfg.n_embd
-    return cfg.n_layer * (4 * h * h + 8 * h * h) + h * cfg.vocab_size  # qkv+proj, fc+proj (4h), tied LM head
+    """HF GPT2Config maps `hidden_size` / `num_hidden_layers` to its own fields: the zoo config reads the same."""
+    h = cfg.hidden_size
+    return cfg.num_hidden_layers * (4 * h * h + 8 * h * h) + h * cfg.vocab_size  # qkv+proj, fc+proj, tied head
 
 
 def _train_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[Callable[..., Any]], Any]:
@@ -124,10 +125,7 @@ def _build_zoo(family: str) -> Callable[[common.Options], common.Case]:
         cfg = model.config
         ids = common.random_ids(cfg.vocab_size, (batch, seq), opts.device)
         h = cfg.hidden_size
-        if family == "llama":
-            params = llama_linear_params(cfg)
-        else:
-            params = cfg.num_hidden_layers * 12 * h * h + h * cfg.vocab_size
+        params = llama_linear_params(cfg) if family == "llama" else gpt2_linear_params(cfg)
         attn = cfg.num_hidden_layers * common.attention_fwd_flops(batch, cfg.num_attention_heads, seq, seq,
                                                                   h // cfg.num_attention_heads, causal=True)
         return common.Case(

@@ -91,7 +91,7 @@ def precompile(configs: List[Dict[str, Any]], compile_one: Callable[[Dict[str, A
     `binary(config)` compile once (Triton does not merge concurrent compiles of one binary). A config that fails
     here is left to the timing loop, which compiles it again and skips it if it fails there too."""
     if binary is not None:
-        configs = list({repr(binary(c)): c for c in reversed(configs)}.values())[::-1]
+        configs = list({repr(binary(c)): c for c in configs}.values())
     threads = min(len(configs), compile_threads())
     if threads < 2:
         return

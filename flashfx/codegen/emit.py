@@ -123,8 +123,7 @@ class _Emitter:
             # stored once after the program's last row block (`column_stores`)
             return [f"colacc{k} += tl.sum(tl.where(xrmask, {v.deps[0]}, 0.0), 0)  # {out.node.name}"]
         if out.kind == "col":  # add this program's rows into its own row of the partials (no other program writes it)
-            rcol = "roffset + tl.arange(0, RBLOCK)"
-            return [f"rcol = {rcol}",
+            return ["rcol = roffset + tl.arange(0, RBLOCK)",
                     f"pcol = out{k}_ptr + tl.program_id(0) * rnumel + rcol",
                     f"tl.store(pcol, tl.load(pcol, mask=rcol < rnumel) + "
                     f"tl.sum(tl.where(xrmask, {v.deps[0]}, 0.0), 0), mask=rcol < rnumel)  # {out.node.name}",

@@ -259,11 +259,11 @@ class FusedKernel:
         col_ks = {k for k, _, _ in columns}
         # partials: one row per program the chosen grid runs, summed by _finish; a persistent kernel stores each row
         # once (left uninitialised: contiguous strides), a looped one adds into it (zeroed at each call: no strides)
-        rows = grid_of(config)[0]
+        grid = grid_of(config)
         col_stride = (rnumel, 1) if config["mode"] == "persistent" else None
-        out_specs = [((rows, rnumel), col_stride, o.dtype, o.device) if k in col_ks else
+        out_specs = [((grid[0], rnumel), col_stride, o.dtype, o.device) if k in col_ks else
                      (tuple(o.shape), o.stride(), o.dtype, o.device) for k, o in enumerate(outs)]
-        self._fast[key] = (out_specs, fn, param_plan, grid_of(config), meta, columns)
+        self._fast[key] = (out_specs, fn, param_plan, grid, meta, columns)
         return self._finish(outs, columns)
 
     def _empty_result(self, outs: List[torch.Tensor], rnumel: int) -> Tuple[torch.Tensor, ...]:

@@ -71,6 +71,9 @@ def liger_loss():
     return lambda h, w, y: fn(w, h, y)
 
 
+DEFAULTS = (ce.CHUNK_BYTES, ce.WGRAD_FP32)  # restored after each provider
+
+
 def flashfx_loss(chunk_bytes=None, recompute=False, wgrad_fp32=False):
     def loss(h, w, y):
         ce.WGRAD_FP32 = wgrad_fp32
@@ -112,14 +115,14 @@ PROVIDERS = {
     "eager": ("eager F.cross_entropy(F.linear(h, W).float(), y)", lambda: eager_loss),
     "torch.compile": ("torch.compile of the same (default mode)", lambda: torch.compile(eager_loss, dynamic=False)),
     "liger": ("Liger-Kernel LigerFusedLinearCrossEntropyLoss (its defaults: bf16 dW accumulation)", liger_loss),
-    "flashfx": ("flashfx.linear_cross_entropy, chunk buffer 256 MiB, dW in bf16 (defaults)",
-                lambda: flashfx_loss(256 << 20)),
+    "flashfx": ("flashfx.linear_cross_entropy, chunk buffer 1 GiB, dW in bf16 (defaults)",
+                lambda: flashfx_loss()),
     "flashfx-64M": ("flashfx, chunk buffer 64 MiB", lambda: flashfx_loss(64 << 20)),
-    "flashfx-1G": ("flashfx, chunk buffer 1 GiB", lambda: flashfx_loss(1 << 30)),
+    "flashfx-256M": ("flashfx, chunk buffer 256 MiB (the default until 2026-12-03)", lambda: flashfx_loss(256 << 20)),
     "flashfx-fp32acc": ("flashfx, dW accumulated in fp32 across chunks (WGRAD_FP32 = True)",
-                        lambda: flashfx_loss(256 << 20, wgrad_fp32=True)),
+                        lambda: flashfx_loss(wgrad_fp32=True)),
     "flashfx-recompute": ("flashfx, gradients in the backward (reduction='none' path: +1 matmul)",
-                          lambda: flashfx_loss(256 << 20, recompute=True)),
+                          lambda: flashfx_loss(recompute=True)),
     "flashfx-pass": ("Dynamo graph rewritten by the cross_entropy pass, then AOTAutograd (eager kernels)", pass_loss),
 }
 
@@ -164,7 +167,7 @@ def run(args):
             row.update(ms=t["ms"], q20=t["ms_p20"], q80=t["ms_p80"], tflops=flops / (t["ms"] / 1e3) / 1e12)
         except Exception as e:  # noqa: BLE001  (one failing provider must not end the table)
             row["failed"] = one_line(e)
-        ce.CHUNK_BYTES, ce.WGRAD_FP32 = 256 << 20, False
+        ce.CHUNK_BYTES, ce.WGRAD_FP32 = DEFAULTS
         rows.append(row)
         print(json.dumps(row), flush=True)
         torch._dynamo.reset()

@@ -66,8 +66,10 @@ def candidates(mode: str, xnumel: int, rnumel: int, interpreting: bool) -> List[
         return keep or [{"XBLOCK": 1, "RBLOCK": R, "num_warps": w} for w in (16, 32)]
     if interpreting:
         return [{"XBLOCK": min(8, next_pow2(xnumel)), "RBLOCK": 64, "num_warps": 4}]
+    # one long row per program, its chunks from 2048 to 8192 elements; 16 warps streamed a 32000-wide softmax 25%
+    # faster than 8 on the H200 (2026-12-03), 8 warps a 128256-wide one 10% faster than 16
     configs = [{"XBLOCK": x, "RBLOCK": r, "num_warps": w}
-               for x, r in ((1, 2048), (1, 4096), (4, 1024), (64, 64)) for w in (4, 8)]
+               for x, r, w in ((1, 2048, 4), (1, 2048, 8), (1, 4096, 8), (1, 4096, 16), (1, 8192, 16), (4, 1024, 4))]
     keep = [c for c in configs if c["XBLOCK"] <= next_pow2(xnumel) and c["RBLOCK"] <= next_pow2(rnumel)]
     return keep or configs[:1]
 

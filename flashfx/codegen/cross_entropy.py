@@ -15,7 +15,7 @@ Per non-ignored row i, with x = the row's logits and lse_i = logsumexp(x) (natur
 under "mean". A target outside [0, V) that is not ignore_index gives a NaN loss (never a silent wrong number).
 
 How it works: the rows are walked in chunks of C rows (C chosen so the chunk's logits take at most
-`CHUNK_BYTES`, 256 MiB by default). For each chunk: logits = input_c @ W.T (+ b) by torch.matmul into one reused
+`CHUNK_BYTES`, 1 GiB by default). For each chunk: logits = input_c @ W.T (+ b) by torch.matmul into one reused
 [C, V] buffer in the input dtype (V padded with zero rows of W where cuBLAS needs it: `padded_vocab`); one
 Triton program per row computes the online-softmax loss and, when gradients are wanted, overwrites the row in
 place with d loss / d logits; then grad_input_c = dlogits @ W and grad_weight += dlogits.T @ input_c (in the
@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from typing import Any, List, Optional, Tuple
 
+import sympy
 import torch
 from torch import Tensor
 
@@ -50,7 +51,10 @@ from flashfx.rewriter.cost import (NodeCost, arg_value, bound_arguments, numel, 
                                    tensor_bytes)
 
 REDUCTIONS = ("mean", "sum", "none")
-CHUNK_BYTES = 256 * 2**20  # at most this many bytes of logits exist at once (one chunk buffer)
+# At most this many bytes of logits exist at once (one chunk buffer). Each chunk re-reads W in two matmuls and
+# reads + writes dW in a third, so fewer chunks move fewer bytes: for the ANCHORS Llama head (W: 128256 x 2048
+# bf16, 8192 tokens) 1 GiB is 2 chunks and ~2.6 GB of W traffic where 256 MiB (8 chunks) moved ~15 GB.
+CHUNK_BYTES = 1 << 30
 # Accumulate grad_weight across chunks in float32 (4·V·H bytes held during the forward, plus the final cast's
 # 2·V·H: for a 128k vocab x 2048 head that is 1.5 GB at the step's memory peak, measured on the H100). False (the
 # default, as Liger-Kernel): in the weight's dtype, each chunk's product accumulated in fp32 inside the GEMM and
@@ -379,11 +383,21 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
 # ------------------------------------------------------------------------------------------------- cost model
 
+def _chunks(N: Any, V: Any, element_size: int) -> Any:
+    """How many chunks the loop walks for N rows (a sympy expression; approximate when N is symbolic)."""
+    if N.is_Integer:
+        n = int(N)
+        return sympy.Integer(max(1, -(-n // chunk_rows_for(n, int(V), element_size))))
+    return sympy.Max(1, sympy.ceiling(N * V * element_size / CHUNK_BYTES))
+
+
 def _cost(node: Any, grads: bool) -> NodeCost:
     """FLOPs: the logits product 2·N·V·H (three products with the gradients), plus ~8 per logit for the row kernel.
     Bytes: inputs once, outputs once, plus the chunk buffer's HBM traffic — written by the matmul and read by the
     kernel (2 passes over the N·V logits), and with gradients also rewritten by the kernel and read by the two
-    gradient matmuls (5 passes). The [N, V] logits are never stored whole.
+    gradient matmuls (5 passes) — plus W once more per further chunk in each matmul that reads it (the logits and,
+    with gradients, d input) and dW read and written again by each further chunk's accumulation. The [N, V] logits
+    are never stored whole.
     """
     a = bound_arguments(node)
     x, w, b, y = (arg_value(a[n]) for n in ("input", "weight", "bias", "target"))
@@ -394,7 +408,9 @@ def _cost(node: Any, grads: bool) -> NodeCost:
     if grads:
         write = write + tensor_bytes(x) + tensor_bytes(w) + (tensor_bytes(b) if isinstance(b, Tensor) else 0)
     chunk_traffic = (5 if grads else 2) * N * V * x.element_size()
-    return NodeCost((3 if grads else 1) * 2 * N * V * H + 8 * N * V, read + chunk_traffic, write)
+    again = _chunks(N, V, x.element_size()) - 1
+    weight_traffic = again * tensor_bytes(w) * (4 if grads else 1)  # (W in two matmuls, dW read + write)
+    return NodeCost((3 if grads else 1) * 2 * N * V * H + 8 * N * V, read + chunk_traffic + weight_traffic, write)
 
 
 def _cost_public(node: Any, inputs: List[Any], output: Any) -> NodeCost:

@@ -5,7 +5,8 @@ Three shapes of kernel, all from the same Plan:
 - persistent reduction: `XBLOCK` rows per program, the whole reduced extent in one `[XBLOCK, RBLOCK]` tile held
   in registers, so a softmax or a norm reads its input once;
 - looped reduction: for reduced extents too large for registers, one loop over `RBLOCK` chunks per reduction,
-  recomputing the cheap pointwise prologue instead of writing it to HBM.
+  recomputing the cheap pointwise prologue instead of writing it to HBM; a max and the sum of exp(x - max) over
+  the same row share one loop (online softmax), so a softmax reads a long row twice, not three times.
 The signature says, per tensor, whether it is addressed as one contiguous run ("c") or through per-dim strides
 (the P dims whose stride is non-zero); sizes and strides are kernel arguments, so a new sequence length reuses the
 compiled kernel.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Set, Tuple, Union
 
 import sympy
+import torch
 
 from flashfx.codegen.lower import Plan, Value, nonunit, x_dims
 from flashfx.codegen.pointwise import HELPERS, TL_DTYPES
@@ -151,6 +153,31 @@ class _Emitter:
             f"  # {self.plan.outputs[k].node.name}" for k in cols]
         return init, stores
 
+    def loop_head(self) -> List[str]:
+        """The first lines inside a looped kernel's `for roffset` loop: this chunk's reduced indices and masks."""
+        head = ["rindex = roffset + rbase", "rmask = rindex < rnumel", "xrmask = xmask & rmask"]
+        return head + [f"i{d} = {self.dim_index(d)}" for d in self.rdims if d in self.strided_dims()]
+
+    def online_max(self, total: Value) -> Optional[Value]:
+        """The max reduce `top` when `total` is sum(exp(a - top)) with top = max(a) over the same row (softmax,
+        log-softmax, logsumexp): a looped kernel then finds both in one pass over the row instead of two."""
+        if total.expr != "sum" or total.mean or total.kind != "row" or total.dtype != torch.float32:
+            return None
+        e = self.plan.value(total.deps[0])
+        if e.op != "compute" or len(e.deps) != 1 or e.expr != f"tl.exp({e.deps[0]})":
+            return None
+        d = self.plan.value(e.deps[0])
+        if d.op != "compute" or len(d.deps) != 2:
+            return None
+        top = self.plan.value(d.deps[1])
+        if top.op != "reduce" or top.expr != "max" or top.mean or top.dtype != torch.float32:
+            return None
+        a = self.plan.value(top.deps[0])
+        # d is a - top, where a is the max's operand itself or the fp32 upcast of a loaded 16-bit value
+        same = d.deps[0] == a.name and d.expr == f"{a.name} - {top.name}"
+        upcast = a.op == "compute" and a.deps == (d.deps[0],) and d.expr == f"{a.expr} - {top.name}"
+        return top if (same or upcast) and a.kind == "full" else None
+
     # -------------------------------------------------------------------------------------------- regions
     def emit_pointwise_or_persistent(self) -> List[str]:
         body: List[str] = []
@@ -187,7 +214,11 @@ class _Emitter:
             if n in done:
                 return
             v = self.plan.value(n)
-            if v.op == "reduce":
+            top = self.online_max(v) if v.op == "reduce" else None
+            if top is not None and top.name not in done:
+                online_loop(v, top)
+                done.add(top.name)
+            elif v.op == "reduce":
                 loop(v.deps, reduce_into=v)
             else:
                 for d in v.deps:
@@ -203,8 +234,7 @@ class _Emitter:
                 r = reduce_into
                 body.append(f"acc_{r.name} = tl.full([XBLOCK, RBLOCK], {IDENTITY[r.expr]}, {TL_DTYPES[r.dtype]})")
             body.append("for roffset in range(0, rnumel, RBLOCK):")
-            inner = ["rindex = roffset + rbase", "rmask = rindex < rnumel", "xrmask = xmask & rmask"]
-            inner += [f"i{d} = {self.dim_index(d)}" for d in self.rdims if d in self.strided_dims()]
+            inner = self.loop_head()
             for v in values:
                 inner += self.line(v)
             if reduce_into is not None:
@@ -218,6 +248,32 @@ class _Emitter:
                 r = reduce_into
                 red = f"{TL_REDUCE[r.expr]}(acc_{r.name}, 1)[:, None]" + (" / rnumel" if r.mean else "")
                 body.append(f"{r.name} = {red}  # {r.source}")
+
+        def online_loop(total: Value, top: Value) -> None:
+            """`top` = max(a) and `total` = sum(exp(a - top)) in one pass: each lane keeps a running max and a sum
+            rescaled when its max grows (one exp per element), combined across lanes at the end."""
+            a = top.deps[0]
+            values, outside = self.full_closure([a])
+            for n in outside:
+                ensure(n)
+            m, s = f"acc_{top.name}", f"acc_{total.name}"
+            body.extend([f"{m} = tl.full([XBLOCK, RBLOCK], float('-inf'), tl.float32)",
+                         f"{s} = tl.full([XBLOCK, RBLOCK], 0, tl.float32)",
+                         "for roffset in range(0, rnumel, RBLOCK):"])
+            inner = self.loop_head()
+            for v in values:
+                inner += self.line(v)
+            nan = "propagate_nan=tl.PropagateNan.ALL"  # a NaN lane keeps a NaN sum: the row comes out NaN, as in ATen
+            inner += [f"on_x = tl.where(xrmask, {a}, float('-inf')).to(tl.float32)",
+                      f"on_top = tl.maximum({m}, on_x, {nan})",
+                      # exp(-|x - max|): the smaller of the two against the new max (0 while the lane saw only -inf)
+                      f"on_e = tl.where(on_top == float('-inf'), 0.0, tl.exp(tl.minimum({m}, on_x, {nan}) - on_top))",
+                      f"{s} = tl.where(on_x > {m}, {s} * on_e + 1.0, {s} + on_e)",
+                      f"{m} = on_top"]
+            body.extend("    " + line for line in inner)
+            body.append(f"{top.name} = tl.max({m}, 1)[:, None]  # {top.source}")
+            body.append(f"{total.name} = tl.sum(tl.where({m} == float('-inf'), 0.0, {s} * tl.exp({m} - {top.name})), "
+                        f"1)[:, None]  # {total.source} (online, with {top.source})")
 
         full_outs = [k for k, o in enumerate(self.plan.outputs) if o.kind in ("full", "col")]
         for k, o in enumerate(self.plan.outputs):

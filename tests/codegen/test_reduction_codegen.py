@@ -108,6 +108,33 @@ def test_looped_variant_for_long_rows(tmp_path, monkeypatch):
     assert all(any(sig.mode == "looped" for sig in k._variants) for k in kernels)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_looped_softmax_finds_max_and_sum_in_one_pass(tmp_path, monkeypatch, dtype):
+    # online softmax: a running max and a rescaled sum per lane, so softmax / log-softmax read a long row twice
+    monkeypatch.setattr(autotune, "PERSISTENT_MAX_RBLOCK", 32)
+
+    def fn(x):
+        return torch.softmax(x, -1), torch.log_softmax(x.float(), -1).to(x.dtype)
+
+    torch.manual_seed(3)
+    x = (torch.randn(7, 150) * 4).to(dtype)
+    x[1, :40] = float("-inf")           # masked entries, whole chunks of them
+    x[2, :] = float("-inf")
+    x[2, 149] = 2.0                     # one live entry, in the last chunk
+    x[3, 77] = float("nan")             # NaN anywhere makes the row NaN, as in ATen
+    x[4] = x[4] * 1000 if dtype == torch.float32 else x[4] * 10   # exp of the row's raw values overflows
+    x[5] = torch.arange(150, dtype=dtype) * 0.1      # max grows at every element
+    x[6] = torch.arange(150, 0, -1, dtype=dtype) * 0.1  # max found first, then never again
+    gm, ctx = fuse_function(fn, [x], tmp_path)
+    got, want = gm(x), fn(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+    sources = [src for _, src in ctx.artifacts["kernels"]]
+    assert len(sources) == 2
+    # max + sum in one loop, then the output loop: two passes over the row where there were three
+    assert all(src.count("for roffset") == 2 and "(online, with" in src for src in sources)
+
+
 def test_dynamic_sequence_length_reuses_the_kernel(tmp_path):
     torch.manual_seed(2)
     module = RMSNorm(24)

@@ -383,12 +383,12 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
 # ------------------------------------------------------------------------------------------------- cost model
 
-def _chunks(N: Any, V: Any, element_size: int) -> Any:
-    """How many chunks the loop walks for N rows (a sympy expression; approximate when N is symbolic)."""
-    if N.is_Integer:
+def _chunks(N: Any, V: Any, dtype: torch.dtype) -> Any:
+    """How many chunks the loop walks for N rows (a sympy expression; approximate when N or V is symbolic)."""
+    if N.is_Integer and V.is_Integer:
         n = int(N)
-        return sympy.Integer(max(1, -(-n // chunk_rows_for(n, int(V), element_size))))
-    return sympy.Max(1, sympy.ceiling(N * V * element_size / CHUNK_BYTES))
+        return sympy.Integer(max(1, -(-n // chunk_rows_for(n, padded_vocab(int(V), dtype), dtype.itemsize))))
+    return sympy.Max(1, sympy.ceiling(N * V * dtype.itemsize / CHUNK_BYTES))
 
 
 def _cost(node: Any, grads: bool) -> NodeCost:
@@ -408,7 +408,7 @@ def _cost(node: Any, grads: bool) -> NodeCost:
     if grads:
         write = write + tensor_bytes(x) + tensor_bytes(w) + (tensor_bytes(b) if isinstance(b, Tensor) else 0)
     chunk_traffic = (5 if grads else 2) * N * V * x.element_size()
-    again = _chunks(N, V, x.element_size()) - 1
+    again = _chunks(N, V, x.dtype) - 1
     weight_traffic = again * tensor_bytes(w) * (4 if grads else 1)  # (W in two matmuls, dW read + write)
     return NodeCost((3 if grads else 1) * 2 * N * V * H + 8 * N * V, read + chunk_traffic + weight_traffic, write)
 

@@ -247,6 +247,31 @@ def test_cost_is_registered_forward_one_matmul_fwd_with_grads_three():
     assert int(three.write_bytes) == N * 4 + (N * H + V * H) * 4
 
 
+def test_cost_counts_the_weight_once_more_per_further_chunk(monkeypatch):
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flashfx.codegen import cross_entropy as ce
+    from flashfx.rewriter.cost import node_cost
+
+    N, V, H = 512, 1000, 32
+    with FakeTensorMode():
+        vals = (torch.empty(N, H), torch.empty(V, H), torch.empty(N, dtype=torch.int64))
+        fwd = torch.ops.flashfx.linear_cross_entropy_fwd(*vals[:2], None, vals[2], -100, 0.0, "mean", 0.0, True)
+    g = fx.Graph()
+    nodes = [g.placeholder(n) for n in "hwy"]
+    for n, v in zip(nodes, vals):
+        n.meta["val"] = v
+    call = g.call_function(torch.ops.flashfx.linear_cross_entropy_fwd.default,
+                           (nodes[0], nodes[1], None, nodes[2], -100, 0.0, "mean", 0.0, True))
+    call.meta["val"] = fwd
+    one_chunk = node_cost(call).read_bytes
+    monkeypatch.setattr(ce, "CHUNK_BYTES", 128 * V * 4)  # 128 rows per chunk: 4 chunks
+    assert ce.chunk_rows_for(N, V, 4) == 128
+    # each of the 3 further chunks reads W in the logits and d-input matmuls, and reads + writes dW
+    assert int(node_cost(call).read_bytes - one_chunk) == 3 * 4 * V * H * 4
+
+
 @pytest.mark.gpu
 def test_bf16_large_vocab_on_gpu():
     h, w, b, y = make(300, 256, 50257, torch.bfloat16, bias=False)

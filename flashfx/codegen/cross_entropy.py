@@ -53,7 +53,8 @@ from flashfx.rewriter.cost import (NodeCost, arg_value, bound_arguments, numel, 
 REDUCTIONS = ("mean", "sum", "none")
 # At most this many bytes of logits exist at once (one chunk buffer). Each chunk re-reads W in two matmuls and
 # reads + writes dW in a third, so fewer chunks move fewer bytes: for the ANCHORS Llama head (W: 128256 x 2048
-# bf16, 8192 tokens) 1 GiB is 2 chunks and ~2.6 GB of W traffic where 256 MiB (8 chunks) moved ~15 GB.
+# bf16, 8192 tokens) 1 GiB is 2 chunks and ~3.7 GB of W traffic where 256 MiB (8 chunks) moved ~16 GB; the loss
+# ran 1.4 ms faster at 0.5 GB more peak on the H200 (docs/benchmarks.md).
 CHUNK_BYTES = 1 << 30
 # Accumulate grad_weight across chunks in float32 (4·V·H bytes held during the forward, plus the final cast's
 # 2·V·H: for a 128k vocab x 2048 head that is 1.5 GB at the step's memory peak, measured on the H100). False (the

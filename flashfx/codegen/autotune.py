@@ -27,6 +27,10 @@ PERSISTENT_TRY_RBLOCK = 32768
 # programs keep more rows in flight, at the price of a larger partials buffer to sum at the end.
 COLUMN_PROGRAMS_PER_SM = (4, 8)
 
+# Whether such a kernel loads its next row block before working on the current one (registers for two blocks of
+# inputs, the loads in flight during the reductions); the default first, the other timed when tuning.
+COLUMN_PREFETCH = (False, True)
+
 
 def choose_mode(is_reduction: bool, rnumel: int) -> str:
     if not is_reduction:

@@ -14,7 +14,7 @@ compiled kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Set, Tuple, Union
 
 import sympy
 import torch
@@ -35,6 +35,7 @@ class Signature:
     inputs: Tuple[Layout, ...]
     outputs: Tuple[Layout, ...]
     index_bits: int = 32          # 64 only when some tensor has 2**31 elements or more (int32 math is cheaper)
+    prefetch: bool = False        # persistent with column sums: load the next row block before this one's math
 
 
 @dataclass
@@ -179,14 +180,34 @@ class _Emitter:
         return top if (same or upcast) and a.kind == "full" else None
 
     # -------------------------------------------------------------------------------------------- regions
-    def emit_pointwise_or_persistent(self) -> List[str]:
+    def emit_pointwise_or_persistent(self, skip: Sequence[str] = ()) -> List[str]:
         body: List[str] = []
         for v in self.plan.values:
-            if v.op != "colsum":
+            if v.op != "colsum" and v.name not in skip:
                 body += self.reduce_persistent(v) if v.op == "reduce" else self.line(v)
         for k in range(len(self.plan.outputs)):
             body += self.store(k, "")
         return body
+
+    def row_loads(self) -> List[Value]:
+        """The loads that change with the row block: what a prefetching kernel issues one block ahead. Loads that
+        only walk the reduced dims (a norm's weight, broadcast over rows) stay where they are."""
+        def varies(layout: Layout) -> bool:
+            return layout == "c" or (isinstance(layout, tuple) and any(d in self.xdims for d in layout))
+        return [v for v in self.plan.values if v.op == "load" and self.plan.inputs[v.arg].kind in ("full", "row")
+                and varies(self.sig.inputs[v.arg])]
+
+    def prefetching_loop(self, head: Callable[[str], List[str]]) -> List[str]:
+        """The row-block loop of a persistent kernel with column sums, its next block's loads issued before this
+        block's reductions, so they are in flight while it computes (values carried to the next iteration)."""
+        loads = self.row_loads()
+        ahead = [f"n_{v.name} = " + self.line(v)[0].split(" = ", 1)[1] for v in loads]
+        lines = head("tl.program_id(0)") + [line for v in loads for line in self.line(v)]
+        lines.append("for xb in range(tl.program_id(0), tl.cdiv(xnumel, XBLOCK), tl.num_programs(0)):")
+        inner = head("(xb + tl.num_programs(0))") + ahead + head("xb")
+        inner += self.emit_pointwise_or_persistent(skip=[v.name for v in loads])
+        inner += [f"{v.name} = n_{v.name}" for v in loads]
+        return lines + ["    " + line for line in inner]
 
     def full_closure(self, names: Sequence[str]) -> Tuple[List[Value], List[str]]:
         """The full-kind values `names` need (in plan order) and the non-full values those read."""
@@ -298,21 +319,25 @@ class _Emitter:
                 if layout not in ("c", "s", "p"):
                     params += [f"{prefix}{k}_s{d}" for d in layout]
         strided = self.strided_dims()
-        pid = "tl.program_id(0).to(tl.int64)" if sig.index_bits == 64 else "tl.program_id(0)"
         columns = any(o.kind == "col" for o in plan.outputs)
-        if columns:  # few programs, each over many row blocks, so the column partials stay small
-            pid = "xb"
-        if self.reduction:
-            head = [f"xindex = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
-                    "xmask = xindex < xnumel", "rbase = tl.arange(0, RBLOCK)[None, :]"]
-        else:
-            head = [f"xindex = {pid} * XBLOCK + tl.arange(0, XBLOCK)",
-                    "xmask = xindex < xnumel"]
-        head += [f"i{d} = {self.dim_index(d)}" for d in self.xdims if d in strided]
-        if sig.mode == "persistent":
-            head += ["rindex = rbase", "rmask = rindex < rnumel", "xrmask = xmask & rmask"]
-            head += [f"i{d} = {self.dim_index(d)}" for d in self.rdims if d in strided]
-        body = self.emit_looped() if sig.mode == "looped" else self.emit_pointwise_or_persistent()
+
+        def head(pid: str) -> List[str]:
+            """Indices and masks of the row block (or flat block) `pid`."""
+            if self.reduction:
+                lines = [f"xindex = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
+                         "xmask = xindex < xnumel", "rbase = tl.arange(0, RBLOCK)[None, :]"]
+            else:
+                lines = [f"xindex = {pid} * XBLOCK + tl.arange(0, XBLOCK)", "xmask = xindex < xnumel"]
+            lines += [f"i{d} = {self.dim_index(d)}" for d in self.xdims if d in strided]
+            if sig.mode == "persistent":
+                lines += ["rindex = rbase", "rmask = rindex < rnumel", "xrmask = xmask & rmask"]
+                lines += [f"i{d} = {self.dim_index(d)}" for d in self.rdims if d in strided]
+            return lines
+        # with column sums: few programs, each over many row blocks `xb`, so the column partials stay small
+        pid = "xb" if columns else ("tl.program_id(0).to(tl.int64)" if sig.index_bits == 64 else "tl.program_id(0)")
+        prefetch = columns and sig.prefetch and sig.mode == "persistent"
+        if not prefetch:
+            body = self.emit_looped() if sig.mode == "looped" else self.emit_pointwise_or_persistent()
 
         consts = "XBLOCK: tl.constexpr" + (", RBLOCK: tl.constexpr" if self.reduction else "")
         lines = [f"# {plan.name}: generated by flashfx ({sig.mode}; space {list(plan.P)}, reduced dims "
@@ -329,11 +354,14 @@ class _Emitter:
         if columns:
             accumulators, column_stores = self.column_accumulators()
             lines += ["    " + s for s in accumulators]
-            lines += ["    for xb in range(tl.program_id(0), tl.cdiv(xnumel, XBLOCK), tl.num_programs(0)):"]
-            lines += ["        " + s for s in head + body]
+            if prefetch:
+                lines += ["    " + s for s in self.prefetching_loop(head)]
+            else:
+                lines += ["    for xb in range(tl.program_id(0), tl.cdiv(xnumel, XBLOCK), tl.num_programs(0)):"]
+                lines += ["        " + s for s in head(pid) + body]
             lines += ["    " + s for s in column_stores]
         else:
-            lines += ["    " + s for s in head + body]
+            lines += ["    " + s for s in head(pid) + body]
         return KernelSource(plan.name, "\n".join(lines) + "\n", params)
 
 

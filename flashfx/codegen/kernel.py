@@ -52,8 +52,13 @@ def on_device(device: torch.device) -> Any:
 
 
 def _kernel_meta(config: Dict[str, Any]) -> Dict[str, Any]:
-    """A config's Triton launch options: without the launcher's own keys (the kernel variant, the program count)."""
-    return {k: v for k, v in config.items() if k not in ("mode", "programs")}
+    """A config's Triton launch options: without the launcher's own keys (the kernel variant, the program count,
+    whether the next row block is prefetched)."""
+    return {k: v for k, v in config.items() if k not in ("mode", "programs", "prefetch")}
+
+
+def _variant_key(config: Dict[str, Any]) -> Tuple[str, bool]:
+    return config["mode"], bool(config.get("prefetch", False))
 
 
 class FusedKernel:
@@ -214,10 +219,14 @@ class FusedKernel:
             sig = Signature(mode, tuple(_layout(plan, s, st, P, mode) for s, st in zip(plan.inputs, in_st)),
                             tuple(_layout(plan, s, st, P, mode) for s, st in zip(plan.outputs, out_st)),
                             32 if reach < 2 ** 31 - 2 ** 20 else 64)
-            variants[mode] = (sig,) + self.variant(sig)
+            variants[(mode, False)] = (sig,) + self.variant(sig)
+        prefetch = autotune.COLUMN_PREFETCH if tune else autotune.COLUMN_PREFETCH[:1]
+        if columns and ("persistent", False) in variants and True in prefetch:
+            sig = dataclasses.replace(variants[("persistent", False)][0], prefetch=True)
+            variants[("persistent", True)] = (sig,) + self.variant(sig)
 
         def launch(config: Dict[str, Any], compile_only: bool = False) -> None:
-            _, src, fn = variants[config["mode"]]
+            _, src, fn = variants[_variant_key(config)]
             meta = _kernel_meta(config)
             kernel_args = [values[p] for p in src.params]
             with on_device(device):
@@ -229,13 +238,13 @@ class FusedKernel:
                 fn[grid_of(config)](*kernel_args, **meta)
 
         # one autotune entry per group source (its first mode's variant) and shape bucket
-        first_sig, first_src, _ = variants[modes[0]]
+        first_sig, first_src, _ = variants[(modes[0], False)]
         b = autotune.bucket(plan.is_reduction, xnumel, rnumel)
         config = self._configs.get((first_sig, b))
         if config is None:
             cache_key = kernel_cache.cache_key(first_src.source)
             config = kernel_cache.load_choices(self.cache_dir, cache_key).get(b)
-            if config is not None and config.get("mode") not in variants:
+            if config is not None and ("mode" not in config or _variant_key(config) not in variants):
                 config = None
             with kernel_cache.triton_binaries_under(self.cache_dir):
                 if config is None:
@@ -243,14 +252,17 @@ class FusedKernel:
                                for c in autotune.candidates(m, xnumel, rnumel, interpreting)]
                     if columns and tune:  # the program count changes the grid, not the binary (compiled once)
                         configs = [dict(c, programs=p) for c in configs for p in programs]
+                    if ("persistent", True) in variants:  # each persistent config with and/or without prefetch
+                        configs = [dict(c, prefetch=f) for f in prefetch for c in configs
+                                   if c["mode"] == "persistent"] + [c for c in configs if c["mode"] != "persistent"]
                     config = autotune.pick(configs, launch, tune, functools.partial(launch, compile_only=True),
-                                           binary=lambda c: (c["mode"], sorted(_kernel_meta(c).items())))
+                                           binary=lambda c: (_variant_key(c), sorted(_kernel_meta(c).items())))
                     kernel_cache.save_choice(self.cache_dir, cache_key, b, config)
                 launch(config)  # compiles (or loads the cached binary) under cache_dir
             self._configs[(first_sig, b)] = config
         else:
             launch(config)
-        _, src, fn = variants[config["mode"]]
+        _, src, fn = variants[_variant_key(config)]
         # how to launch next time: 0 = an input tensor, 1 = an output, 2 = a constant
         marks = {f"in{k}_ptr": (0, k) for k in range(n_in)}
         marks.update({f"out{k}_ptr": (1, k) for k in range(len(outs))})

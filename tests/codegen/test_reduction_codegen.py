@@ -154,10 +154,23 @@ def test_dynamic_sequence_length_reuses_the_kernel(tmp_path):
     assert kernels and all("xnumel" in s for s in kernels)
 
 
-@pytest.mark.parametrize("looped", [False, True])
-def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch, looped):
-    if looped:
+def use_variant(monkeypatch, variant):
+    """Make a kernel with column sums run as `variant`: "persistent", "prefetch" (persistent, loading its next row
+    block ahead) or "looped"."""
+    if variant == "looped":
         monkeypatch.setattr(autotune, "PERSISTENT_MAX_RBLOCK", 16)
+    monkeypatch.setattr(autotune, "COLUMN_PREFETCH", (variant == "prefetch",))
+
+
+def ran_variant(gm) -> str:
+    [k] = [n.target for n in kernel_nodes(gm)]
+    [config] = k._configs.values()
+    return "prefetch" if config.get("prefetch") else config["mode"]
+
+
+@pytest.mark.parametrize("variant", ["persistent", "prefetch", "looped"])
+def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch, variant):
+    use_variant(monkeypatch, variant)
 
     def fn(x, w, b, g):
         x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
@@ -173,10 +186,11 @@ def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch
     assert [n.args[0].name for n in sums] == ["g_1"]  # only the bias gradient, a sum of an input, stays ATen
     assert_close(gm(*xs), fn(*xs))
     assert_close(gm(*xs), fn(*xs))  # the launch fast path zeroes the partials too
+    assert ran_variant(gm) == variant
 
 
-@pytest.mark.parametrize("looped", [False, True])
-def test_column_sums_run_on_the_program_count_chosen(tmp_path, monkeypatch, looped):
+@pytest.mark.parametrize("variant", ["persistent", "prefetch", "looped"])
+def test_column_sums_run_on_the_program_count_chosen(tmp_path, monkeypatch, variant):
     # The program count of a kernel with column sums is part of its config (timed on a GPU): a saved choice is
     # followed, clamped to the rows of the partials (a choice saved on a bigger GPU), and the results are the same,
     # with several row blocks per program (the persistent kernel sums them in registers, the looped one in memory).
@@ -184,8 +198,7 @@ def test_column_sums_run_on_the_program_count_chosen(tmp_path, monkeypatch, loop
 
     from flashfx.codegen.kernel import FusedKernel
 
-    if looped:
-        monkeypatch.setattr(autotune, "PERSISTENT_MAX_RBLOCK", 16)
+    use_variant(monkeypatch, variant)
     monkeypatch.setattr(FusedKernel, "column_programs", staticmethod(lambda device: [3, 5]))
 
     def fn(x, w, g):
@@ -212,6 +225,7 @@ def test_column_sums_run_on_the_program_count_chosen(tmp_path, monkeypatch, loop
         assert_close(gm(*xs), fn(*xs))
         assert_close(gm(*xs), fn(*xs))  # the fast path too
         assert partial_rows(gm) == {used}
+        assert ran_variant(gm) == variant
 
 
 def test_a_stored_16bit_value_is_rounded_before_the_group_reuses_it(tmp_path):

@@ -92,18 +92,20 @@ class _Emitter:
         return "xrmask" if kind == "full" and self.reduction else "xmask"
 
     # -------------------------------------------------------------------------------------------- values
-    def line(self, v: Value) -> List[str]:
+    def line(self, v: Value, name: Optional[str] = None) -> List[str]:
+        """`v`'s line(s); a load may be given another target `name` (a prefetching loop's next block)."""
         if v.op == "load":
+            target = name or v.name
             t = self.plan.inputs[v.arg]
             layout = self.sig.inputs[v.arg]
             if layout == "s":
-                return [f"{v.name} = tl.load(in{v.arg}_ptr)  # {v.source}"]
+                return [f"{target} = tl.load(in{v.arg}_ptr)  # {v.source}"]
             off = self.offset(f"in{v.arg}", layout, t.kind, t.shift)
             mask = self.mask(t.kind)
             if t.shift:  # a cat operand: only the lanes of its range read it
                 d, lo, size = t.shift
                 mask = f"{mask} & (i{d} >= {lo}) & (i{d} < {lo + size})"
-            return [f"{v.name} = tl.load(in{v.arg}_ptr + ({off}), mask={mask}, other=0)  # {v.source}"]
+            return [f"{target} = tl.load(in{v.arg}_ptr + ({off}), mask={mask}, other=0)  # {v.source}"]
         if v.op == "scalar":
             return [f"{v.name} = sc{v.arg}  # {v.source}"]
         if v.op == "compute":
@@ -201,7 +203,7 @@ class _Emitter:
         """The row-block loop of a persistent kernel with column sums, its next block's loads issued before this
         block's reductions, so they are in flight while it computes (values carried to the next iteration)."""
         loads = self.row_loads()
-        ahead = [f"n_{v.name} = " + self.line(v)[0].split(" = ", 1)[1] for v in loads]
+        ahead = [line for v in loads for line in self.line(v, name=f"n_{v.name}")]
         lines = head("tl.program_id(0)") + [line for v in loads for line in self.line(v)]
         lines.append("for xb in range(tl.program_id(0), tl.cdiv(xnumel, XBLOCK), tl.num_programs(0)):")
         inner = head("(xb + tl.num_programs(0))") + ahead + head("xb")

@@ -57,8 +57,8 @@ def _kernel_meta(config: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("mode", "programs", "prefetch")}
 
 
-def _variant_key(config: Dict[str, Any]) -> Tuple[str, bool]:
-    return config["mode"], bool(config.get("prefetch", False))
+def _variant_key(config: Dict[str, Any]) -> Tuple[Any, bool]:
+    return config.get("mode"), bool(config.get("prefetch", False))
 
 
 class FusedKernel:
@@ -244,7 +244,7 @@ class FusedKernel:
         if config is None:
             cache_key = kernel_cache.cache_key(first_src.source)
             config = kernel_cache.load_choices(self.cache_dir, cache_key).get(b)
-            if config is not None and ("mode" not in config or _variant_key(config) not in variants):
+            if config is not None and _variant_key(config) not in variants:
                 config = None
             with kernel_cache.triton_binaries_under(self.cache_dir):
                 if config is None:

@@ -36,6 +36,8 @@ class Signature:
     outputs: Tuple[Layout, ...]
     index_bits: int = 32          # 64 only when some tensor has 2**31 elements or more (int32 math is cheaper)
     prefetch: bool = False        # persistent with column sums: load the next row block before this one's math
+    row_stages: int = 0           # persistent: walk row blocks in a loop Triton software-pipelines over this many
+                                  # stages (it pipelines a loop without a matmul only when the loop asks for it)
 
 
 @dataclass
@@ -325,6 +327,8 @@ class _Emitter:
 
         def head(pid: str) -> List[str]:
             """Indices and masks of the row block (or flat block) `pid`."""
+            if sig.index_bits == 64:
+                pid = f"tl.cast({pid}, tl.int64)"
             if self.reduction:
                 lines = [f"xindex = ({pid} * XBLOCK + tl.arange(0, XBLOCK))[:, None]",
                          "xmask = xindex < xnumel", "rbase = tl.arange(0, RBLOCK)[None, :]"]
@@ -336,7 +340,9 @@ class _Emitter:
                 lines += [f"i{d} = {self.dim_index(d)}" for d in self.rdims if d in strided]
             return lines
         # with column sums: few programs, each over many row blocks `xb`, so the column partials stay small
-        pid = "xb" if columns else ("tl.program_id(0).to(tl.int64)" if sig.index_bits == 64 else "tl.program_id(0)")
+        rows = "tl.program_id(0), tl.cdiv(xnumel, XBLOCK), tl.num_programs(0)"
+        row_loop = (f"for xb in tl.range({rows}, num_stages={sig.row_stages}):" if sig.row_stages
+                    else f"for xb in range({rows}):")
         prefetch = columns and sig.prefetch and sig.mode == "persistent"
         if not prefetch:
             body = self.emit_looped() if sig.mode == "looped" else self.emit_pointwise_or_persistent()
@@ -359,11 +365,12 @@ class _Emitter:
             if prefetch:
                 lines += ["    " + s for s in self.prefetching_loop(head)]
             else:
-                lines += ["    for xb in range(tl.program_id(0), tl.cdiv(xnumel, XBLOCK), tl.num_programs(0)):"]
-                lines += ["        " + s for s in head(pid) + body]
+                lines += ["    " + row_loop] + ["        " + s for s in head("xb") + body]
             lines += ["    " + s for s in column_stores]
+        elif sig.row_stages:  # fewer programs than row blocks, each loading its next block while on this one
+            lines += ["    " + row_loop] + ["        " + s for s in head("xb") + body]
         else:
-            lines += ["    " + s for s in head(pid) + body]
+            lines += ["    " + s for s in head("tl.program_id(0)") + body]
         return KernelSource(plan.name, "\n".join(lines) + "\n", params)
 
 

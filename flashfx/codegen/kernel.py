@@ -13,11 +13,15 @@ import torch
 import triton
 
 from flashfx import _compat
-from flashfx.codegen import autotune, kernel_cache
+from flashfx.codegen import autotune, column_sum, kernel_cache
 from flashfx.codegen.emit import KernelSource, Signature, Layout, emit, symbolic_dims
 from flashfx.codegen.lower import Plan, nonunit, shape_of, strides_of, x_dims
 
 _STATS = {"cache_hits": 0, "cache_misses": 0}
+
+# Offsets are int32 while every tensor a kernel reads or writes spans fewer elements than this (a margin below
+# 2**31 for the block that overhangs the end), else int64.
+INT32_REACH = 2 ** 31 - 2 ** 20
 
 
 def cache_stats() -> Dict[str, int]:
@@ -53,12 +57,12 @@ def on_device(device: torch.device) -> Any:
 
 def _kernel_meta(config: Dict[str, Any]) -> Dict[str, Any]:
     """A config's Triton launch options: without the launcher's own keys (the kernel variant, the program count,
-    whether the next row block is prefetched)."""
-    return {k: v for k, v in config.items() if k not in ("mode", "programs", "prefetch")}
+    whether the next row block is prefetched, the stages of a pipelined row loop)."""
+    return {k: v for k, v in config.items() if k not in ("mode", "programs", "prefetch", "row_stages")}
 
 
-def _variant_key(config: Dict[str, Any]) -> Tuple[Any, bool]:
-    return config.get("mode"), bool(config.get("prefetch", False))
+def _variant_key(config: Dict[str, Any]) -> Tuple[Any, bool, int]:
+    return config.get("mode"), bool(config.get("prefetch", False)), int(config.get("row_stages", 0))
 
 
 class FusedKernel:
@@ -139,13 +143,14 @@ class FusedKernel:
         call_args = [args[i] if kind == 0 else (outs[i] if kind == 1 else i) for kind, i in param_plan]
         with on_device(out_specs[0][3]):
             fn[grid](*call_args, **meta)
-        return self._finish(outs, columns)
+            return self._finish(outs, columns, grid[0])
 
     @staticmethod
-    def _finish(outs: List[torch.Tensor], columns: List[Tuple[int, List[int], torch.dtype]]) -> Tuple:
-        """Column sums: add the programs' partial rows (a small [programs, columns] fp32 buffer)."""
+    def _finish(outs: List[torch.Tensor], columns: List[Tuple[int, List[int], torch.dtype]],
+                programs: int) -> Tuple:
+        """Column sums: add the partial rows of the `programs` that ran (a small [programs, columns] fp32 buffer)."""
         for k, shape, dtype in columns:
-            outs[k] = outs[k].sum(0).reshape(shape).to(dtype)
+            outs[k] = column_sum.sum_partials(outs[k][:programs], shape, dtype)
         return tuple(outs)
 
     @staticmethod
@@ -156,6 +161,13 @@ class FusedKernel:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             return [per_sm * sms for per_sm in autotune.COLUMN_PROGRAMS_PER_SM]
         return [8]
+
+    @staticmethod
+    def row_loop_programs(device: torch.device) -> int:
+        """Programs of a persistent kernel that walks its row blocks in a pipelined loop."""
+        if device.type == "cuda":
+            return autotune.ROW_LOOP_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        return 2
 
     def _call_slow(self, key: Any, args: Sequence[Any]) -> Tuple[torch.Tensor, ...]:
         """First call for these shapes/strides: choose the variant and config, then remember how to launch."""
@@ -186,8 +198,11 @@ class FusedKernel:
 
         def grid_of(config: Dict[str, Any]) -> Tuple[int]:
             blocks = triton.cdiv(xnumel, config["XBLOCK"])
-            # (a choice saved on another GPU may ask for more programs than this one's partials have rows)
-            return (min(blocks, config.get("programs", programs[0]), max(programs)) if columns else blocks,)
+            if columns:  # (a choice saved on another GPU may ask for more programs than this one's partials have rows)
+                return (min(blocks, config.get("programs", programs[0]), max(programs)),)
+            if config.get("row_stages"):
+                return (min(blocks, config.get("programs", self.row_loop_programs(device))),)
+            return (blocks,)
         interpreting = _compat.triton_interpreting()
         # small kernels are launch-bound whatever their blocks: time configs only where bandwidth matters
         tune = self.tune and device.type == "cuda" and xnumel * rnumel >= autotune.TUNE_MIN_ELEMENTS
@@ -218,12 +233,22 @@ class FusedKernel:
         for mode in modes:
             sig = Signature(mode, tuple(_layout(plan, s, st, P, mode) for s, st in zip(plan.inputs, in_st)),
                             tuple(_layout(plan, s, st, P, mode) for s, st in zip(plan.outputs, out_st)),
-                            32 if reach < 2 ** 31 - 2 ** 20 else 64)
-            variants[(mode, False)] = (sig,) + self.variant(sig)
+                            32 if reach < INT32_REACH else 64)
+            variants[(mode, False, 0)] = (sig,) + self.variant(sig)
+        # how a persistent kernel walks its row blocks, (prefetch, row_stages) pairs, the default first: with column
+        # sums it always loops (prefetching, or pipelined by Triton); without, it may loop when rows outnumber programs
         prefetch = autotune.COLUMN_PREFETCH if tune else autotune.COLUMN_PREFETCH[:1]
-        if columns and ("persistent", False) in variants and True in prefetch:
-            sig = dataclasses.replace(variants[("persistent", False)][0], prefetch=True)
-            variants[("persistent", True)] = (sig,) + self.variant(sig)
+        stages = autotune.ROW_STAGES if tune else autotune.ROW_STAGES[:1]
+        if not columns:
+            prefetch = (False,)
+            if xnumel <= self.row_loop_programs(device):
+                stages = (0,)
+        walks = list(dict.fromkeys((f, 0 if f else s) for f in prefetch for s in stages))
+        if ("persistent", False, 0) in variants:
+            base = variants[("persistent", False, 0)][0]
+            for f, s in walks:
+                sig = dataclasses.replace(base, prefetch=f, row_stages=s)
+                variants[("persistent", f, s)] = (sig,) + self.variant(sig)
 
         def launch(config: Dict[str, Any], compile_only: bool = False) -> None:
             _, src, fn = variants[_variant_key(config)]
@@ -237,8 +262,14 @@ class FusedKernel:
                     outs[k].zero_()
                 fn[grid_of(config)](*kernel_args, **meta)
 
+        def launch_and_sum(config: Dict[str, Any]) -> None:
+            """What a config is timed by: with column sums, the program count also sets the partials' size."""
+            launch(config)
+            with on_device(device):
+                self._finish(list(outs), columns, grid_of(config)[0])
+
         # one autotune entry per group source (its first mode's variant) and shape bucket
-        first_sig, first_src, _ = variants[(modes[0], False)]
+        first_sig, first_src, _ = variants[(modes[0], False, 0)]
         b = autotune.bucket(plan.is_reduction, xnumel, rnumel)
         config = self._configs.get((first_sig, b))
         if config is None:
@@ -252,10 +283,11 @@ class FusedKernel:
                                for c in autotune.candidates(m, xnumel, rnumel, interpreting)]
                     if columns and tune:  # the program count changes the grid, not the binary (compiled once)
                         configs = [dict(c, programs=p) for c in configs for p in programs]
-                    if ("persistent", True) in variants:  # each persistent config with and/or without prefetch
-                        configs = [dict(c, prefetch=f) for f in prefetch for c in configs
-                                   if c["mode"] == "persistent"] + [c for c in configs if c["mode"] != "persistent"]
-                    config = autotune.pick(configs, launch, tune, functools.partial(launch, compile_only=True),
+                    loop_programs = {} if columns else {"programs": self.row_loop_programs(device)}
+                    configs = [dict(c, prefetch=f, row_stages=s, **(loop_programs if s else {}))
+                               for f, s in walks for c in configs if c["mode"] == "persistent"] + [
+                        c for c in configs if c["mode"] != "persistent"]
+                    config = autotune.pick(configs, launch_and_sum, tune, functools.partial(launch, compile_only=True),
                                            binary=lambda c: (_variant_key(c), sorted(_kernel_meta(c).items())))
                     kernel_cache.save_choice(self.cache_dir, cache_key, b, config)
                 launch(config)  # compiles (or loads the cached binary) under cache_dir
@@ -276,7 +308,8 @@ class FusedKernel:
         out_specs = [((grid[0], rnumel), col_stride, o.dtype, o.device) if k in col_ks else
                      (tuple(o.shape), o.stride(), o.dtype, o.device) for k, o in enumerate(outs)]
         self._fast[key] = (out_specs, fn, param_plan, grid, meta, columns)
-        return self._finish(outs, columns)
+        with on_device(device):
+            return self._finish(outs, columns, grid[0])
 
     def _empty_result(self, outs: List[torch.Tensor], rnumel: int) -> Tuple[torch.Tensor, ...]:
         """Zero-size groups: nothing to launch; a reduction over nothing is computed by the ATen reference."""

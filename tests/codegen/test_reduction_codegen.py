@@ -135,6 +135,39 @@ def test_looped_softmax_finds_max_and_sum_in_one_pass(tmp_path, monkeypatch, dty
     assert all(src.count("for roffset") == 2 and "(online, with" in src for src in sources)
 
 
+@pytest.mark.parametrize("index_bits", [32, 64])
+def test_persistent_rows_in_a_pipelined_loop(tmp_path, monkeypatch, index_bits):
+    # Without column sums, a persistent kernel may run fewer programs than row blocks, each walking its blocks in a
+    # loop Triton pipelines (the next block's loads in flight during this one's math): same results, rows of every
+    # program (and a partial last block) covered, in 32- and 64-bit offsets.
+    from flashfx.codegen.kernel import FusedKernel
+
+    monkeypatch.setattr(autotune, "ROW_STAGES", (3,))
+    monkeypatch.setattr(FusedKernel, "row_loop_programs", staticmethod(lambda device: 3))
+    if index_bits == 64:
+        import flashfx.codegen.kernel as kernel_module
+        monkeypatch.setattr(kernel_module, "INT32_REACH", 0)
+
+    def fn(x, w, b):
+        return torch.softmax(x, -1), F.layer_norm(x, (40,), w, b)
+
+    xs = [torch.randn(61, 40), torch.randn(40), torch.randn(40)]  # 8 row blocks of 8 for 3 programs
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    assert_close(gm(*xs), fn(*xs))
+    assert_close(gm(*xs), fn(*xs))  # the launch fast path
+    for k in (n.target for n in kernel_nodes(gm)):
+        [(_, _, _, grid, _, _)] = k._fast.values()
+        assert grid == (3,) and ran_variant_of(k) == "pipelined"
+        [src] = [src.source for sig, (src, _) in k._variants.items() if sig.row_stages]
+        assert "tl.range(" in src and "num_stages=3" in src
+        assert ("tl.int64" in src) == (index_bits == 64)
+
+
+def ran_variant_of(k) -> str:
+    [config] = k._configs.values()
+    return "pipelined" if config.get("row_stages") else config["mode"]
+
+
 def test_dynamic_sequence_length_reuses_the_kernel(tmp_path):
     torch.manual_seed(2)
     module = RMSNorm(24)
@@ -156,19 +189,23 @@ def test_dynamic_sequence_length_reuses_the_kernel(tmp_path):
 
 def use_variant(monkeypatch, variant):
     """Make a kernel with column sums run as `variant`: "persistent", "prefetch" (persistent, loading its next row
-    block ahead) or "looped"."""
+    block ahead), "pipelined" (persistent, its row loop software-pipelined by Triton) or "looped"."""
     if variant == "looped":
         monkeypatch.setattr(autotune, "PERSISTENT_MAX_RBLOCK", 16)
     monkeypatch.setattr(autotune, "COLUMN_PREFETCH", (variant == "prefetch",))
+    monkeypatch.setattr(autotune, "ROW_STAGES", (3 if variant == "pipelined" else 0,))
 
 
 def ran_variant(gm) -> str:
     [k] = [n.target for n in kernel_nodes(gm)]
     [config] = k._configs.values()
-    return "prefetch" if config.get("prefetch") else config["mode"]
+    return "prefetch" if config.get("prefetch") else "pipelined" if config.get("row_stages") else config["mode"]
 
 
-@pytest.mark.parametrize("variant", ["persistent", "prefetch", "looped"])
+VARIANTS = ["persistent", "prefetch", "pipelined", "looped"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch, variant):
     use_variant(monkeypatch, variant)
 
@@ -189,7 +226,7 @@ def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch
     assert ran_variant(gm) == variant
 
 
-@pytest.mark.parametrize("variant", ["persistent", "prefetch", "looped"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_column_sums_run_on_the_program_count_chosen(tmp_path, monkeypatch, variant):
     # The program count of a kernel with column sums is part of its config (timed on a GPU): a saved choice is
     # followed, clamped to the rows of the partials (a choice saved on a bigger GPU), and the results are the same,

@@ -419,6 +419,12 @@ def workload_table(workload: str, rows: Dict[str, Dict[str, Any]]) -> str:
     return common.markdown_table(headers, body)
 
 
+def _apart(a: Dict[str, Any], b: Dict[str, Any]) -> str:
+    """A note for a comparison of two rows that came from different runs (not side by side in one process)."""
+    ra, rb = a.get("run_id"), b.get("run_id")
+    return f" (runs `{ra}` and `{rb}`: not side by side)" if ra != rb else ""
+
+
 def verdicts(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
     """Plain sentences: per workload, flashfx's best against the best of the rest, and what failed."""
     lines = []
@@ -443,12 +449,13 @@ def verdicts(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
             factor = ratio if ratio > 1.0 else 1.0 / ratio
             text += f" vs `{best}` {peers[best]['ms']:.2f} ms: {factor:.2f}× {word}"
             text += " — **flashfx loses**" if ratio > 1.02 else ""
+            text += _apart(fx[best_fx], peers[best])
             mem_fx = [(r["peak_gb"], p) for p, r in fx.items() if r.get("peak_gb") is not None]
             mem_peer = [(r["peak_gb"], p) for p, r in peers.items() if r.get("peak_gb") is not None]
             if mem_fx and mem_peer:
                 (m_fx, p_fx), (m_peer, p_peer) = min(mem_fx), min(mem_peer)
                 text += (f"; lowest peak memory: flashfx `{p_fx}` {m_fx:.2f} GB vs `{p_peer}` {m_peer:.2f} GB"
-                         + (" (flashfx loses)" if m_fx > m_peer * 1.02 else ""))
+                         + (" (flashfx loses)" if m_fx > m_peer * 1.02 else "") + _apart(fx[p_fx], peers[p_peer]))
         if broken:
             text += f". Failed: {', '.join(broken)}"
         lines.append(text + ".")
@@ -481,7 +488,7 @@ def issue5_targets(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
                 if r.get("remat_predicted_peak_gb") is not None else "")
         out.append(f"- `{p}`: peak {r['peak_gb']:.2f} GB ({'meets' if mem_ok else 'misses'} ≤ 7.0 GB), step "
                    f"{r['ms']:.2f} ms vs torch.compile {compiled['ms']:.2f} ms ({'meets' if time_ok else 'misses'}"
-                   f" ≤ compile); loss rel err {common.fmt_err(r.get('loss_rel_err'))}, grad rel err "
+                   f" ≤ compile{_apart(r, compiled)}); loss rel err {common.fmt_err(r.get('loss_rel_err'))}, grad rel err "
                    f"{common.fmt_err(r.get('grad_rel_err'))}{_grads_compared(r)}{_fp32_note(r, eager)}{plan}.")
     return out
 

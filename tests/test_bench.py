@@ -512,6 +512,17 @@ def test_render_of_two_runs_names_each_and_flags_a_table_mixed_from_both():
     assert "Measured in run `r2`." in bert and "Not one process" not in bert
     single = run.render_section(_records())
     assert "Measured in run" not in single and "Not one process" not in single
+    assert "not side by side" not in single
+
+
+def test_verdicts_flag_a_comparison_across_runs():
+    # the best flashfx row from one run against the best other row from another: the sentence says so
+    later = [dict(r, run_id="r2") for r in _records() if r.get("provider") in ("flashfx", "flashfx-attention")]
+    _, _, results, _ = run.latest(_records() + later)
+    (line,) = run.verdicts(results)
+    assert "(runs `r2` and `r1`: not side by side)" in line
+    targets = run.issue5_targets(results)
+    assert all("(runs `r2` and `r1`: not side by side)" in t for t in targets)
 
 
 def test_a_later_skipped_row_does_not_hide_an_earlier_measurement():

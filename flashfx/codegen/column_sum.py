@@ -1,8 +1,8 @@
 """The last step of a kernel with column sums (a norm backward's weight gradient): add the programs' partial rows,
 a small [programs, columns] fp32 buffer, and cast to the output dtype, in one Triton kernel. ATen needs two
-launches for this (sum, then cast), and its sum over the leading dim of such a short, wide buffer ran at a fifth
-of the bandwidth on an H200 (16.7 us for 528 x 4096). The rows are added in a fixed order: run to run the
-result is bitwise the same, as a weight gradient should be."""
+launches for this (sum, then cast), and its sum over the leading dim of such a short, wide buffer ran at an eighth
+of the copy bandwidth on an H200 (16.7 us for 528 x 4096; this kernel 5.4 us). The rows are added in a fixed order:
+run to run the result is bitwise the same, as a weight gradient should be. Block sizes are fixed, not tuned."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -201,13 +201,13 @@ class _Emitter:
         return [v for v in self.plan.values if v.op == "load" and self.plan.inputs[v.arg].kind in ("full", "row")
                 and varies(self.sig.inputs[v.arg])]
 
-    def prefetching_loop(self, head: Callable[[str], List[str]]) -> List[str]:
+    def prefetching_loop(self, head: Callable[[str], List[str]], row_loop: str) -> List[str]:
         """The row-block loop of a persistent kernel with column sums, its next block's loads issued before this
         block's reductions, so they are in flight while it computes (values carried to the next iteration)."""
         loads = self.row_loads()
         ahead = [line for v in loads for line in self.line(v, name=f"n_{v.name}")]
         lines = head("tl.program_id(0)") + [line for v in loads for line in self.line(v)]
-        lines.append("for xb in range(tl.program_id(0), tl.cdiv(xnumel, XBLOCK), tl.num_programs(0)):")
+        lines.append(row_loop)
         inner = head("(xb + tl.num_programs(0))") + ahead + head("xb")
         inner += self.emit_pointwise_or_persistent(skip=[v.name for v in loads])
         inner += [f"{v.name} = n_{v.name}" for v in loads]
@@ -359,18 +359,15 @@ class _Emitter:
         for h in dict.fromkeys(plan.helpers):
             lines += [HELPERS[h], ""]
         lines += ["@triton.jit", f"def {plan.name}({', '.join(params + [consts])}):"]
-        if columns:
-            accumulators, column_stores = self.column_accumulators()
-            lines += ["    " + s for s in accumulators]
-            if prefetch:
-                lines += ["    " + s for s in self.prefetching_loop(head)]
-            else:
-                lines += ["    " + row_loop] + ["        " + s for s in head("xb") + body]
-            lines += ["    " + s for s in column_stores]
-        elif sig.row_stages:  # fewer programs than row blocks, each loading its next block while on this one
+        accumulators, column_stores = self.column_accumulators() if columns else ([], [])
+        lines += ["    " + s for s in accumulators]
+        if prefetch:
+            lines += ["    " + s for s in self.prefetching_loop(head, row_loop)]
+        elif columns or sig.row_stages:  # fewer programs than row blocks: each walks its blocks in a loop
             lines += ["    " + row_loop] + ["        " + s for s in head("xb") + body]
         else:
             lines += ["    " + s for s in head("tl.program_id(0)") + body]
+        lines += ["    " + s for s in column_stores]
         return KernelSource(plan.name, "\n".join(lines) + "\n", params)
 
 

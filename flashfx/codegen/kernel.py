@@ -61,6 +61,13 @@ def _kernel_meta(config: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("mode", "programs", "prefetch", "row_stages")}
 
 
+def _programs(device: torch.device, per_sm: int, interpreted: int) -> int:
+    """`per_sm` programs on each of a GPU's SMs; `interpreted` on the CPU interpreter (a few, to walk several blocks)."""
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return interpreted
+
+
 def _variant_key(config: Dict[str, Any]) -> Tuple[Any, bool, int]:
     return config.get("mode"), bool(config.get("prefetch", False)), int(config.get("row_stages", 0))
 
@@ -157,17 +164,12 @@ class FusedKernel:
     def column_programs(device: torch.device) -> List[int]:
         """Program counts a kernel with column sums may run (its partials have one row per program): enough to fill
         the GPU, few enough for small partials; the first is the default, the others are timed when tuning."""
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            return [per_sm * sms for per_sm in autotune.COLUMN_PROGRAMS_PER_SM]
-        return [8]
+        return list(dict.fromkeys(_programs(device, per_sm, 8) for per_sm in autotune.COLUMN_PROGRAMS_PER_SM))
 
     @staticmethod
     def row_loop_programs(device: torch.device) -> int:
         """Programs of a persistent kernel that walks its row blocks in a pipelined loop."""
-        if device.type == "cuda":
-            return autotune.ROW_LOOP_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-        return 2
+        return _programs(device, autotune.ROW_LOOP_PROGRAMS_PER_SM, 2)
 
     def _call_slow(self, key: Any, args: Sequence[Any]) -> Tuple[torch.Tensor, ...]:
         """First call for these shapes/strides: choose the variant and config, then remember how to launch."""

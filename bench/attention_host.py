@@ -5,13 +5,17 @@
 For flashfx's attention and SDPA's flash backend (FA2), forward+backward, bf16, D=128, B=4: TFLOP/s by
 `triton.testing.do_bench` (which includes host time), the host time to enqueue one call (measured while the GPU is
 kept busy, so the host never waits), and for flashfx the sum of its kernels' device times from torch.profiler.
-A call whose host time exceeds its kernel time is host-bound. `--profile` adds a cProfile of the flashfx call.
+A call whose host time exceeds its kernel time is host-bound. flashfx runs twice, with its launches bound
+(`flashfx.codegen.launch`, the default) and through Triton's own `JITFunction.run` (FLASHFX_FAST_LAUNCH=0); the
+two must give bitwise-equal outputs and gradients. `--profile` adds a cProfile of the flashfx call.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
+import os
 import pstats
 import time
 
@@ -43,6 +47,19 @@ def sdpa_flash(causal):
     return run
 
 
+@contextlib.contextmanager
+def fast_launch(on):
+    before = os.environ.get("FLASHFX_FAST_LAUNCH")
+    os.environ["FLASHFX_FAST_LAUNCH"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FLASHFX_FAST_LAUNCH"]
+        else:
+            os.environ["FLASHFX_FAST_LAUNCH"] = before
+
+
 def host_ms(fn, calls=10):
     """Time to enqueue one call while a long sleep kernel keeps the GPU busy (the host never waits on it)."""
     torch.cuda._sleep(200_000_000)
@@ -68,9 +85,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention_host.py needs a CUDA GPU")
-    print("| shape | causal | flashfx TFLOP/s | flashfx kernels TFLOP/s | FA2 TFLOP/s | flashfx host ms "
-          "| FA2 host ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | causal | flashfx TFLOP/s | flashfx, Triton's launch | flashfx kernels TFLOP/s | FA2 TFLOP/s "
+          "| flashfx host ms | flashfx host ms, Triton's launch | FA2 host ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for B, Hq, Hkv, S in SHAPES:
         for causal in (False, True):
             q = torch.randn(B, Hq, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -78,16 +95,24 @@ def main() -> None:
             v = torch.randn(B, Hkv, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             dout = torch.randn(B, Hq, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
             gflop = 3.5 * 4 * B * Hq * S * S * HEAD_DIM * (0.5 if causal else 1.0) / 1e9
-            row = {}
-            for name, op in (("flashfx", flashfx_attention(causal)), ("fa2", sdpa_flash(causal))):
+            row, results = {}, {}
+            for name, op, bound in (("flashfx", flashfx_attention(causal), True),
+                                    ("triton", flashfx_attention(causal), False), ("fa2", sdpa_flash(causal), True)):
                 call = lambda: fwd_bwd(op, q, k, v, dout)  # noqa: E731
-                for _ in range(3):
-                    call()
-                torch.cuda.synchronize()
-                row[name] = (triton.testing.do_bench(call, warmup=25, rep=100), host_ms(call))
+                with fast_launch(bound):
+                    for _ in range(3):
+                        call()
+                    torch.cuda.synchronize()
+                    results[name] = (op(q, k, v), *call())
+                    row[name] = (triton.testing.do_bench(call, warmup=25, rep=100), host_ms(call))
+            same = all(torch.equal(a, b) for a, b in zip(results["flashfx"], results["triton"]))
+            if not same:
+                raise SystemExit(f"B{B} H{Hq}/{Hkv} S{S} causal={causal}: the bound launch computed something else "
+                                 "than Triton's own")
             kernels = kernel_ms(lambda: fwd_bwd(flashfx_attention(causal), q, k, v, dout))
-            print(f"| B{B} H{Hq}/{Hkv} S{S} | {causal} | {gflop / row['flashfx'][0]:.0f} | {gflop / kernels:.0f} | "
-                  f"{gflop / row['fa2'][0]:.0f} | {row['flashfx'][1]:.2f} | {row['fa2'][1]:.2f} |", flush=True)
+            print(f"| B{B} H{Hq}/{Hkv} S{S} | {causal} | {gflop / row['flashfx'][0]:.0f} | "
+                  f"{gflop / row['triton'][0]:.0f} | {gflop / kernels:.0f} | {gflop / row['fa2'][0]:.0f} | "
+                  f"{row['flashfx'][1]:.2f} | {row['triton'][1]:.2f} | {row['fa2'][1]:.2f} |", flush=True)
     if args.profile:
         q = torch.randn(4, 16, 1024, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn_like(q, requires_grad=True) for _ in "kv")

@@ -126,7 +126,7 @@ def _run(argv) -> int:
     for ws in (False, True):
         names[id(attention_tma.autotuned(128, 2, tune, only, ws))] = "tma" + ("+ws" if ws else "")
     print("chosen configs:")
-    for key, cfg in A._CHOSEN.items():
+    for key, (cfg, _) in A._CHOSEN.items():
         if key[0] in names:
             print(f"  {names[key[0]]:>7} {key[1:]} -> {cfg}")
     if rows:

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from flashfx import _compat
 from flashfx._compat import triton_runs_on
+from flashfx.codegen import launch
 from flashfx.rewriter.cost import (NodeCost, arg_value, bound_arguments, numel, register_cost, size_expr,
                                    tensor_bytes)
 
@@ -279,8 +280,9 @@ def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> An
     )
 
 
-# (autotuner, its key's values, q's dtype) -> the config it chose. Triton's Autotuner.run re-derives its key from
-# every argument at each call; the launches below skip it once a key is tuned (host time at short sequences).
+# (autotuner, its key's values, q's dtype) -> (the config it chose, its launcher). Triton's Autotuner.run re-derives
+# its key from every argument at each call; the launches below skip it once a key is tuned, and `launch.Launcher`
+# skips JITFunction.run's binding too (host time at short sequences).
 _CHOSEN: dict = {}
 
 # Forward launches per kernel variant ("pointer" / "tma"), for tests and benchmarks to see which one ran.
@@ -289,15 +291,15 @@ FORWARD_LAUNCHES: collections.Counter = collections.Counter()
 
 def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict) -> None:
     key = (id(autotuner), args[0].dtype, *(kwargs.get(name) for name in autotuner.keys))
-    config = _CHOSEN.get(key)
-    if config is None:
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
         autotuner[grid](*args, **kwargs)
         best = getattr(autotuner, "best_config", None)
         if best is not None:
-            _CHOSEN[key] = best
+            _CHOSEN[key] = (best, launch.launcher(autotuner.fn, **best.all_kwargs()))
         return
-    meta = {**kwargs, **config.all_kwargs()}
-    autotuner.fn[grid(meta) if callable(grid) else grid](*args, **meta)
+    config, run = chosen
+    run(grid({**kwargs, **config.all_kwargs()}) if callable(grid) else grid, args, kwargs)
 
 
 def _loop_variant(is_causal: bool) -> str:
@@ -444,8 +446,8 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Option
     # the atomic variant adds dQ into a zeroed fp32 [B, H, L, D] buffer, cast to q's dtype at the end
     dq_acc = torch.zeros((B, H, L, D), dtype=torch.float32, device=q.device) if atomic else dq
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        kern.preprocess[(triton_cdiv(L, 64), B * H)](out, dout, delta, *out.stride(), *dout.stride(), H, L, D,
-                                                     D_PAD=consts["D_PAD"], BLOCK_M=64)
+        launch.launcher(kern.preprocess, D_PAD=consts["D_PAD"], BLOCK_M=64)(
+            (triton_cdiv(L, 64), B * H), (out, dout, delta, *out.stride(), *dout.stride(), H, L, D))
         _tuned_launch(
             kern.dkdv_atomic if atomic else kern.dkdv, lambda meta: (triton_cdiv(S, meta["BLOCK_N"]), B * Hkv),
             (q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc, *q.stride(), *k.stride(), *v.stride(),
@@ -567,11 +569,46 @@ _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, bool is_
             "float dropout_p=0.0) -> Tensor")
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as `attention_fwd`'s registered autograd, for plain tensors outside any
+    tracing. torch.library's autograd wrapper binds and fills the schema's defaults in Python on every call, and the
+    op then dispatches again below it: on the H200 machine's CPU a forward+backward spent ~1.5 ms of host time
+    against ~0.5 ms for SDPA's FlashAttention-2 (2026-12-03), enough to make S = 2048 host-bound. Traced code
+    (Dynamo, AOTAutograd, functorch, tensor subclasses) keeps the ops, which is what the compiled graphs hold."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool,
+                scale: Optional[float], dropout_p: float) -> Tensor:
+        out, lse, seed = attention_fwd(q, k, v, bias, is_causal, scale, dropout_p)
+        ctx.save_for_backward(q, k, v, bias, out, lse, seed)
+        ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout: Tensor):
+        q, k, v, bias, out, lse, seed = ctx.saved_tensors
+        bias_grad = bool(bias is not None and bias.is_floating_point() and ctx.needs_input_grad[3])
+        dq, dk, dv, dbias = attention_bwd(dout, q, k, v, bias, out, lse, seed, ctx.is_causal, ctx.scale,
+                                          ctx.dropout_p, bias_grad)
+        return dq, dk, dv, (dbias if bias_grad else None), None, None, None
+
+
+def _untraced(*tensors: Optional[Tensor]) -> bool:
+    """Plain tensors, run eagerly: no Dynamo, no dispatch mode (fake tensors, make_fx), no functorch transform."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (all(t is None or type(t) is Tensor for t in tensors) and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active())
+
+
 def _attention_composite(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, is_causal: bool = False,
                          scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
     _check_inputs(q, k, v, bias, scale, dropout_p)
     if bias is not None and bias.dim() < 4:
         bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))  # a view: broadcasting stays stride 0
+    if _untraced(q, k, v, bias):
+        return _EagerAttention.apply(q, k, v, bias, is_causal, scale, dropout_p)
     out, _, _ = torch.ops.flashfx.attention_fwd(q, k, v, bias, is_causal, scale, dropout_p)
     return out
 

@@ -254,6 +254,45 @@ def test_under_torch_compile_one_node_each_graph_dynamic_shapes():
     assert seen["bw"][0].count("flashfx::attention_bwd") == 1, seen["bw"]
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_eager_calls_and_the_registered_ops_compute_the_same(p):
+    """Plain tensors take `_EagerAttention` (less host time per call); traced code the ops with their registered
+    autograd. Both run the same launches: outputs and gradients (with a float bias's, and the dropout mask drawn
+    from the same seed) are bitwise equal."""
+    q, k, v = make(2, 4, 2, 19, 23, 40, torch.float32)
+    bias = make_bias("float", 2, 4, 19, 23, torch.float32)
+    dout = torch.randn(2, 4, 19, 40)
+    results = []
+    for untraced in (True, False):
+        with mock.patch.object(A, "_untraced", return_value=untraced), \
+             mock.patch.object(A._EagerAttention, "apply", wraps=A._EagerAttention.apply) as eager:
+            torch.manual_seed(3)
+            out = torch.ops.flashfx.attention(q, k, v, bias, True, None, p)
+            results.append((out, *torch.autograd.grad(out, (q, k, v, bias), dout)))
+        assert eager.call_count == int(untraced)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_plain_tensors_take_the_eager_path_and_traced_ones_the_ops():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q = torch.randn(1, 2, 4, 8)
+    assert A._untraced(q, q, q, None)
+    with FakeTensorMode() as mode:
+        fq = mode.from_tensor(q)
+        assert not A._untraced(fq, fq, fq, None)
+    assert not A._untraced(q, torch.nn.Parameter(q), q, None)  # a subclass: keep the op
+
+
+def test_the_eager_path_refuses_a_second_derivative():
+    q, k, v = make(1, 2, 2, 5, 5, 8, torch.float32)
+    out = torch.ops.flashfx.attention(q, k, v)
+    dout = torch.randn_like(out, requires_grad=True)  # so the first derivative is part of a graph
+    (dq,) = torch.autograd.grad(out, q, dout, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice|double"):
+        dq.sum().backward()
+
+
 @pytest.mark.parametrize("args,kwargs,err,words", [
     ((torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)), {}, ValueError, "head dims"),
     ((torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)), {}, ValueError, "multiple"),

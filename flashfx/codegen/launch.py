@@ -1,0 +1,142 @@
+"""Launch a Triton kernel that has already run once without `JITFunction.run`'s per-call binding.
+
+`fn[grid](*args, **meta)` binds and specialises every argument, builds a cache key and looks the compiled kernel up
+on each call. For the attention kernels (40-odd arguments) that cost 56 us per launch on the H200 machine's CPU,
+against 13 us for the compiled kernel's own launcher (2026-12-03, `.diag/attn_host_prof.py`): four launches per
+forward+backward made short-sequence attention host-bound. A `Launcher` holds one kernel and one set of fixed
+keyword arguments (the tuned config); the first call with a given *argument signature* goes through `fn[grid]`,
+which compiles or loads the kernel and returns it; later calls with that signature call the compiled kernel's
+launcher directly, with the statement `JITFunction.run` itself ends with.
+
+The signature is at least as fine as Triton's specialisation, so a bound kernel is only reused where Triton would
+have picked the same one: per tensor its dtype and whether its address is 16-byte aligned; every int and bool by
+value; a float by type unless it is a constexpr (Triton never specialises a runtime float's value); None as None;
+and the current CUDA device.
+
+The direct call is used only where the installed Triton's `JITFunction.run` ends with the replayed statement (so a
+Triton that changes its launch convention falls back to `fn[grid]`), only on CUDA tensors, and never while a
+launch hook (a profiler such as Proton) is installed. FLASHFX_FAST_LAUNCH=0 turns it off.
+
+Only the attention op launches this way. The generated fusion kernels did in the fifth session, and one H100 A/B
+timed GPT-2's training step at 67.9 ms with it against 50.7 ms without, a slowdown never explained; they were put
+back on Triton's own launch and stay there until that is understood.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from flashfx import _compat
+
+# What JITFunction.run calls once it holds the compiled kernel (whitespace removed), Triton 3.4 to 3.9.
+_RUN_STATEMENT = ("kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata,"
+                  "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())")
+
+# Bound signatures kept per launcher: an argument that changes on every call (a seed) must not grow it forever.
+MAX_BOUND = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_launches_as_replayed() -> bool:
+    if not _compat.has_triton() or _compat.triton_interpreting():
+        return False
+    try:
+        from triton.runtime.jit import JITFunction
+        source = inspect.getsource(JITFunction.run)
+    except (ImportError, OSError, TypeError):
+        return False
+    return _RUN_STATEMENT in "".join(source.split())
+
+
+def fast_launch_available() -> bool:
+    """Whether launches may skip `JITFunction.run` (see the module docstring); FLASHFX_FAST_LAUNCH=0 says no."""
+    choice = os.environ.get("FLASHFX_FAST_LAUNCH", "1")
+    if choice not in ("0", "1"):
+        raise ValueError(f"FLASHFX_FAST_LAUNCH={choice!r}: use '1' (bind launches) or '0' (Triton's own launch)")
+    return choice == "1" and _triton_launches_as_replayed()
+
+
+def _hooks_installed() -> bool:
+    from triton import knobs
+    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+
+
+def _on_cuda(args: Sequence[Any]) -> bool:
+    return bool(args) and isinstance(args[0], torch.Tensor) and args[0].is_cuda
+
+
+def _current_device_and_stream() -> Tuple[int, int]:
+    from triton.runtime import driver
+    device = driver.active.get_current_device()
+    return device, driver.active.get_current_stream(device)
+
+
+def argument_signature(args: Sequence[Any], constexpr: Sequence[bool]) -> Tuple[Any, ...]:
+    """What decides which compiled specialisation a call needs (finer than or equal to Triton's own)."""
+    sig = []
+    for a, const in zip(args, constexpr):
+        if isinstance(a, torch.Tensor):
+            sig.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, float) and not const:
+            sig.append(float)
+        else:  # int, bool, None, a constexpr of any type: by value
+            sig.append(a)
+    return tuple(sig)
+
+
+class Launcher:
+    """`fn[grid](*args, **kwargs, **fixed)` for one Triton JIT function. `fixed` holds what stays the same for every
+    call of this launcher (the tuned config: tile constexprs and launch options such as num_warps), `kwargs` what a
+    call may change (scalars and flags passed by name)."""
+
+    __slots__ = ("fn", "fixed", "_names", "_constexpr", "_bound")
+
+    def __init__(self, fn: Any, fixed: Dict[str, Any]) -> None:
+        self.fn, self.fixed = fn, dict(fixed)
+        params = getattr(fn, "params", None)
+        self._names: Tuple[str, ...] = tuple(getattr(fn, "arg_names", ()))
+        self._constexpr = tuple(bool(p.is_constexpr) for p in params) if params else None
+        self._bound: Dict[Tuple[Any, ...], Any] = {}
+
+    def __call__(self, grid: Tuple[int, ...], args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None) -> None:
+        kwargs = kwargs or {}
+        full = self._positional(args, kwargs) if self._constexpr is not None else None
+        if full is None or not _on_cuda(args) or not fast_launch_available():
+            self.fn[grid](*args, **kwargs, **self.fixed)
+            return
+        device, stream = _current_device_and_stream()
+        sig = (device, argument_signature(full, self._constexpr))
+        kernel = self._bound.get(sig)
+        if kernel is not None and not _hooks_installed():
+            kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                       kernel.function, kernel.packed_metadata, None, None, None, *full)
+            return
+        kernel = self.fn[grid](*args, **kwargs, **self.fixed)
+        if kernel is not None and getattr(kernel, "function", None) is not None and len(self._bound) < MAX_BOUND:
+            self._bound[sig] = kernel
+
+    def _positional(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
+        """Every parameter's value in the kernel's order (what the compiled launcher takes); None if one is left
+        to its default (the direct launch does not guess defaults)."""
+        fixed = self.fixed
+        try:
+            rest = [kwargs[n] if n in kwargs else fixed[n] for n in self._names[len(args):]]
+        except KeyError:
+            return None
+        return (*args, *rest)
+
+
+_LAUNCHERS: Dict[Tuple[Any, Tuple[Tuple[str, Any], ...]], Launcher] = {}
+
+
+def launcher(fn: Any, **fixed: Any) -> Launcher:
+    """The one `Launcher` of `fn` with these fixed keyword arguments (kernels are module-level: kept for good)."""
+    key = (fn, tuple(sorted(fixed.items())))
+    found = _LAUNCHERS.get(key)
+    if found is None:
+        found = _LAUNCHERS[key] = Launcher(fn, fixed)
+    return found

@@ -372,7 +372,9 @@ def main():
                                                    "attention.json (or bench/results/attention-*.json)")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--providers", default="flashfx,sdpa_flash,sdpa_cudnn,sdpa_efficient,flex,math")
-    ap.add_argument("--study-seq", type=int, default=8192)
+    ap.add_argument("--study-seq", type=int, default=8192,
+                    help="S of the loop/backward variant study, whose winners the table then runs; 0 skips the "
+                         "study and the table runs the library's defaults")
     ap.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--extra-seqs", type=lambda s: [int(x) for x in s.split(",") if x], default=[2048, 8192])
     ap.add_argument("--flex-seqs", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 4096, 8192])
@@ -393,7 +395,8 @@ def main():
     check_tasks = [] if args.skip_check else [
         (d, c, "split") for d in ("bfloat16", "float16") for c in (CASES if d == "bfloat16" else CASES[:3])
     ] + [("bfloat16", c, "atomic") for c in CASES[:4]]
-    study = [] if args.check_only else [("D128", 4, 16, 16, args.study_seq, 128, c) for c in (False, True)]
+    study = [] if args.check_only or not args.study_seq else [("D128", 4, 16, 16, args.study_seq, 128, c)
+                                                              for c in (False, True)]
     checks = run_pool(check_tasks, prewarm_tasks(study, lambda causal: VARIANTS) if study else [])
     if check_tasks:
         rows, all_ok = [], True
@@ -425,7 +428,7 @@ def main():
         report["chosen"] = {str(k): v for k, v in CHOSEN.items()}
         # 2. the table: the chosen variant against the peers
         suites = main_suites(args)
-        extra = [s_ for s_ in suites if s_[0] != "D128"]
+        extra = [s_ for s_ in suites if s_[0] != "D128" or not study]  # the study compiled D128's kernels
         if extra:
             run_pool([], prewarm_tasks(extra, lambda causal: [CHOSEN.get(causal, ("split", "split"))]))
         results = []

@@ -9,9 +9,9 @@ which compiles or loads the kernel and returns it; later calls with that signatu
 launcher directly, with the statement `JITFunction.run` itself ends with.
 
 The signature is at least as fine as Triton's specialisation, so a bound kernel is only reused where Triton would
-have picked the same one: per tensor its dtype and whether its address is 16-byte aligned; every int and bool by
-value; a float by type unless it is a constexpr (Triton never specialises a runtime float's value); None as None;
-and the current CUDA device.
+have picked the same one: every argument's type; per tensor its dtype and whether its address is 16-byte aligned;
+every other argument by value (a float too, which Triton never specialises on: finer, never wrong); and the current
+CUDA device.
 
 The direct call is used only where the installed Triton's `JITFunction.run` ends with the replayed statement (so a
 Triton that changes its launch convention falls back to `fn[grid]`), only on CUDA tensors, and never while a
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -60,9 +61,14 @@ def fast_launch_available() -> bool:
     return choice == "1" and _triton_launches_as_replayed()
 
 
+def _hook_set(hook: Any) -> bool:
+    # Triton 3.6+ keeps each launch hook as a HookChain, present even when empty; older ones None or a function
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _hooks_installed() -> bool:
     from triton import knobs
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    return _hook_set(knobs.runtime.launch_enter_hook) or _hook_set(knobs.runtime.launch_exit_hook)
 
 
 def _on_cuda(args: Sequence[Any]) -> bool:
@@ -75,17 +81,11 @@ def _current_device_and_stream() -> Tuple[int, int]:
     return device, driver.active.get_current_stream(device)
 
 
-def argument_signature(args: Sequence[Any], constexpr: Sequence[bool]) -> Tuple[Any, ...]:
-    """What decides which compiled specialisation a call needs (finer than or equal to Triton's own)."""
-    sig = []
-    for a, const in zip(args, constexpr):
-        if isinstance(a, torch.Tensor):
-            sig.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, float) and not const:
-            sig.append(float)
-        else:  # int, bool, None, a constexpr of any type: by value
-            sig.append(a)
-    return tuple(sig)
+def _picker(positions: Sequence[int]) -> Any:
+    """A C-level getter of these positions that always returns a tuple (itemgetter of one index does not)."""
+    if not positions:
+        return lambda args: ()
+    return operator.itemgetter(*positions, positions[0])
 
 
 class Launcher:
@@ -93,23 +93,36 @@ class Launcher:
     call of this launcher (the tuned config: tile constexprs and launch options such as num_warps), `kwargs` what a
     call may change (scalars and flags passed by name)."""
 
-    __slots__ = ("fn", "fixed", "_names", "_constexpr", "_bound")
+    __slots__ = ("fn", "fixed", "_names", "_bound", "_pickers")
 
     def __init__(self, fn: Any, fixed: Dict[str, Any]) -> None:
         self.fn, self.fixed = fn, dict(fixed)
-        params = getattr(fn, "params", None)
         self._names: Tuple[str, ...] = tuple(getattr(fn, "arg_names", ()))
-        self._constexpr = tuple(bool(p.is_constexpr) for p in params) if params else None
         self._bound: Dict[Tuple[Any, ...], Any] = {}
+        self._pickers: Dict[Tuple[type, ...], Tuple[Any, Any]] = {}  # argument types -> (tensor, other) getters
+
+    def signature(self, args: Sequence[Any]) -> Tuple[Any, ...]:
+        """What decides which compiled specialisation a call needs (finer than or equal to Triton's own): every
+        argument's type (so 1, 1.0 and True differ), each tensor's dtype and 16-byte alignment, every other value.
+        (isinstance against torch.Tensor is slow; the tensors' positions are found once per tuple of types.)"""
+        types = tuple(map(type, args))
+        pickers = self._pickers.get(types)
+        if pickers is None:
+            is_tensor = [issubclass(t, torch.Tensor) for t in types]
+            pickers = self._pickers[types] = (_picker([i for i, t in enumerate(is_tensor) if t]),
+                                              _picker([i for i, t in enumerate(is_tensor) if not t]))
+        tensors = pickers[0](args)
+        return types, tuple([t.dtype for t in tensors]), tuple([t.data_ptr() % 16 == 0 for t in tensors]), \
+            pickers[1](args)
 
     def __call__(self, grid: Tuple[int, ...], args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None) -> None:
         kwargs = kwargs or {}
-        full = self._positional(args, kwargs) if self._constexpr is not None else None
+        full = self._positional(args, kwargs) if self._names else None
         if full is None or not _on_cuda(args) or not fast_launch_available():
             self.fn[grid](*args, **kwargs, **self.fixed)
             return
         device, stream = _current_device_and_stream()
-        sig = (device, argument_signature(full, self._constexpr))
+        sig = (device, self.signature(full))
         kernel = self._bound.get(sig)
         if kernel is not None and not _hooks_installed():
             kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,

@@ -375,7 +375,8 @@ def main():
     ap.add_argument("--study-seq", type=int, default=8192,
                     help="S of the loop/backward variant study, whose winners the table then runs; 0 skips the "
                          "study and the table runs the library's defaults")
-    ap.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",") if x],
+                    default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--extra-seqs", type=lambda s: [int(x) for x in s.split(",") if x], default=[2048, 8192])
     ap.add_argument("--flex-seqs", type=lambda s: [int(x) for x in s.split(",") if x], default=[1024, 4096, 8192])
     ap.add_argument("--math-max-seq", type=int, default=4096)

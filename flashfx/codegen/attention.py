@@ -290,7 +290,8 @@ FORWARD_LAUNCHES: collections.Counter = collections.Counter()
 
 
 def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict) -> None:
-    key = (id(autotuner), args[0].dtype, *(kwargs.get(name) for name in autotuner.keys))
+    """`autotuner[grid](*args, **kwargs)`; a callable grid reads only the config's block sizes."""
+    key = (id(autotuner), args[0].dtype, *map(kwargs.get, autotuner.keys))
     chosen = _CHOSEN.get(key)
     if chosen is None:
         autotuner[grid](*args, **kwargs)
@@ -298,8 +299,8 @@ def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict
         if best is not None:
             _CHOSEN[key] = (best, launch.launcher(autotuner.fn, **best.all_kwargs()))
         return
-    config, run = chosen
-    run(grid({**kwargs, **config.all_kwargs()}) if callable(grid) else grid, args, kwargs)
+    _, run = chosen
+    run(grid(run.fixed) if callable(grid) else grid, args, kwargs)
 
 
 def _loop_variant(is_causal: bool) -> str:

@@ -81,11 +81,15 @@ def _current_device_and_stream() -> Tuple[int, int]:
     return device, driver.active.get_current_stream(device)
 
 
-def _picker(positions: Sequence[int]) -> Any:
-    """A C-level getter of these positions that always returns a tuple (itemgetter of one index does not)."""
-    if not positions:
-        return lambda args: ()
-    return operator.itemgetter(*positions, positions[0])
+def _picker(positions: Sequence[int], names: Optional[Sequence[str]] = None) -> Any:
+    """A C-level getter of these positions (or of the names at these positions, from a dict) that always returns
+    a tuple of them (itemgetter of one key returns the bare item)."""
+    keys = [names[i] for i in positions] if names is not None else list(positions)
+    if not keys:
+        return lambda items: ()
+    if len(keys) == 1:
+        return lambda items: (items[keys[0]],)
+    return operator.itemgetter(*keys)
 
 
 class Launcher:
@@ -93,13 +97,14 @@ class Launcher:
     call of this launcher (the tuned config: tile constexprs and launch options such as num_warps), `kwargs` what a
     call may change (scalars and flags passed by name)."""
 
-    __slots__ = ("fn", "fixed", "_names", "_bound", "_pickers")
+    __slots__ = ("fn", "fixed", "_names", "_bound", "_pickers", "_rest")
 
     def __init__(self, fn: Any, fixed: Dict[str, Any]) -> None:
         self.fn, self.fixed = fn, dict(fixed)
         self._names: Tuple[str, ...] = tuple(getattr(fn, "arg_names", ()))
         self._bound: Dict[Tuple[Any, ...], Any] = {}
         self._pickers: Dict[Tuple[type, ...], Tuple[Any, Any]] = {}  # argument types -> (tensor, other) getters
+        self._rest: Dict[int, Any] = {}  # number of positional arguments -> getter of the named ones, in order
 
     def signature(self, args: Sequence[Any]) -> Tuple[Any, ...]:
         """What decides which compiled specialisation a call needs (finer than or equal to Triton's own): every
@@ -135,12 +140,13 @@ class Launcher:
     def _positional(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
         """Every parameter's value in the kernel's order (what the compiled launcher takes); None if one is left
         to its default (the direct launch does not guess defaults)."""
-        fixed = self.fixed
+        rest = self._rest.get(len(args))
+        if rest is None:
+            rest = self._rest[len(args)] = _picker(range(len(args), len(self._names)), self._names)
         try:
-            rest = [kwargs[n] if n in kwargs else fixed[n] for n in self._names[len(args):]]
+            return (*args, *rest({**kwargs, **self.fixed}))
         except KeyError:
             return None
-        return (*args, *rest)
 
 
 _LAUNCHERS: Dict[Tuple[Any, Tuple[Tuple[str, Any], ...]], Launcher] = {}

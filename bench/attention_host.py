@@ -1,13 +1,15 @@
 """Host time against kernel time for the attention op at short sequences (where a call can be host-bound).
 
-    PYTHONPATH=. python bench/attention_host.py [--profile]
+    PYTHONPATH=. python bench/attention_host.py [--profile] [--split]
 
 For flashfx's attention and SDPA's flash backend (FA2), forward+backward, bf16, D=128, B=4: TFLOP/s by
 `triton.testing.do_bench` (which includes host time), the host time to enqueue one call (measured while the GPU is
 kept busy, so the host never waits), and for flashfx the sum of its kernels' device times from torch.profiler.
 A call whose host time exceeds its kernel time is host-bound. flashfx runs twice, with its launches bound
 (`flashfx.codegen.launch`, the default) and through Triton's own `JITFunction.run` (FLASHFX_FAST_LAUNCH=0); the
-two must give bitwise-equal outputs and gradients. `--profile` adds a cProfile of the flashfx call.
+two must give bitwise-equal outputs and gradients. `--profile` adds a cProfile of the flashfx call; `--split`
+times the host parts of one call apart (forward, backward through the autograd engine, the backward op called
+directly, each launcher function alone), with and without bound launches, FA2's forward and backward alongside.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 import flashfx.ops  # noqa: F401  (registers torch.ops.flashfx)
+from flashfx.codegen import attention as A
 from flashfx.codegen.attention import attention
 
 SHAPES = [(4, 16, 16, 1024), (4, 16, 16, 2048), (4, 16, 4, 2048)]  # B, Hq, Hkv, S
@@ -79,12 +82,56 @@ def kernel_ms(fn, calls=5):
     return sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3 / calls
 
 
+def split(B=4, H=16, S=2048, D=128, causal=True, calls=20):
+    """Host microseconds per part of one flashfx call (and FA2's forward / backward), the GPU kept busy."""
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
+    dout = torch.randn_like(q)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    print(f"B{B} H{H} S{S} D{D} causal={causal}: host us per call")
+    for name, op, bound in (("flashfx", flashfx_attention(causal), True),
+                            ("flashfx, Triton's launch", flashfx_attention(causal), False),
+                            ("FA2", sdpa_flash(causal), True)):
+        with fast_launch(bound):
+            for _ in range(3):
+                fwd_bwd(op, q, k, v, dout)
+            torch.cuda.synchronize()
+            outs = []
+            forward_ms = host_ms(lambda: outs.append(op(q, k, v)), calls)  # noqa: B023
+            torch.cuda._sleep(200_000_000)
+            start = time.perf_counter()
+            for out in outs:
+                torch.autograd.grad(out, (q, k, v), dout)
+            backward_ms = (time.perf_counter() - start) * 1e3 / len(outs)
+            torch.cuda.synchronize()
+            whole = host_ms(lambda: fwd_bwd(op, q, k, v, dout), calls)  # noqa: B023
+            parts = f"forward {forward_ms * 1e3:.0f}, backward (engine) {backward_ms * 1e3:.0f}, both {whole * 1e3:.0f}"
+            if name != "FA2":
+                out, lse, seed = A.attention_fwd(qd, kd, vd, None, causal, None, 0.0)
+                scale = 1.0 / D ** 0.5
+                direct = {
+                    "attention_bwd op body": lambda: A.attention_bwd(dout, qd, kd, vd, None, out, lse, seed,  # noqa
+                                                                     causal, None, 0.0, False),
+                    "_launch_backward": lambda: A._launch_backward(dout, qd, kd, vd, None, out, lse, causal,  # noqa
+                                                                   scale, 0.0, 0, False),
+                    "_launch_forward": lambda: A._launch_forward(qd, kd, vd, None, causal, scale, 0.0, 0),
+                }
+                for label, fn in direct.items():
+                    fn()
+                    parts += f", {label} {host_ms(fn, calls) * 1e3:.0f}"
+            print(f"  {name}: {parts}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of the flashfx call")
+    ap.add_argument("--split", action="store_true", help="only time the host parts of one call apart")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention_host.py needs a CUDA GPU")
+    if args.split:
+        for D, causal in ((128, True), (64, False)):
+            split(D=D, causal=causal)
+        return
     print("| shape | causal | flashfx TFLOP/s | flashfx, Triton's launch | flashfx kernels TFLOP/s | FA2 TFLOP/s "
           "| flashfx host ms | flashfx host ms, Triton's launch | FA2 host ms |")
     print("|---|---|---|---|---|---|---|---|---|")

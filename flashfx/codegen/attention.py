@@ -42,6 +42,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from flashfx import _compat
 from flashfx._compat import triton_runs_on
@@ -599,8 +600,6 @@ class _EagerAttention(torch.autograd.Function):
 
 def _untraced(*tensors: Optional[Tensor]) -> bool:
     """Plain tensors, run eagerly: no Dynamo, no dispatch mode (fake tensors, make_fx), no functorch transform."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return (all(t is None or type(t) is Tensor for t in tensors) and not torch.compiler.is_compiling()
             and _get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active())
 

@@ -1,9 +1,9 @@
 """Launch a Triton kernel that has already run once without `JITFunction.run`'s per-call binding.
 
 `fn[grid](*args, **meta)` binds and specialises every argument, builds a cache key and looks the compiled kernel up
-on each call. For the attention kernels (40-odd arguments) that cost 56 us per launch on the H200 machine's CPU,
-against 13 us for the compiled kernel's own launcher (2026-12-03, `.diag/attn_host_prof.py`): four launches per
-forward+backward made short-sequence attention host-bound. A `Launcher` holds one kernel and one set of fixed
+on each call. For the attention kernels (40-odd arguments) that cost 36-56 us per launch on the H200 machine's CPU,
+against 8-13 us for the compiled kernel's own launcher (2026-12-03, two machine starts; docs/benchmarks.md, attention
+host time): four launches per forward+backward made short-sequence attention host-bound. A `Launcher` holds one kernel and one set of fixed
 keyword arguments (the tuned config); the first call with a given *argument signature* goes through `fn[grid]`,
 which compiles or loads the kernel and returns it; later calls with that signature call the compiled kernel's
 launcher directly, with the statement `JITFunction.run` itself ends with.
@@ -18,8 +18,10 @@ Triton that changes its launch convention falls back to `fn[grid]`), only on CUD
 launch hook (a profiler such as Proton) is installed. FLASHFX_FAST_LAUNCH=0 turns it off.
 
 Only the attention op launches this way. The generated fusion kernels did in the fifth session, and one H100 A/B
-timed GPT-2's training step at 67.9 ms with it against 50.7 ms without, a slowdown never explained; they were put
-back on Triton's own launch and stay there until that is understood.
+timed GPT-2's training step at 67.9 ms with it against 50.7 ms without. That version read Triton 3.6's launch hooks,
+`HookChain` objects that are never None, as installed hooks, so it never bound a kernel and paid for a signature
+(then ~16 us per launch) on top of `JITFunction.run` every time: the likely cause, not verified on the GPU. The
+generated kernels stay on Triton's own launch until an A/B says otherwise.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import cProfile
 import io
 import os
 import pstats
+import sys
 import time
 
 import torch
@@ -27,9 +28,12 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-import flashfx.ops  # noqa: F401  (registers torch.ops.flashfx)
-from flashfx.codegen import attention as A
-from flashfx.codegen.attention import attention
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import environment_restored  # noqa: E402
+
+import flashfx.ops  # noqa: E402,F401  (registers torch.ops.flashfx)
+from flashfx.codegen import attention as A  # noqa: E402
+from flashfx.codegen.attention import attention  # noqa: E402
 
 SHAPES = [(4, 16, 16, 1024), (4, 16, 16, 2048), (4, 16, 4, 2048)]  # B, Hq, Hkv, S
 HEAD_DIM = 128
@@ -52,15 +56,9 @@ def sdpa_flash(causal):
 
 @contextlib.contextmanager
 def fast_launch(on):
-    before = os.environ.get("FLASHFX_FAST_LAUNCH")
-    os.environ["FLASHFX_FAST_LAUNCH"] = "1" if on else "0"
-    try:
+    with environment_restored(("FLASHFX_FAST_LAUNCH",)):
+        os.environ["FLASHFX_FAST_LAUNCH"] = "1" if on else "0"
         yield
-    finally:
-        if before is None:
-            del os.environ["FLASHFX_FAST_LAUNCH"]
-        else:
-            os.environ["FLASHFX_FAST_LAUNCH"] = before
 
 
 def host_ms(fn, calls=10):

@@ -548,20 +548,28 @@ def _attention_bwd_fake(dout, q, k, v, bias, out, lse, seed, is_causal, scale, d
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
-def _fwd_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
-    q, k, v, bias, is_causal, scale, dropout_p = inputs
-    out, lse, seed = output
+def _save_for_backward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool,
+                       scale: Optional[float], dropout_p: float, out: Tensor, lse: Tensor, seed: Tensor) -> None:
     ctx.save_for_backward(q, k, v, bias, out, lse, seed)
     ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
 
 
-def _fwd_backward(ctx: Any, dout: Tensor, dlse: Optional[Tensor], dseed: Optional[Tensor]):
-    # The LSE and seed are internal outputs: nothing outside this file differentiates through them.
+def _gradients(ctx: Any, dout: Tensor, backward: Any) -> Tuple[Any, ...]:
+    """The forward inputs' gradients from what `_save_for_backward` kept, by `backward` (the op or its body)."""
     q, k, v, bias, out, lse, seed = ctx.saved_tensors
     bias_grad = bool(bias is not None and bias.is_floating_point() and ctx.needs_input_grad[3])
-    dq, dk, dv, dbias = torch.ops.flashfx.attention_bwd(dout, q, k, v, bias, out, lse, seed, ctx.is_causal,
-                                                        ctx.scale, ctx.dropout_p, bias_grad)
+    dq, dk, dv, dbias = backward(dout, q, k, v, bias, out, lse, seed, ctx.is_causal, ctx.scale, ctx.dropout_p,
+                                 bias_grad)
     return dq, dk, dv, (dbias if bias_grad else None), None, None, None
+
+
+def _fwd_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
+    _save_for_backward(ctx, *inputs, *output)
+
+
+def _fwd_backward(ctx: Any, dout: Tensor, dlse: Optional[Tensor], dseed: Optional[Tensor]):
+    # The LSE and seed are internal outputs: nothing outside this file differentiates through them.
+    return _gradients(ctx, dout, torch.ops.flashfx.attention_bwd)
 
 
 torch.library.register_autograd("flashfx::attention_fwd", _fwd_backward, setup_context=_fwd_setup_context, lib=_lib)
@@ -584,18 +592,13 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool,
                 scale: Optional[float], dropout_p: float) -> Tensor:
         out, lse, seed = attention_fwd(q, k, v, bias, is_causal, scale, dropout_p)
-        ctx.save_for_backward(q, k, v, bias, out, lse, seed)
-        ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+        _save_for_backward(ctx, q, k, v, bias, is_causal, scale, dropout_p, out, lse, seed)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor):
-        q, k, v, bias, out, lse, seed = ctx.saved_tensors
-        bias_grad = bool(bias is not None and bias.is_floating_point() and ctx.needs_input_grad[3])
-        dq, dk, dv, dbias = attention_bwd(dout, q, k, v, bias, out, lse, seed, ctx.is_causal, ctx.scale,
-                                          ctx.dropout_p, bias_grad)
-        return dq, dk, dv, (dbias if bias_grad else None), None, None, None
+        return _gradients(ctx, dout, attention_bwd)
 
 
 def _untraced(*tensors: Optional[Tensor]) -> bool:

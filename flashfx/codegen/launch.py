@@ -3,8 +3,8 @@
 `fn[grid](*args, **meta)` binds and specialises every argument, builds a cache key and looks the compiled kernel up
 on each call. For the attention kernels (40-odd arguments) that cost 36-56 us per launch on the H200 machine's CPU,
 against 8-13 us for the compiled kernel's own launcher (2026-12-03, two machine starts; docs/benchmarks.md, attention
-host time): four launches per forward+backward made short-sequence attention host-bound. A `Launcher` holds one kernel and one set of fixed
-keyword arguments (the tuned config); the first call with a given *argument signature* goes through `fn[grid]`,
+host time): four launches per forward+backward made short-sequence attention host-bound. A `Launcher` holds one
+kernel and one set of fixed keyword arguments (the tuned config); the first call with a given *argument signature* goes through `fn[grid]`,
 which compiles or loads the kernel and returns it; later calls with that signature call the compiled kernel's
 launcher directly, with the statement `JITFunction.run` itself ends with.
 
@@ -124,8 +124,8 @@ class Launcher:
 
     def __call__(self, grid: Tuple[int, ...], args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None) -> None:
         kwargs = kwargs or {}
-        full = self._positional(args, kwargs) if self._names else None
-        if full is None or not _on_cuda(args) or not fast_launch_available():
+        full = self._positional(args, kwargs) if self._names and _on_cuda(args) and fast_launch_available() else None
+        if full is None:
             self.fn[grid](*args, **kwargs, **self.fixed)
             return
         device, stream = _current_device_and_stream()

@@ -4,9 +4,9 @@
 on each call. For the attention kernels (40-odd arguments) that cost 36-56 us per launch on the H200 machine's CPU,
 against 8-13 us for the compiled kernel's own launcher (2026-12-03, two machine starts; docs/benchmarks.md, attention
 host time): four launches per forward+backward made short-sequence attention host-bound. A `Launcher` holds one
-kernel and one set of fixed keyword arguments (the tuned config); the first call with a given *argument signature* goes through `fn[grid]`,
-which compiles or loads the kernel and returns it; later calls with that signature call the compiled kernel's
-launcher directly, with the statement `JITFunction.run` itself ends with.
+kernel and one set of fixed keyword arguments (the tuned config); the first call with a given *argument signature*
+goes through `fn[grid]`, which compiles or loads the kernel and returns it; later calls with that signature call
+the compiled kernel's launcher directly, with the statement `JITFunction.run` itself ends with.
 
 The signature is at least as fine as Triton's specialisation, so a bound kernel is only reused where Triton would
 have picked the same one: every argument's type; per tensor its dtype and whether its address is 16-byte aligned;

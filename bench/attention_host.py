@@ -1,10 +1,11 @@
 """Host time against kernel time for the attention op at short sequences (where a call can be host-bound).
 
-    PYTHONPATH=. python bench/attention_host.py [--profile] [--split]
+    PYTHONPATH=. python bench/attention_host.py [--prewarm] [--profile] [--split]
 
-For flashfx's attention and SDPA's flash backend (FA2), forward+backward, bf16, D=128, B=4: TFLOP/s by
-`triton.testing.do_bench` (which includes host time), the host time to enqueue one call (measured while the GPU is
-kept busy, so the host never waits), and for flashfx the sum of its kernels' device times from torch.profiler.
+For flashfx's attention and SDPA's flash backend (FA2), forward+backward, bf16, B=4, D=128 (and D=64 at S=2048):
+TFLOP/s by `triton.testing.do_bench` (which includes host time), the host time to enqueue one call (measured while
+the GPU is kept busy, so the host never waits; also with Python's garbage collector off), and for flashfx the sum of
+its kernels' device times from torch.profiler.
 A call whose host time exceeds its kernel time is host-bound. flashfx runs twice, with its launches bound
 (`flashfx.codegen.launch`, the default) and through Triton's own `JITFunction.run` (FLASHFX_FAST_LAUNCH=0); the
 two must give bitwise-equal outputs and gradients. `--profile` adds a cProfile of the flashfx call; `--split`
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -35,8 +37,7 @@ import flashfx.ops  # noqa: E402,F401  (registers torch.ops.flashfx)
 from flashfx.codegen import attention as A  # noqa: E402
 from flashfx.codegen.attention import attention  # noqa: E402
 
-SHAPES = [(4, 16, 16, 1024), (4, 16, 16, 2048), (4, 16, 4, 2048)]  # B, Hq, Hkv, S
-HEAD_DIM = 128
+SHAPES = [(4, 16, 16, 1024, 128), (4, 16, 16, 2048, 128), (4, 16, 4, 2048, 128), (4, 16, 16, 2048, 64)]  # B Hq Hkv S D
 
 
 def fwd_bwd(fn, q, k, v, dout):
@@ -61,13 +62,19 @@ def fast_launch(on):
         yield
 
 
-def host_ms(fn, calls=10):
-    """Time to enqueue one call while a long sleep kernel keeps the GPU busy (the host never waits on it)."""
+def host_ms(fn, calls=10, collect=True):
+    """Time to enqueue one call while a long sleep kernel keeps the GPU busy (the host never waits on it);
+    `collect=False` with Python's garbage collector off (does its work show up in the host time?)."""
     torch.cuda._sleep(200_000_000)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = (time.perf_counter() - start) * 1e3 / calls
+    if not collect:
+        gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = (time.perf_counter() - start) * 1e3 / calls
+    finally:
+        gc.enable()
     torch.cuda.synchronize()
     return elapsed
 
@@ -123,23 +130,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of the flashfx call")
     ap.add_argument("--split", action="store_true", help="only time the host parts of one call apart")
+    ap.add_argument("--prewarm", action="store_true", help="first compile every autotune config of the shapes in "
+                    "parallel processes (bench/attention.py's cache warming): a fresh machine autotunes faster")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention_host.py needs a CUDA GPU")
+    if args.prewarm:
+        from attention import prewarm_tasks, run_pool
+        suites = [(None, B, Hq, Hkv, S, D, causal) for B, Hq, Hkv, S, D in SHAPES for causal in (False, True)]
+        run_pool([], prewarm_tasks(suites, lambda causal: [("split", "split")]))
     if args.split:
         for D, causal in ((128, True), (64, False)):
             split(D=D, causal=causal)
         return
     print("| shape | causal | flashfx TFLOP/s | flashfx, Triton's launch | flashfx kernels TFLOP/s | FA2 TFLOP/s "
-          "| flashfx host ms | flashfx host ms, Triton's launch | FA2 host ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for B, Hq, Hkv, S in SHAPES:
+          "| flashfx host ms | flashfx host ms, Triton's launch | flashfx host ms, gc off | FA2 host ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for B, Hq, Hkv, S, D in SHAPES:
         for causal in (False, True):
-            q = torch.randn(B, Hq, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            k = torch.randn(B, Hkv, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            v = torch.randn(B, Hkv, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            dout = torch.randn(B, Hq, S, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-            gflop = 3.5 * 4 * B * Hq * S * S * HEAD_DIM * (0.5 if causal else 1.0) / 1e9
+            q = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dout = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16)
+            gflop = 3.5 * 4 * B * Hq * S * S * D * (0.5 if causal else 1.0) / 1e9
             row, results = {}, {}
             for name, op, bound in (("flashfx", flashfx_attention(causal), True),
                                     ("triton", flashfx_attention(causal), False), ("fa2", sdpa_flash(causal), True)):
@@ -149,17 +162,19 @@ def main() -> None:
                         call()
                     torch.cuda.synchronize()
                     results[name] = (op(q, k, v), *call())
-                    row[name] = (triton.testing.do_bench(call, warmup=25, rep=100), host_ms(call))
+                    row[name] = (triton.testing.do_bench(call, warmup=25, rep=100), host_ms(call),
+                                 host_ms(call, collect=False))
             same = all(torch.equal(a, b) for a, b in zip(results["flashfx"], results["triton"]))
             if not same:
-                raise SystemExit(f"B{B} H{Hq}/{Hkv} S{S} causal={causal}: the bound launch computed something else "
-                                 "than Triton's own")
+                raise SystemExit(f"B{B} H{Hq}/{Hkv} S{S} D{D} causal={causal}: the bound launch computed something "
+                                 "else than Triton's own")
             kernels = kernel_ms(lambda: fwd_bwd(flashfx_attention(causal), q, k, v, dout))
-            print(f"| B{B} H{Hq}/{Hkv} S{S} | {causal} | {gflop / row['flashfx'][0]:.0f} | "
+            print(f"| B{B} H{Hq}/{Hkv} S{S} D{D} | {causal} | {gflop / row['flashfx'][0]:.0f} | "
                   f"{gflop / row['triton'][0]:.0f} | {gflop / kernels:.0f} | {gflop / row['fa2'][0]:.0f} | "
-                  f"{row['flashfx'][1]:.2f} | {row['triton'][1]:.2f} | {row['fa2'][1]:.2f} |", flush=True)
+                  f"{row['flashfx'][1]:.2f} | {row['triton'][1]:.2f} | {row['flashfx'][2]:.2f} | "
+                  f"{row['fa2'][1]:.2f} |", flush=True)
     if args.profile:
-        q = torch.randn(4, 16, 1024, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q = torch.randn(4, 16, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn_like(q, requires_grad=True) for _ in "kv")
         dout = torch.randn_like(q)
         op = flashfx_attention(True)

@@ -292,8 +292,10 @@ _CHOSEN: dict = {}
 FORWARD_LAUNCHES: collections.Counter = collections.Counter()
 
 
-def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict) -> None:
-    """`autotuner[grid](*args, **kwargs)`; a callable grid reads only the config's block sizes."""
+def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict,
+                  bind: bool = False) -> Optional[launch.BoundCall]:
+    """`autotuner[grid](*args, **kwargs)`; a callable grid reads only the config's block sizes. With `bind`, once
+    the autotuner has chosen, the launch is returned bound (`launch.BoundCall`) where it could be."""
     key = (id(autotuner), args[0].dtype, *map(kwargs.get, autotuner.keys))
     chosen = _CHOSEN.get(key)
     if chosen is None:
@@ -301,9 +303,35 @@ def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict
         best = getattr(autotuner, "best_config", None)
         if best is not None:
             _CHOSEN[key] = (best, launch.launcher(autotuner.fn, **best.all_kwargs()))
-        return
+        return None
     _, run = chosen
-    run(grid(run.fixed) if callable(grid) else grid, args, kwargs)
+    grid = grid(run.fixed) if callable(grid) else grid
+    if bind:
+        return run.bind(grid, args, kwargs)
+    run(grid, args, kwargs)
+    return None
+
+
+# Launch plans: the bound launches of one call shape (no bias, no dropout, the default kernel variants), keyed on
+# everything that decides a launch's non-tensor arguments, so a repeated call passes its tensors straight to the
+# compiled kernels (no argument dicts, no autotuner key, no signature): host time at short sequences.
+_PLANS: collections.OrderedDict = collections.OrderedDict()
+MAX_PLANS = 256  # a decode loop makes a new shape per step: the oldest plans make way
+_PLAN_KNOBS = (b"FLASHFX_ATTENTION_TUNE", b"FLASHFX_ATTENTION_CONFIG", b"FLASHFX_ATTENTION_LOOP",
+               b"FLASHFX_ATTENTION_FWD", b"FLASHFX_ATTENTION_BWD")
+
+
+def _plans_apply(q: Tensor, bias: Optional[Tensor], dropout_p: float) -> bool:
+    """Plans bind compiled kernels (CUDA only) and cover the common call: no bias, no dropout (a fresh seed)."""
+    return bias is None and not dropout_p and q.is_cuda
+
+
+def _plan_key(kind: str, is_causal: bool, sm_scale: float, *tensors: Tensor) -> Tuple[Any, ...]:
+    """The key of a launch plan; `tensors` are every input whose shape or strides reach the kernels' arguments (the
+    outputs' follow from them)."""
+    first = tensors[0]
+    return (kind, first.dtype, first.device, is_causal, sm_scale, *_compat.environment_values(_PLAN_KNOBS),
+            *[(t.shape, t.stride()) for t in tensors])
 
 
 def _loop_variant(is_causal: bool) -> str:
@@ -396,25 +424,39 @@ def _common(q: Tensor, k: Tensor, bias: Optional[Tensor], is_causal: bool, dropo
     return bias_t, scalars, consts
 
 
+def _keep_plan(key: Tuple[Any, ...], bound: Tuple[launch.BoundCall, ...]) -> None:
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.popitem(last=False)
+    _PLANS[key] = bound
+
+
 def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool, sm_scale: float,
                     dropout_p: float, seed: int) -> Tuple[Tensor, Tensor]:
     B, H, L, D = q.shape
-    bias_t, scalars, consts = _common(q, k, bias, is_causal, dropout_p, seed)
     out = _empty_out(q)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    plan_key = _plan_key("fwd", is_causal, sm_scale, q, k, v) if _plans_apply(q, bias, dropout_p) else None
+    plan = _PLANS.get(plan_key) if plan_key is not None else None
+    where = launch.direct_stream() if plan is not None else None
+    if where is not None and plan[0].launch((q, k, v, q, out, lse), *where):
+        FORWARD_LAUNCHES["pointer"] += 1
+        return out, lse
     if L == 0 or B * H == 0:
         return out, lse
+    bias_t, scalars, consts = _common(q, k, bias, is_causal, dropout_p, seed)
     variant = _forward_variant(q, k, v, out, bias, dropout_p)
     FORWARD_LAUNCHES[variant] += 1
     grid = lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if variant == "tma":
             _launch_forward_tma(q, k, v, out, lse, is_causal, sm_scale, scalars, consts["PRECISION"], grid)
-        else:
-            _tuned_launch(_kernels(consts["D_PAD"] > 128).fwd, grid,
-                          (q, k, v, bias_t if bias_t is not None else q, out, lse,
-                           *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *out.stride()),
-                          dict(sm_scale=sm_scale, **scalars, **consts))
+            return out, lse
+        bound = _tuned_launch(_kernels(consts["D_PAD"] > 128).fwd, grid,
+                              (q, k, v, bias_t if bias_t is not None else q, out, lse,
+                               *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *out.stride()),
+                              dict(sm_scale=sm_scale, **scalars, **consts), bind=plan_key is not None)
+    if bound is not None:
+        _keep_plan(plan_key, (bound,))
     return out, lse
 
 
@@ -437,11 +479,20 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Option
                      bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    bias_t, scalars, consts = _common(q, k, bias, is_causal, dropout_p, seed)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    plan_key = (_plan_key("bwd", is_causal, sm_scale, q, k, v, out, dout, lse)
+                if _plans_apply(q, bias, dropout_p) else None)
+    plan = _PLANS.get(plan_key) if plan_key is not None else None
+    where = launch.direct_stream() if plan is not None else None
+    # every kernel of the split backward writes its outputs whole: if one declines, the general path redoes all
+    if (where is not None and plan[0].launch((out, dout, delta), *where)
+            and plan[1].launch((q, k, v, q, dout, lse, delta, dk, dv, dq), *where)
+            and plan[2].launch((q, k, v, q, dout, lse, delta, dq, q), *where)):
+        return dq, dk, dv, None
     if L == 0 or S == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), (torch.zeros_like(bias) if bias_grad else None)
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    bias_t, scalars, consts = _common(q, k, bias, is_causal, dropout_p, seed)
     # dS for the bias gradient: [B, H, L, S] fp32, zero where the causal loop skips tiles; reduced below.
     ds = torch.zeros((B, H, L, S), dtype=torch.float32, device=q.device) if bias_grad else None
     kern = _kernels(consts["D_PAD"] > 128)
@@ -449,22 +500,27 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Option
     atomic = _backward_variant(bias_grad) == "atomic"
     # the atomic variant adds dQ into a zeroed fp32 [B, H, L, D] buffer, cast to q's dtype at the end
     dq_acc = torch.zeros((B, H, L, D), dtype=torch.float32, device=q.device) if atomic else dq
+    bind = plan_key is not None and not atomic
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        launch.launcher(kern.preprocess, D_PAD=consts["D_PAD"], BLOCK_M=64)(
-            (triton_cdiv(L, 64), B * H), (out, dout, delta, *out.stride(), *dout.stride(), H, L, D))
-        _tuned_launch(
+        pre = launch.launcher(kern.preprocess, D_PAD=consts["D_PAD"], BLOCK_M=64)
+        pre_args = (out, dout, delta, *out.stride(), *dout.stride(), H, L, D)
+        bound = [pre.bind((triton_cdiv(L, 64), B * H), pre_args) if bind else pre((triton_cdiv(L, 64), B * H),
+                                                                                   pre_args)]
+        bound.append(_tuned_launch(
             kern.dkdv_atomic if atomic else kern.dkdv, lambda meta: (triton_cdiv(S, meta["BLOCK_N"]), B * Hkv),
             (q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc, *q.stride(), *k.stride(), *v.stride(),
              *_strides(bias_t), *dout.stride(), *dk.stride(), *dv.stride(), *dq_acc.stride()),
-            dict(sm_scale=sm_scale, ATOMIC_DQ=atomic, **scalars, **consts))
+            dict(sm_scale=sm_scale, ATOMIC_DQ=atomic, **scalars, **consts), bind=bind))
         if atomic:
             dq.copy_(dq_acc)
         else:
-            _tuned_launch(
+            bound.append(_tuned_launch(
                 kern.dq, lambda meta: (triton_cdiv(L, meta["BLOCK_M"]), B * H),
                 (q, k, v, bias_arg, dout, lse, delta, dq, ds if ds is not None else q, *q.stride(), *k.stride(),
                  *v.stride(), *_strides(bias_t), *dout.stride(), *dq.stride(), *_strides(ds)),
-                dict(sm_scale=sm_scale, BIAS_GRAD=bias_grad, **scalars, **consts))
+                dict(sm_scale=sm_scale, BIAS_GRAD=bias_grad, **scalars, **consts), bind=bind))
+    if bind and None not in bound:
+        _keep_plan(plan_key, tuple(bound))
     dbias = _reduce_to(ds, tuple(bias.shape)).to(bias.dtype) if bias_grad else None
     return dq, dk, dv, dbias
 
@@ -633,6 +689,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, is
         >>> attention(q, k, v, is_causal=True).shape
         torch.Size([1, 2, 5, 32])
     """
+    if _untraced(q, k, v, bias):  # the op's own body, without a round trip through the dispatcher
+        return _attention_composite(q, k, v, bias, is_causal, scale, dropout_p)
     return torch.ops.flashfx.attention(q, k, v, bias, is_causal, scale, dropout_p)
 
 

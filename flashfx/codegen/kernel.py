@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import sympy
 import torch
@@ -15,6 +15,7 @@ import triton
 from flashfx import _compat
 from flashfx.codegen import autotune, column_sum, kernel_cache
 from flashfx.codegen.emit import KernelSource, Signature, Layout, emit, symbolic_dims
+from flashfx.codegen.launch import BoundCall, Launcher, launcher
 from flashfx.codegen.lower import Plan, nonunit, shape_of, strides_of, x_dims
 
 _STATS = {"cache_hits": 0, "cache_misses": 0}
@@ -72,6 +73,19 @@ def _variant_key(config: Dict[str, Any]) -> Tuple[Any, bool, int]:
     return config.get("mode"), bool(config.get("prefetch", False)), int(config.get("row_stages", 0))
 
 
+class _FastLaunch:
+    """How `FusedKernel` launches for one key (shapes, strides, scalars) once its config is chosen."""
+
+    __slots__ = ("out_specs", "run", "param_plan", "tensors", "grid", "columns", "bound", "unbound")
+
+    def __init__(self, out_specs: List[Tuple], run: Launcher, param_plan: List[Tuple[int, Any]],
+                 grid: Tuple[int, ...], columns: List[Tuple[int, List[int], torch.dtype]]) -> None:
+        self.out_specs, self.run, self.param_plan, self.grid, self.columns = out_specs, run, param_plan, grid, columns
+        self.tensors = [(kind, i) for kind, i in param_plan if kind != 2]  # inputs (0) and outputs (1), in order
+        self.bound: Optional[BoundCall] = None  # every non-tensor argument is fixed by the key
+        self.unbound = True
+
+
 class FusedKernel:
     """Runs one fusion group. Called as `kernel(*input_tensors, *scalars)`; returns a tuple of outputs."""
 
@@ -82,7 +96,7 @@ class FusedKernel:
         self.cache_dir, self.tune = cache_dir, tune
         self._variants: Dict[Signature, Tuple[KernelSource, Any]] = {}
         self._configs: Dict[Tuple[Signature, str], Dict[str, int]] = {}
-        self._fast: Dict[Any, Tuple] = {}
+        self._fast: Dict[Any, _FastLaunch] = {}
         self.fallback = None  # a fallback.Fallback set by the fusion pass: the ATen ops, if the kernel fails
         exprs = list(plan.P)
         for o in plan.outputs:
@@ -144,13 +158,18 @@ class FusedKernel:
             if self.fallback is None:
                 return self._call_slow(key, args)
             return self.fallback.guard(lambda: self._call_slow(key, args), args)
-        out_specs, fn, param_plan, grid, meta, columns = fast
         outs = [torch.empty_strided(shape, stride, dtype=dtype, device=dev) if stride is not None else
-                torch.zeros(shape, dtype=dtype, device=dev) for shape, stride, dtype, dev in out_specs]
-        call_args = [args[i] if kind == 0 else (outs[i] if kind == 1 else i) for kind, i in param_plan]
-        with on_device(out_specs[0][3]):
-            fn[grid](*call_args, **meta)
-            return self._finish(outs, columns, grid[0])
+                torch.zeros(shape, dtype=dtype, device=dev) for shape, stride, dtype, dev in fast.out_specs]
+        if fast.bound is not None and fast.bound([args[i] if kind == 0 else outs[i] for kind, i in fast.tensors]):
+            return self._finish(outs, fast.columns, fast.grid[0])
+        call_args = [args[i] if kind == 0 else (outs[i] if kind == 1 else i) for kind, i in fast.param_plan]
+        with on_device(fast.out_specs[0][3]):
+            if fast.unbound:  # the second call binds (the first went through Triton's launch while tuning)
+                fast.unbound = False
+                fast.bound = fast.run.bind(fast.grid, call_args)
+            else:
+                fast.run(fast.grid, call_args)
+            return self._finish(outs, fast.columns, fast.grid[0])
 
     @staticmethod
     def _finish(outs: List[torch.Tensor], columns: List[Tuple[int, List[int], torch.dtype]],
@@ -309,7 +328,7 @@ class FusedKernel:
         col_stride = (rnumel, 1) if config["mode"] == "persistent" else None
         out_specs = [((grid[0], rnumel), col_stride, o.dtype, o.device) if k in col_ks else
                      (tuple(o.shape), o.stride(), o.dtype, o.device) for k, o in enumerate(outs)]
-        self._fast[key] = (out_specs, fn, param_plan, grid, meta, columns)
+        self._fast[key] = _FastLaunch(out_specs, launcher(fn, **meta), param_plan, grid, columns)
         with on_device(device):
             return self._finish(outs, columns, grid[0])
 

@@ -139,6 +139,22 @@ class Launcher:
         if kernel is not None and getattr(kernel, "function", None) is not None and len(self._bound) < MAX_BOUND:
             self._bound[sig] = kernel
 
+    def bind(self, grid: Tuple[int, ...], args: Sequence[Any],
+             kwargs: Optional[Dict[str, Any]] = None) -> Optional["BoundCall"]:
+        """Launch like `__call__`, then return this launch as a `BoundCall` (only its tensors change at the next
+        call), or None where it could not be bound (not on CUDA, fast launch off, an unbound signature)."""
+        self(grid, args, kwargs)
+        kwargs = kwargs or {}
+        full = self._positional(args, kwargs) if self._names and _on_cuda(args) and fast_launch_available() else None
+        if full is None:
+            return None
+        device, _ = _current_device_and_stream()
+        kernel = self._bound.get((device, self.signature(full)))
+        if kernel is None:
+            return None
+        slots = tuple(i for i, a in enumerate(full) if isinstance(a, torch.Tensor))
+        return BoundCall(kernel, grid, full, slots, device)
+
     def _positional(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
         """Every parameter's value in the kernel's order (what the compiled launcher takes); None if one is left
         to its default (the direct launch does not guess defaults)."""
@@ -149,6 +165,50 @@ class Launcher:
             return (*args, *rest({**kwargs, **self.fixed}))
         except KeyError:
             return None
+
+
+class BoundCall:
+    """One bound launch whose grid and non-tensor arguments are fixed: a call passes only the tensors (in the
+    order they were bound) and launches the compiled kernel, or returns False, launching nothing, where the bound
+    kernel may not fit (another tensor dtype or 16-byte alignment, another device, fast launch turned off, a launch
+    hook installed). The caller must key its BoundCalls on everything that decides the non-tensor arguments."""
+
+    __slots__ = ("kernel", "grid", "template", "slots", "device", "dtypes", "aligned")
+
+    def __init__(self, kernel: Any, grid: Tuple[int, ...], full: Sequence[Any], slots: Sequence[int],
+                 device: int) -> None:
+        self.kernel, self.device, self.slots = kernel, device, tuple(slots)
+        self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        # the bound tensors are not kept alive by the template: each call puts its own in their slots
+        self.template = [None if i in self.slots else a for i, a in enumerate(full)]
+        self.dtypes = tuple(full[i].dtype for i in self.slots)
+        self.aligned = tuple(full[i].data_ptr() % 16 == 0 for i in self.slots)
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> bool:
+        where = direct_stream()
+        return where is not None and self.launch(tensors, *where)
+
+    def launch(self, tensors: Sequence[torch.Tensor], device: int, stream: int) -> bool:
+        """The launch on `stream` (`direct_stream()`'s answer, fetched once for several bound calls in a row)."""
+        if len(tensors) != len(self.slots):
+            raise ValueError(f"BoundCall: {len(tensors)} tensors for {len(self.slots)} tensor arguments")
+        if (device != self.device or tuple([t.dtype for t in tensors]) != self.dtypes
+                or tuple([t.data_ptr() % 16 == 0 for t in tensors]) != self.aligned):
+            return False
+        args = list(self.template)
+        for i, t in zip(self.slots, tensors):
+            args[i] = t
+        kernel = self.kernel
+        kernel.run(*self.grid, stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
+        return True
+
+
+def direct_stream() -> Optional[Tuple[int, int]]:
+    """(current device, its stream) where bound calls may launch now; None with FLASHFX_FAST_LAUNCH=0 or while a
+    launch hook (a profiler) is installed."""
+    if not fast_launch_available() or _hooks_installed():
+        return None
+    return _current_device_and_stream()
 
 
 _LAUNCHERS: Dict[Tuple[Any, Tuple[Tuple[str, Any], ...]], Launcher] = {}

@@ -117,6 +117,56 @@ def test_kernel_variants(monkeypatch, loop, bwd):
     check_against_ref(q, k, v, make_bias("bool", 1, 4, 33, 40, torch.float32), True, scale=0.3)
 
 
+class ReplayedLaunch:
+    """Stands in for a `launch.BoundCall` on the CPU: relaunches through Triton (the interpreter) with the bound
+    call's arguments and the tensors it is given, so a plan that put a tensor in the wrong slot, or was reused for a
+    call it does not fit, gives a wrong answer here."""
+
+    replays = 0
+
+    def __init__(self, run, grid, args, kwargs):
+        self.run, self.grid, self.args, self.kwargs = run, grid, list(args), kwargs or {}
+        self.slots = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
+
+    def launch(self, tensors, device, stream):
+        args = list(self.args)
+        for i, t in zip(self.slots, tensors, strict=True):
+            args[i] = t
+        self.run(self.grid, args, self.kwargs)
+        ReplayedLaunch.replays += 1
+        return True
+
+
+@pytest.mark.skipif(not triton_runs_on(torch.device("cpu")), reason="replays through the CPU interpreter; the GPU "
+                    "test below binds real kernels")
+def test_launch_plans_replay_only_the_calls_they_fit(monkeypatch):
+    # On the GPU a repeated call shape (no bias, no dropout) launches from a plan of bound kernels; here the plans
+    # replay through the interpreter. Shapes, strides, causal, scale and GQA vary between calls that share nothing
+    # but the kernels; each call is checked against float64.
+    from flashfx.codegen import launch
+
+    def bind(self, grid, args, kwargs=None):
+        self(grid, args, kwargs)
+        return ReplayedLaunch(self, grid, args, kwargs)
+
+    monkeypatch.setattr(launch.Launcher, "bind", bind)
+    monkeypatch.setattr(launch, "direct_stream", lambda: (0, 0))
+    monkeypatch.setattr(A, "_plans_apply", lambda q, bias, dropout_p: bias is None and not dropout_p)
+    monkeypatch.setattr(A, "_PLANS", type(A._PLANS)())
+    calls = [((1, 2, 2, 17, 17, 32), True, None, True), ((1, 4, 2, 24, 40, 40), False, 0.3, False),
+             ((2, 2, 1, 9, 33, 32), False, None, True), ((1, 2, 2, 17, 17, 32), True, None, False)]
+    for _ in range(3):  # (at most) autotune, bind, replay
+        ReplayedLaunch.replays = 0
+        for shape, causal, scale, transposed in calls:
+            q, k, v = make(*shape, torch.float32, transposed=transposed)
+            check_against_ref(q, k, v, None, causal, scale=scale)
+    assert len(A._PLANS) == 2 * len(calls)  # a forward and a backward plan per call shape
+    assert ReplayedLaunch.replays == len(calls) * 4  # the third round: 1 forward + 3 backward launches each
+    q, k, v = make(1, 2, 2, 17, 17, 32, torch.float32)
+    check_against_ref(q, k, v, make_bias("bool", 1, 2, 17, 17, torch.float32), True)  # a mask: no plan
+    assert len(A._PLANS) == 2 * len(calls) and ReplayedLaunch.replays == len(calls) * 4
+
+
 def test_reference_path_matches_float64():
     """Where Triton cannot run, the ATen reference answers, with the same semantics and gradients."""
     q, k, v = make(2, 4, 2, 19, 23, 48, torch.float32)
@@ -348,3 +398,37 @@ def test_gpu_matches_float64_like_sdpa(dtype, causal):
     ref_grads = torch.autograd.grad(ref, leaves, dout.double())
     assert rel(out, ref) < 1e-2
     assert all(rel(g, rg) < 1e-2 for g, rg in zip(grads, ref_grads))
+
+
+@pytest.mark.gpu
+def test_gpu_launch_plans_bind_and_compute_what_triton_s_launch_does(monkeypatch):
+    """On the GPU repeated call shapes launch from plans of bound kernels: interleaved shapes, strides and causal
+    flags each match float64, and equal bitwise what Triton's own launch (FLASHFX_FAST_LAUNCH=0) computes."""
+    monkeypatch.setenv("FLASHFX_ATTENTION_TUNE", "0")  # one config per kernel: no autotuning time
+    monkeypatch.setattr(A, "_PLANS", type(A._PLANS)())
+    torch.manual_seed(0)
+    calls = [((2, 8, 8, 300, 300, 64), True, True), ((1, 8, 2, 257, 513, 128), False, False),
+             ((2, 8, 8, 300, 300, 64), True, False), ((1, 4, 4, 64, 64, 96), False, True)]
+
+    def run(shape, causal, transposed):
+        q, k, v = (t.detach().cuda().requires_grad_() for t in make(*shape, torch.float16, transposed=transposed))
+        dout = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+        out = torch.ops.flashfx.attention(q, k, v, None, causal)
+        return (q, k, v, dout), (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    results = {}
+    for _ in range(3):
+        for i, (shape, causal, transposed) in enumerate(calls):
+            torch.manual_seed(i)
+            results[i] = run(shape, causal, transposed)
+    assert len(A._PLANS) == 2 * len(calls)
+    monkeypatch.setenv("FLASHFX_FAST_LAUNCH", "0")
+    for i, (shape, causal, transposed) in enumerate(calls):
+        torch.manual_seed(i)
+        (q, k, v, dout), got = results[i]
+        _, expected = run(shape, causal, transposed)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), shape
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = ref64(*leaves, None, causal)
+        ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+        assert all(rel(g, r) < 1e-2 for g, r in zip(got, (ref, *ref_grads))), shape

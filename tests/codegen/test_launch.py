@@ -135,3 +135,42 @@ def test_an_empty_hook_chain_is_no_hook(monkeypatch):
     assert launch._hook_set(chain) and launch._hook_set(print)
     from triton import knobs
     assert not launch._hooks_installed(), (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+
+
+def test_a_bound_call_takes_only_tensors_and_declines_what_it_was_not_bound_for(fake_cuda, monkeypatch):
+    fn, x, y = FakeJit(), torch.zeros(64), torch.zeros(64)
+    run = launch.Launcher(fn, {"BLOCK": 64})
+    bound = run.bind((2,), (x, 8, 0.5))
+    assert bound is not None and [c[0] for c in fn.calls] == ["jit"]
+    assert bound([y]) is True  # another tensor, same dtype and alignment: the compiled kernel, the bound scalars
+    assert fn.calls[-1] == ("direct", (2, 1, 1), (y, 8, 0.5, 64))
+    assert bound.template[0] is None  # the bound tensor is not kept alive
+    assert bound([y.half()]) is False and bound([y[1:]]) is False  # another dtype; not 16-byte aligned
+    monkeypatch.setattr(launch, "_current_device_and_stream", lambda: (1, 7))
+    assert bound([y]) is False  # another device
+    monkeypatch.setattr(launch, "_current_device_and_stream", lambda: (0, 7))
+    monkeypatch.setattr(launch, "_hooks_installed", lambda: True)
+    assert bound([y]) is False  # a profiler's hooks see every launch
+    monkeypatch.setattr(launch, "_hooks_installed", lambda: False)
+    with pytest.raises(ValueError, match="1 tensor arguments"):
+        bound([x, y])
+    monkeypatch.setattr(launch, "fast_launch_available", lambda: False)  # FLASHFX_FAST_LAUNCH=0
+    assert bound([y]) is False
+    assert [c[0] for c in fn.calls] == ["jit", "direct"]
+
+
+def test_nothing_binds_off_the_gpu(monkeypatch):
+    fn, x = FakeJit(), torch.zeros(8)
+    assert launch.Launcher(fn, {"BLOCK": 64}).bind((1,), (x, 8, 1.0)) is None  # a CPU tensor: launched, not bound
+    assert [c[0] for c in fn.calls] == ["jit"]
+
+
+def test_environment_values_follow_the_environment(monkeypatch):
+    # the attention launch plans key on knobs read this way at every call: a changed knob must show at once
+    from flashfx import _compat
+    monkeypatch.setenv("FLASHFX_TEST_KNOB", "a")
+    assert _compat.environment_values((b"FLASHFX_TEST_KNOB", b"FLASHFX_TEST_UNSET")) == (b"a", None)
+    monkeypatch.setenv("FLASHFX_TEST_KNOB", "b")
+    assert _compat.environment_values((b"FLASHFX_TEST_KNOB",)) == (b"b",)
+    monkeypatch.delenv("FLASHFX_TEST_KNOB")
+    assert _compat.environment_values((b"FLASHFX_TEST_KNOB",)) == (None,)

@@ -152,3 +152,37 @@ def test_rope_on_q_and_k_with_as_many_heads_is_one_kernel(tmp_path):
     gm, ctx = fuse_function(fn, xs, tmp_path)
     assert ctx.counters["fusion.groups"] == 1  # siblings over one space sharing cos/sin: one launch
     assert_close(gm(*xs), fn(*xs))
+
+
+def test_a_kernel_binds_its_launch_on_the_second_call_and_falls_back_when_the_binding_declines(tmp_path,
+                                                                                               monkeypatch):
+    # On the GPU the second call for a key binds the compiled kernel (flashfx.codegen.launch.BoundCall) and later
+    # calls pass it only their tensors; the interpreter has nothing to bind, so a stand-in BoundCall records here.
+    from flashfx.codegen import launch
+
+    class Bound:
+        def __init__(self, accept):
+            self.accept, self.seen = accept, []
+
+        def __call__(self, tensors):
+            self.seen.append([t.data_ptr() for t in tensors])
+            return self.accept
+
+    binds = []
+
+    def bind(self, grid, args, kwargs=None):
+        self(grid, args, kwargs)
+        binds.append(Bound(accept=False))
+        return binds[-1]
+
+    monkeypatch.setattr(launch.Launcher, "bind", bind)
+    fn = lambda x, y: (torch.sin(x) * y + 1.0,)  # noqa: E731
+    xs = [torch.randn(8, 33), torch.randn(8, 33)]
+    gm, _ = fuse_function(fn, xs, tmp_path)
+    [node] = kernel_nodes(gm)
+    for _ in range(2):
+        assert_close(gm(*xs), fn(*xs))
+    assert len(binds) == 1 and binds[0].seen == []  # first call tunes, second binds (and launches)
+    out = gm(*xs)  # the binding declines (say, another alignment): Triton's launch, the right answer
+    assert_close(out, fn(*xs))
+    assert binds[0].seen == [[xs[0].data_ptr(), xs[1].data_ptr(), out[0].data_ptr()]] and len(binds) == 1

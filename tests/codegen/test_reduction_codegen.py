@@ -156,8 +156,8 @@ def test_persistent_rows_in_a_pipelined_loop(tmp_path, monkeypatch, index_bits):
     assert_close(gm(*xs), fn(*xs))
     assert_close(gm(*xs), fn(*xs))  # the launch fast path
     for k in (n.target for n in kernel_nodes(gm)):
-        [(_, _, _, grid, _, _)] = k._fast.values()
-        assert grid == (3,) and ran_variant_of(k) == "pipelined"
+        [fast] = k._fast.values()
+        assert fast.grid == (3,) and ran_variant_of(k) == "pipelined"
         [src] = [src.source for sig, (src, _) in k._variants.items() if sig.row_stages]
         assert "tl.range(" in src and "num_stages=3" in src
         assert ("tl.int64" in src) == (index_bits == 64)
@@ -246,7 +246,8 @@ def test_column_sums_run_on_the_program_count_chosen(tmp_path, monkeypatch, vari
 
     def partial_rows(gm):
         [k] = [n.target for n in kernel_nodes(gm)]
-        [(specs, *_)] = k._fast.values()
+        [fast] = k._fast.values()
+        specs = fast.out_specs
         assert {o.kind for o in k.plan.outputs} == {"col", "full"}
         return {spec[0][0] for spec, o in zip(specs, k.plan.outputs) if o.kind == "col"}
 

@@ -1,0 +1,92 @@
+"""Bound kernel launches against Triton's own, in one process, on a model step run op by op (no CUDA graphs).
+
+    PYTHONPATH=. python bench/launch_ab.py [WORKLOAD ...] [--rounds 3] [--repeat 10] [--layers N]
+
+For each workload (default gpt2-train) the model is optimized once with flashfx (`flashfx-loss` for training,
+`flashfx-nographs` for inference: every kernel launched from Python), then its step is timed in alternating rounds
+with FLASHFX_FAST_LAUNCH=1 (attention launch plans and generated kernels' bound launches, `flashfx.codegen.launch`)
+and =0 (Triton's `JITFunction.run` for every launch). The knob is read at each launch, so both arms run the same
+compiled graphs and the same compiled kernels. Per arm: the median step time (CUDA events, `bench.measure`) and the
+host time to enqueue one step while the GPU is kept busy (a step whose host time exceeds its GPU time is
+host-bound). The two arms' losses / outputs must be bitwise equal, or the run stops.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common, measure, providers  # noqa: E402
+from bench.run import workloads  # noqa: E402
+
+
+def host_ms(step, calls: int) -> float:
+    """Time to enqueue `calls` steps while a long sleep kernel keeps the GPU busy (the host never waits on it)."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    elapsed = (time.perf_counter() - start) * 1e3 / calls
+    torch.cuda.synchronize()
+    return elapsed
+
+
+def ab(name: str, rounds: int, repeat: int, layers: int) -> None:
+    device = torch.device("cuda")
+    opts = common.Options(device=device, layers=layers or None)
+    case = workloads()[name].build(opts)
+    provider = providers.PROVIDERS["flashfx-loss" if case.training else "flashfx-nographs"]
+    providers.set_attention(case.model, provider.attn)
+    case.model.train(case.training)
+    fn = provider.wrap(case.model, case, opts)
+    step = lambda: case.step(fn)  # noqa: E731
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    print(f"{name} ({provider.name}): first step (compile) {time.perf_counter() - start:.1f} s", flush=True)
+    results = {"1": {"ms": [], "host": []}, "0": {"ms": [], "host": []}}
+    outputs = {}
+    with measure.environment_restored(("FLASHFX_FAST_LAUNCH",)):
+        for _ in range(rounds):
+            for arm in ("1", "0"):
+                os.environ["FLASHFX_FAST_LAUNCH"] = arm
+                samples = measure.time_ms(step, device, 3, repeat)
+                results[arm]["ms"].append(statistics.median(samples))
+                results[arm]["host"].append(host_ms(step, 5))
+                torch.manual_seed(0)
+                outputs[arm] = step()
+    same = torch.equal(outputs["1"], outputs["0"])
+    if not same:
+        raise SystemExit(f"{name}: the bound launches computed something else than Triton's own "
+                         f"({outputs['1']} vs {outputs['0']})")
+    for arm, label in (("1", "bound (FLASHFX_FAST_LAUNCH=1)"), ("0", "Triton's launch (=0)")):
+        ms, host = results[arm]["ms"], results[arm]["host"]
+        print(f"  {label}: step ms per round {', '.join(f'{x:.2f}' for x in ms)}; host ms per step "
+              f"{', '.join(f'{x:.2f}' for x in host)}", flush=True)
+    print(f"  outputs bitwise equal: {same}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("workloads", nargs="*", default=["gpt2-train"])
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both arms")
+    ap.add_argument("--repeat", type=int, default=10, help="timed steps per arm and round")
+    ap.add_argument("--layers", type=int, default=0, help="fewer layers than the workload's model (0: all)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/launch_ab.py needs a CUDA GPU: it times kernel launches")
+    unknown = [w for w in args.workloads if w not in workloads()]
+    if unknown:
+        raise SystemExit(f"unknown workload(s) {unknown}; known: {', '.join(workloads())}")
+    for name in args.workloads:
+        ab(name, args.rounds, args.repeat, args.layers)
+
+
+if __name__ == "__main__":
+    main()

@@ -508,8 +508,8 @@ def render_section(records: Sequence[Dict[str, Any]], img_rel: Optional[Dict[str
                   f"torch {v.get('torch')}, Triton {v.get('triton')}, transformers {v.get('transformers')}, "
                   f"liger-kernel {v.get('liger_kernel') or 'absent'}, CUDA {v.get('cuda')}.", ""]
     if ceilings:
-        lines.append(f"Ceilings measured in the {'last ' if len(metas) > 1 else ''}same run: bf16 dense matmul "
-                     f"(8192³) "
+        where = "the last of these runs (each row's MFU uses its own run's)" if len(metas) > 1 else "the same run"
+        lines.append(f"Ceilings measured in {where}: bf16 dense matmul (8192³) "
                      f"**{common.fmt(ceilings.get('matmul_tflops'), 0)} TFLOP/s**, device copy (read + write) "
                      f"**{common.fmt(ceilings.get('copy_gbps'), 0)} GB/s**. MFU = achieved TFLOP/s over the first.")
         lines.append("")

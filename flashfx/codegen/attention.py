@@ -26,7 +26,8 @@ FLASHFX_ATTENTION_BWD=split|atomic, FLASHFX_ATTENTION_LOOP=split|single (kernel 
 FLASHFX_ATTENTION_FWD=pointer|tma|auto (the forward through tensor descriptors, `attention_tma`; see
 `_forward_variant`), FLASHFX_ATTENTION_WS=0|1 (also autotune warp-specialized configs of that kernel on sm_90+).
 FLASHFX_FAST_LAUNCH=0 launches every kernel through Triton's `JITFunction.run` (default: the compiled launcher once
-bound, `flashfx.codegen.launch`). Plain tensors outside tracing take `_EagerAttention` (fewer Python layers per call).
+bound, `flashfx.codegen.launch`). Plain tensors outside tracing take `_EagerAttention` (fewer Python layers per call);
+repeated calls without bias or dropout launch from a plan of bound kernels per call shape (`_PLANS`).
 Limits: head dim <= 256 on the kernel path; dropout needs L * S < 2**31; a float bias that needs a gradient
 materialises an fp32 [B, Hq, L, S] dS buffer (reduced to the bias's shape).
 """

@@ -17,11 +17,15 @@ The direct call is used only where the installed Triton's `JITFunction.run` ends
 Triton that changes its launch convention falls back to `fn[grid]`), only on CUDA tensors, and never while a
 launch hook (a profiler such as Proton) is installed. FLASHFX_FAST_LAUNCH=0 turns it off.
 
-Only the attention op launches this way. The generated fusion kernels did in the fifth session, and one H100 A/B
-timed GPT-2's training step at 67.9 ms with it against 50.7 ms without. That version read Triton 3.6's launch hooks,
-`HookChain` objects that are never None, as installed hooks, so it never bound a kernel and paid for a signature
-(then ~16 us per launch) on top of `JITFunction.run` every time: the likely cause, not verified on the GPU. The
-generated kernels stay on Triton's own launch until an A/B says otherwise.
+`BoundCall` goes one step further for callers that key their launches themselves: a launch whose grid and
+non-tensor arguments are fixed by the caller's key (the attention op's launch plans, a `FusedKernel`'s shapes and
+strides) takes only its tensors and launches the compiled kernel directly. Measured on the H200 (2026-12-03,
+docs/benchmarks.md): attention at S=2048 went from host-bound to its kernels' own rate (D64 causal fwd+bwd 96 ->
+252 TFLOP/s); GPT-2's op-by-op training step ran ~12% faster with the generated kernels bound than through
+`JITFunction.run` (medians of three alternating rounds, noisy), Llama's no different. (The fifth session's binding
+of the generated kernels, removed after an A/B timed GPT-2 at 67.9 ms with it against 50.7 ms without, read Triton
+3.6's launch hooks, `HookChain` objects that are never None, as installed hooks: it never bound a kernel and paid
+for a signature on top of `JITFunction.run` at every launch.)
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Bound kernel launches against Triton's own, in one process, on a model step run op by op (no CUDA graphs).
 
-    PYTHONPATH=. python bench/launch_ab.py [WORKLOAD ...] [--rounds 3] [--repeat 10] [--layers N]
+    PYTHONPATH=. python bench/launch_ab.py [WORKLOAD ...] [--rounds 3] [--repeat 10] [--layers N] [--profile]
 
 For each workload (default gpt2-train) the model is optimized once with flashfx (`flashfx-loss` for training,
 `flashfx-nographs` for inference: every kernel launched from Python), then its step is timed in alternating rounds
@@ -10,12 +10,16 @@ compiled graphs and the same compiled kernels. Per arm and round: the median ste
 `bench.measure`). The two arms' losses / outputs must be bitwise equal, or the run stops. (No host-time column:
 timing the enqueue of five steps behind a 1 s sleep kernel, as bench/attention_host.py does for one op, read ~240 ms
 per step on the H200, i.e. the sleep itself: hundreds of kernels per step overflow CUDA's launch queue, or the step
-meets a synchronisation; which one was not looked into.)
+meets a synchronisation; which one was not looked into.) `--profile` adds a cProfile of five bound steps (where the
+host time of a host-bound step goes, by Python function).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -27,7 +31,7 @@ from bench import common, measure, providers  # noqa: E402
 from bench.run import workloads  # noqa: E402
 
 
-def ab(name: str, rounds: int, repeat: int, layers: int) -> None:
+def ab(name: str, rounds: int, repeat: int, layers: int, profile: bool) -> None:
     device = torch.device("cuda")
     opts = common.Options(device=device, layers=layers or None)
     case = workloads()[name].build(opts)
@@ -56,6 +60,17 @@ def ab(name: str, rounds: int, repeat: int, layers: int) -> None:
         print(f"  {label}: step ms per round {', '.join(f'{x:.2f}' for x in results[arm])} "
               f"(median {statistics.median(results[arm]):.2f})", flush=True)
     print(f"  outputs bitwise equal: {same}", flush=True)
+    if profile:
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        print(text.getvalue(), flush=True)
 
 
 def main() -> None:
@@ -64,6 +79,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both arms")
     ap.add_argument("--repeat", type=int, default=10, help="timed steps per arm and round")
     ap.add_argument("--layers", type=int, default=0, help="fewer layers than the workload's model (0: all)")
+    ap.add_argument("--profile", action="store_true", help="also print a cProfile of five bound steps")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/launch_ab.py needs a CUDA GPU: it times kernel launches")
@@ -71,7 +87,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown workload(s) {unknown}; known: {', '.join(workloads())}")
     for name in args.workloads:
-        ab(name, args.rounds, args.repeat, args.layers)
+        ab(name, args.rounds, args.repeat, args.layers, args.profile)
 
 
 if __name__ == "__main__":

@@ -397,9 +397,11 @@ class _Lowerer:
 
     def column_sum(self, node: fx.Node) -> str:
         src = node.args[0]
-        if src not in self.members or self.node_kind(src) != "full":
+        # a value of the group, or a tensor it reads (a norm's bias gradient beside its backward)
+        value = self.plan.value(self.env[src]) if src in self.members else self.load_own(src)
+        if value.kind != "full":
             raise LoweringError(f"{node.name}: a column sum must reduce a full value of its group")
-        operand = self._upcast(self.plan.value(self.env[src]))
+        operand = self._upcast(value)
         return self.new(op="colsum", kind="col", dtype=torch.float32, expr=operand.expr,
                         deps=(operand.expr.split(".")[0],), source=node.name).name
 

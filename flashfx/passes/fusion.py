@@ -252,6 +252,7 @@ class _Partitioner:
             for m in group.members:
                 self.group_of[m] = group
         self.place_postponed(postponed)
+        self.attach_input_column_sums()
         self.merge_siblings()
         roots = {id(g.root()): g.root() for g in self.group_of.values()}
         for g in roots.values():
@@ -262,9 +263,29 @@ class _Partitioner:
         """A sum over exactly the rows of its input's row group (a norm's weight gradient) joins that group: each
         program adds its rows into a partial, so `dy * x_hat` is never written to HBM."""
         src = node.args[0]
-        if node.target is not aten.sum.dim_IntList or src not in self.group_of or src in self.colsums:
+        if node.target is not aten.sum.dim_IntList or src not in self.group_of:
             return False
-        g = self.group_of[src].root()
+        return self.join_as_column_sum(node, self.group_of[src].root(), space, epoch)
+
+    def attach_input_column_sums(self) -> None:
+        """A lone sum over the rows of a tensor that a row group also reads (a norm's bias gradient `dy.sum((0, 1))`
+        beside the kernel of its backward, which reads dy) joins that group as a column sum: dy is read once, and a
+        launch is saved."""
+        for node, group in list(self.group_of.items()):
+            src = node.args[0] if node.args else None
+            if node.target is not aten.sum.dim_IntList or group.root().members != [node] or src in self.group_of:
+                continue
+            readers = {self.group_of[u].root() for u in src.users if u is not node and u in self.group_of}
+            for reader in sorted(readers, key=lambda r: self.index[r.members[0]]):
+                if self.join_as_column_sum(node, reader, (group.P, group.rdims), group.epoch):
+                    group.merged_into = reader
+                    break
+
+    def join_as_column_sum(self, node: fx.Node, g: _Group, space: Tuple, epoch: int) -> bool:
+        """`node` (a sum over leading dims, `space` = its input's dims and the summed ones) joins row group `g` as a
+        per-program column sum, if g reduces exactly the dims the sum keeps."""
+        if node.args[0] in self.colsums:
+            return False
         P, sum_dims = space
         cols = tuple(d for d in range(len(P)) if d not in sum_dims)
         # only into a group that already reduces its rows: a plain sum over the leading dims is a row reduction

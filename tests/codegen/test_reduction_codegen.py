@@ -216,14 +216,31 @@ def test_norm_backward_with_weight_gradients_in_one_kernel(tmp_path, monkeypatch
 
     xs = [torch.randn(3, 11, 40), torch.randn(40), torch.randn(40), torch.randn(3, 11, 40)]
     gm, ctx = fuse_function(fn, xs, tmp_path)
-    assert ctx.counters["fusion.groups"] == 1  # forward recompute, dx and both weight gradients
+    assert ctx.counters["fusion.groups"] == 1  # forward recompute, dx and the three weight / bias gradients
     [k] = [n.target for n in kernel_nodes(gm)]
-    assert sum(o.kind == "col" for o in k.plan.outputs) == 2
-    sums = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList]
-    assert [n.args[0].name for n in sums] == ["g_1"]  # only the bias gradient, a sum of an input, stays ATen
+    assert sum(o.kind == "col" for o in k.plan.outputs) == 3
+    # the bias gradient sums an input the kernel reads anyway (g): it joins as a column sum, g is read once
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList]
     assert_close(gm(*xs), fn(*xs))
     assert_close(gm(*xs), fn(*xs))  # the launch fast path zeroes the partials too
     assert ran_variant(gm) == variant
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_sum_of_what_a_row_group_reads_joins_it_only_over_its_rows(tmp_path, dtype):
+    # dy.sum over the rows (a bias gradient) beside a row group that reads dy joins it as a column sum; a sum that
+    # keeps the rows (over the reduced dim, or over part of the rows) is another kind of reduction and stays ATen.
+    def fn(x, dy):
+        return (torch.softmax(x * dy, -1), dy.sum((0, 1)), dy.sum(-1), dy.sum(0))
+
+    xs = [torch.randn(3, 19, 40, dtype=dtype), torch.randn(3, 19, 40, dtype=dtype)]
+    gm, ctx = fuse_function(fn, xs, tmp_path)
+    [k] = [n.target for n in kernel_nodes(gm)]
+    assert [o.kind for o in k.plan.outputs].count("col") == 1
+    sums = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList]
+    assert sorted(tuple(n.args[1]) for n in sums) == [(-1,), (0,)]
+    assert_close(gm(*xs), fn(*xs), dtype)
+    assert_close(gm(*xs), fn(*xs), dtype)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

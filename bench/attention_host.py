@@ -25,12 +25,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import make_provider, prewarm_tasks, run_pool  # noqa: E402  (bench/attention.py)
 from measure import environment_restored  # noqa: E402
 
 import flashfx.ops  # noqa: E402,F401  (registers torch.ops.flashfx)
@@ -49,10 +48,7 @@ def flashfx_attention(causal):
 
 
 def sdpa_flash(causal):
-    def run(q, k, v):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-    return run
+    return make_provider("sdpa_flash", causal, None, gqa=True)
 
 
 @contextlib.contextmanager
@@ -136,7 +132,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention_host.py needs a CUDA GPU")
     if args.prewarm:
-        from attention import prewarm_tasks, run_pool
         suites = [(None, B, Hq, Hkv, S, D, causal) for B, Hq, Hkv, S, D in SHAPES for causal in (False, True)]
         run_pool([], prewarm_tasks(suites, lambda causal: [("split", "split")]))
     if args.split:

@@ -41,10 +41,11 @@ _ENVIRON_DATA = getattr(os.environ, "_data", None)  # POSIX: the process environ
 def environment_values(names_bytes: tuple) -> tuple:
     """The current values of these environment variables (names as bytes), for a cache key built at every call:
     os.environ's own dict read directly, ~10x cheaper than `os.environ.get` (which encodes and decodes each name).
-    Values come back as bytes (None if unset); where os.environ keeps no such dict, as `os.environ.get` gives them."""
+    Values come back as bytes (None if unset), also where os.environ keeps no such dict."""
     if isinstance(_ENVIRON_DATA, dict):
         return tuple(map(_ENVIRON_DATA.get, names_bytes))
-    return tuple(os.environ.get(n.decode()) for n in names_bytes)
+    values = (os.environ.get(n.decode()) for n in names_bytes)
+    return tuple(v if v is None else v.encode() for v in values)
 
 
 def triton_version() -> str:

@@ -306,11 +306,7 @@ def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict
             _CHOSEN[key] = (best, launch.launcher(autotuner.fn, **best.all_kwargs()))
         return None
     _, run = chosen
-    grid = grid(run.fixed) if callable(grid) else grid
-    if bind:
-        return run.bind(grid, args, kwargs)
-    run(grid, args, kwargs)
-    return None
+    return (run.bind if bind else run)(grid(run.fixed) if callable(grid) else grid, args, kwargs)
 
 
 # Launch plans: the bound launches of one call shape (no bias, no dropout, the default kernel variants), keyed on
@@ -327,12 +323,18 @@ def _plans_apply(q: Tensor, bias: Optional[Tensor], dropout_p: float) -> bool:
     return bias is None and not dropout_p and q.is_cuda
 
 
-def _plan_key(kind: str, is_causal: bool, sm_scale: float, *tensors: Tensor) -> Tuple[Any, ...]:
-    """The key of a launch plan; `tensors` are every input whose shape or strides reach the kernels' arguments (the
-    outputs' follow from them)."""
-    first = tensors[0]
-    return (kind, first.dtype, first.device, is_causal, sm_scale, *_compat.environment_values(_PLAN_KNOBS),
-            *[(t.shape, t.stride()) for t in tensors])
+def _find_plan(kind: str, bias: Optional[Tensor], dropout_p: float, is_causal: bool, sm_scale: float,
+               *tensors: Tensor) -> Tuple[Optional[Tuple[Any, ...]], Any, Optional[Tuple[int, int]]]:
+    """(the plan's key, None where plans do not apply; the plan if one was kept; the (device, stream) to launch it
+    on, None where bound launches may not run now). `tensors` (q first) are every input whose shape or strides
+    reach the kernels' arguments; the outputs' follow from them."""
+    q = tensors[0]
+    if not _plans_apply(q, bias, dropout_p):
+        return None, None, None
+    key = (kind, q.dtype, q.device, is_causal, sm_scale, *_compat.environment_values(_PLAN_KNOBS),
+           *[(t.shape, t.stride()) for t in tensors])
+    plan = _PLANS.get(key)
+    return key, plan, (launch.direct_stream() if plan is not None else None)
 
 
 def _loop_variant(is_causal: bool) -> str:
@@ -436,9 +438,7 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_
     B, H, L, D = q.shape
     out = _empty_out(q)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    plan_key = _plan_key("fwd", is_causal, sm_scale, q, k, v) if _plans_apply(q, bias, dropout_p) else None
-    plan = _PLANS.get(plan_key) if plan_key is not None else None
-    where = launch.direct_stream() if plan is not None else None
+    plan_key, plan, where = _find_plan("fwd", bias, dropout_p, is_causal, sm_scale, q, k, v)
     if where is not None and plan[0].launch((q, k, v, q, out, lse), *where):
         FORWARD_LAUNCHES["pointer"] += 1
         return out, lse
@@ -482,10 +482,7 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Option
     Hkv, S = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    plan_key = (_plan_key("bwd", is_causal, sm_scale, q, k, v, out, dout, lse)
-                if _plans_apply(q, bias, dropout_p) else None)
-    plan = _PLANS.get(plan_key) if plan_key is not None else None
-    where = launch.direct_stream() if plan is not None else None
+    plan_key, plan, where = _find_plan("bwd", bias, dropout_p, is_causal, sm_scale, q, k, v, out, dout, lse)
     # every kernel of the split backward writes its outputs whole: if one declines, the general path redoes all
     if (where is not None and plan[0].launch((out, dout, delta), *where)
             and plan[1].launch((q, k, v, q, dout, lse, delta, dk, dv, dq), *where)
@@ -504,9 +501,8 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Option
     bind = plan_key is not None and not atomic
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         pre = launch.launcher(kern.preprocess, D_PAD=consts["D_PAD"], BLOCK_M=64)
-        pre_args = (out, dout, delta, *out.stride(), *dout.stride(), H, L, D)
-        bound = [pre.bind((triton_cdiv(L, 64), B * H), pre_args) if bind else pre((triton_cdiv(L, 64), B * H),
-                                                                                   pre_args)]
+        bound = [(pre.bind if bind else pre)((triton_cdiv(L, 64), B * H),
+                                              (out, dout, delta, *out.stride(), *dout.stride(), H, L, D))]
         bound.append(_tuned_launch(
             kern.dkdv_atomic if atomic else kern.dkdv, lambda meta: (triton_cdiv(S, meta["BLOCK_N"]), B * Hkv),
             (q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc, *q.stride(), *k.stride(), *v.stride(),
@@ -666,10 +662,15 @@ def _untraced(*tensors: Optional[Tensor]) -> bool:
 
 def _attention_composite(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, is_causal: bool = False,
                          scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
+    return _attention_body(q, k, v, bias, is_causal, scale, dropout_p, _untraced(q, k, v, bias))
+
+
+def _attention_body(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool, scale: Optional[float],
+                    dropout_p: float, untraced: bool) -> Tensor:
     _check_inputs(q, k, v, bias, scale, dropout_p)
     if bias is not None and bias.dim() < 4:
         bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))  # a view: broadcasting stays stride 0
-    if _untraced(q, k, v, bias):
+    if untraced:
         return _EagerAttention.apply(q, k, v, bias, is_causal, scale, dropout_p)
     out, _, _ = torch.ops.flashfx.attention_fwd(q, k, v, bias, is_causal, scale, dropout_p)
     return out
@@ -691,7 +692,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, is
         torch.Size([1, 2, 5, 32])
     """
     if _untraced(q, k, v, bias):  # the op's own body, without a round trip through the dispatcher
-        return _attention_composite(q, k, v, bias, is_causal, scale, dropout_p)
+        return _attention_body(q, k, v, bias, is_causal, scale, dropout_p, untraced=True)
     return torch.ops.flashfx.attention(q, k, v, bias, is_causal, scale, dropout_p)
 
 

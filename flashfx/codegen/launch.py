@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -60,11 +59,13 @@ def _triton_launches_as_replayed() -> bool:
 
 
 def fast_launch_available() -> bool:
-    """Whether launches may skip `JITFunction.run` (see the module docstring); FLASHFX_FAST_LAUNCH=0 says no."""
-    choice = os.environ.get("FLASHFX_FAST_LAUNCH", "1")
-    if choice not in ("0", "1"):
-        raise ValueError(f"FLASHFX_FAST_LAUNCH={choice!r}: use '1' (bind launches) or '0' (Triton's own launch)")
-    return choice == "1" and _triton_launches_as_replayed()
+    """Whether launches may skip `JITFunction.run` (see the module docstring); FLASHFX_FAST_LAUNCH=0 says no.
+    (Read at every launch, so through `_compat.environment_values`.)"""
+    choice = _compat.environment_values((b"FLASHFX_FAST_LAUNCH",))[0] or b"1"
+    if choice not in (b"0", b"1"):
+        raise ValueError(f"FLASHFX_FAST_LAUNCH={choice.decode(errors='replace')!r}: use '1' (bind launches) or '0' "
+                         f"(Triton's own launch)")
+    return choice == b"1" and _triton_launches_as_replayed()
 
 
 def _hook_set(hook: Any) -> bool:
@@ -127,37 +128,36 @@ class Launcher:
             pickers[1](args)
 
     def __call__(self, grid: Tuple[int, ...], args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None) -> None:
-        kwargs = kwargs or {}
-        full = self._positional(args, kwargs) if self._names and _on_cuda(args) and fast_launch_available() else None
-        if full is None:
-            self.fn[grid](*args, **kwargs, **self.fixed)
-            return
-        device, stream = _current_device_and_stream()
-        sig = (device, self.signature(full))
-        kernel = self._bound.get(sig)
-        if kernel is not None and not _hooks_installed():
-            kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                       kernel.function, kernel.packed_metadata, None, None, None, *full)
-            return
-        kernel = self.fn[grid](*args, **kwargs, **self.fixed)
-        if kernel is not None and getattr(kernel, "function", None) is not None and len(self._bound) < MAX_BOUND:
-            self._bound[sig] = kernel
+        self._launch(grid, args, kwargs or {})
 
     def bind(self, grid: Tuple[int, ...], args: Sequence[Any],
              kwargs: Optional[Dict[str, Any]] = None) -> Optional["BoundCall"]:
         """Launch like `__call__`, then return this launch as a `BoundCall` (only its tensors change at the next
-        call), or None where it could not be bound (not on CUDA, fast launch off, an unbound signature)."""
-        self(grid, args, kwargs)
-        kwargs = kwargs or {}
-        full = self._positional(args, kwargs) if self._names and _on_cuda(args) and fast_launch_available() else None
+        call), or None where it could not be bound (not on CUDA, fast launch off, a launch hook installed)."""
+        launched = self._launch(grid, args, kwargs or {})
+        return BoundCall(*launched, grid) if launched is not None else None
+
+    def _launch(self, grid: Tuple[int, ...], args: Sequence[Any],
+                kwargs: Dict[str, Any]) -> Optional[Tuple[Any, Tuple[Any, ...], int]]:
+        """Launch; return (the compiled kernel, every argument in the kernel's order, the device) where the launch
+        may be replayed directly, else None (it went through `fn[grid]` and nothing is bound)."""
+        where = direct_stream() if self._names and _on_cuda(args) else None
+        full = self._positional(args, kwargs) if where is not None else None
         if full is None:
+            self.fn[grid](*args, **kwargs, **self.fixed)
             return None
-        device, _ = _current_device_and_stream()
-        kernel = self._bound.get((device, self.signature(full)))
-        if kernel is None:
+        device, stream = where
+        sig = (device, self.signature(full))
+        kernel = self._bound.get(sig)
+        if kernel is not None:
+            _run(kernel, _grid3(grid), stream, full)
+            return kernel, full, device
+        kernel = self.fn[grid](*args, **kwargs, **self.fixed)
+        if kernel is None or getattr(kernel, "function", None) is None:
             return None
-        slots = tuple(i for i, a in enumerate(full) if isinstance(a, torch.Tensor))
-        return BoundCall(kernel, grid, full, slots, device)
+        if len(self._bound) < MAX_BOUND:
+            self._bound[sig] = kernel
+        return kernel, full, device
 
     def _positional(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
         """Every parameter's value in the kernel's order (what the compiled launcher takes); None if one is left
@@ -179,10 +179,9 @@ class BoundCall:
 
     __slots__ = ("kernel", "grid", "template", "slots", "device", "dtypes", "aligned")
 
-    def __init__(self, kernel: Any, grid: Tuple[int, ...], full: Sequence[Any], slots: Sequence[int],
-                 device: int) -> None:
-        self.kernel, self.device, self.slots = kernel, device, tuple(slots)
-        self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    def __init__(self, kernel: Any, full: Sequence[Any], device: int, grid: Tuple[int, ...]) -> None:
+        self.kernel, self.device, self.grid = kernel, device, _grid3(grid)
+        self.slots = tuple(i for i, a in enumerate(full) if isinstance(a, torch.Tensor))
         # the bound tensors are not kept alive by the template: each call puts its own in their slots
         self.template = [None if i in self.slots else a for i, a in enumerate(full)]
         self.dtypes = tuple(full[i].dtype for i in self.slots)
@@ -202,9 +201,17 @@ class BoundCall:
         args = list(self.template)
         for i, t in zip(self.slots, tensors):
             args[i] = t
-        kernel = self.kernel
-        kernel.run(*self.grid, stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
+        _run(self.kernel, self.grid, stream, args)
         return True
+
+
+def _grid3(grid: Tuple[int, ...]) -> Tuple[int, int, int]:
+    return grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+
+
+def _run(kernel: Any, grid: Tuple[int, int, int], stream: int, args: Sequence[Any]) -> None:
+    """The compiled kernel's own launch: the statement `JITFunction.run` ends with, no launch hooks."""
+    kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
 
 
 def direct_stream() -> Optional[Tuple[int, int]]:

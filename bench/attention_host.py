@@ -15,7 +15,6 @@ directly, each launcher function alone), with and without bound launches, FA2's 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import gc
 import io
@@ -30,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import make_provider, prewarm_tasks, run_pool  # noqa: E402  (bench/attention.py)
-from measure import environment_restored  # noqa: E402
+from measure import fast_launch  # noqa: E402
 
 import flashfx.ops  # noqa: E402,F401  (registers torch.ops.flashfx)
 from flashfx.codegen import attention as A  # noqa: E402
@@ -49,13 +48,6 @@ def flashfx_attention(causal):
 
 def sdpa_flash(causal):
     return make_provider("sdpa_flash", causal, None, gqa=True)
-
-
-@contextlib.contextmanager
-def fast_launch(on):
-    with environment_restored(("FLASHFX_FAST_LAUNCH",)):
-        os.environ["FLASHFX_FAST_LAUNCH"] = "1" if on else "0"
-        yield
 
 
 def host_ms(fn, calls=10, collect=True):

@@ -46,10 +46,9 @@ def ab(name: str, rounds: int, repeat: int, layers: int, profile: bool) -> None:
     print(f"{name} ({provider.name}): first step (compile) {time.perf_counter() - start:.1f} s", flush=True)
     results = {"1": [], "0": []}
     outputs = {}
-    with measure.environment_restored(("FLASHFX_FAST_LAUNCH",)):
-        for _ in range(rounds):
-            for arm in ("1", "0"):
-                os.environ["FLASHFX_FAST_LAUNCH"] = arm
+    for _ in range(rounds):
+        for arm in ("1", "0"):
+            with measure.fast_launch(arm == "1"):
                 results[arm].append(statistics.median(measure.time_ms(step, device, 3, repeat)))
                 outputs[arm] = step()
     same = torch.equal(outputs["1"], outputs["0"])

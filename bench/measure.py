@@ -57,6 +57,15 @@ def environment_restored(names: Sequence[str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def fast_launch(on: bool) -> Iterator[None]:
+    """FLASHFX_FAST_LAUNCH=1 (bound launches) or 0 (Triton's own) inside the block; read by flashfx at each launch,
+    so one process can time both on the same compiled kernels."""
+    with environment_restored(("FLASHFX_FAST_LAUNCH",)):
+        os.environ["FLASHFX_FAST_LAUNCH"] = "1" if on else "0"
+        yield
+
+
 def quantile(values: Sequence[float], q: float) -> float:
     """The q-quantile (0 ≤ q ≤ 1) with linear interpolation between order statistics (numpy's default)."""
     if not values:

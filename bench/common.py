@@ -342,13 +342,14 @@ def run_case(case: Case, names: Sequence[str], opts: Options, ceilings: Dict[str
             emit({**base, "status": "skipped", "error": "time budget spent"})
             continue
         emit({**base, "status": "started"})
+        t0 = time.perf_counter()  # wall_s: what the provider costs a budgeted run (compiles, timing, numerics)
         try:
             record = run_provider(case, provider, opts, reference, ceilings, cache_root)
-            emit({**base, **record, "status": "ok"})
+            emit({**base, **record, "status": "ok", "wall_s": time.perf_counter() - t0})
         except Exception as exc:  # noqa: BLE001  (any provider failure is a result, not a crash)
             if os.environ.get("FLASHFX_BENCH_TRACEBACK"):
                 traceback.print_exc()
-            emit({**base, "status": "failed", "error": one_line(exc)})
+            emit({**base, "status": "failed", "error": one_line(exc), "wall_s": time.perf_counter() - t0})
             if is_cuda_context_lost(exc):
                 context_lost = name
         finally:

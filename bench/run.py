@@ -240,6 +240,7 @@ def _run_group(name: str, names: Sequence[str], args: argparse.Namespace, device
             emit({"workload": name, "provider": p, "status": "skipped", "error": "time budget spent"})
         return
     opts.progress.update(f"{name}: building the model")
+    t0 = time.perf_counter()
     try:
         case = workloads()[name].build(opts)
     except Exception as exc:  # noqa: BLE001  (a workload that cannot build is a result for every provider)
@@ -248,7 +249,8 @@ def _run_group(name: str, names: Sequence[str], args: argparse.Namespace, device
         return
     case.name = name  # records are keyed by the workload name the plan uses
     emit({"workload": name, "provider": "-", "status": "started", "describe": case.describe,
-          "flops": case.flops, "bytes": case.bytes, "tokens": case.tokens, "items": case.items})
+          "flops": case.flops, "bytes": case.bytes, "tokens": case.tokens, "items": case.items,
+          "build_s": time.perf_counter() - t0})
     common.run_case(case, names, opts, ceilings, emit, reference)
     del case
     measure.free_memory(device)

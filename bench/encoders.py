@@ -73,7 +73,7 @@ def build_vit(opts: common.Options) -> common.Case:
 
 WORKLOADS = {
     "bert-infer": common.Workload("bert-infer", "BERT-base inference, 32 × 512 fp16", build_bert,
-                                  ENCODER_PROVIDERS, ENCODER_QUICK, quick_warm=("flashfx", "compile"), share=1.0,
+                                  ENCODER_PROVIDERS, ENCODER_QUICK, quick_warm=("flashfx",), share=1.0,
                                   est_scale=0.5),
     "vit-infer": common.Workload("vit-infer", "ViT-B/16 inference, batch 64 fp16", build_vit,
                                  ENCODER_PROVIDERS, ENCODER_QUICK, share=0.9, est_scale=0.5),

@@ -117,6 +117,8 @@ PROVIDERS: Dict[str, Provider] = {p.name: p for p in [
 ]}
 # Liger patches model classes in place, so it runs after every other provider of a process.
 RUN_LAST = ("liger",)
+# flashfx with one pass (or none): they show what each pass gives, not flashfx as a user runs it.
+SINGLE_PASS = ("flashfx-attention", "flashfx-fusion", "flashfx-ce", "flashfx-none")
 
 
 def parse_providers(text: Optional[str], default: Sequence[str]) -> List[str]:

@@ -35,7 +35,7 @@ WORKLOAD_MODULES = ("bench.train_step", "bench.prefill", "bench.encoders", "benc
 EXTERNAL = {"attention": "bench/attention.py", "fusion": "bench/fusion.py", "cross-entropy": "bench/cross_entropy.py"}
 DOC_BEGIN = "<!-- BEGIN GENERATED: bench/run.py suite (do not edit by hand) -->"
 DOC_END = "<!-- END GENERATED: bench/run.py suite -->"
-QUICK_BUDGET_S = 545.0  # + start-up, ceilings, the kill grace and the doc: inside one 600 s call
+QUICK_BUDGET_S = 560.0  # from the parent's start (ceilings included); + imports and the doc: one 600 s call
 GRACE_S = 30.0  # a child past its workload's deadline is killed this much later
 
 
@@ -350,7 +350,8 @@ def latest(records: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Any], Dict[str,
     ceilings: Dict[str, float] = {}
     results: Dict[str, Dict[str, Dict[str, Any]]] = {}
     cases: Dict[str, Dict[str, Any]] = {}
-    for r in records:
+    warm_after = _compiled_after(records)
+    for i, r in enumerate(records):
         kind = r.get("type")
         if kind == "run":
             meta = r
@@ -363,8 +364,31 @@ def latest(records: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Any], Dict[str,
             earlier = rows.get(r["provider"])
             if r.get("status") == "skipped" and earlier and earlier.get("status") == "ok":
                 continue
-            rows[r["provider"]] = r
+            rows[r["provider"]] = {**r, "compiled_after": warm_after[i]} if i in warm_after else r
     return meta, ceilings, results, cases
+
+
+def _compiled_after(records: Sequence[Dict[str, Any]]) -> Dict[int, str]:
+    """{index of a flashfx result: the flashfx provider compiled before it in the same process}. Triton keeps
+    compiled kernels and flashfx its autotune choices in memory whatever the disk caches say, so only the first
+    flashfx provider of a process compiles cold. A child that died or was killed ends its process."""
+    compiled: Dict[str, List[str]] = {}  # run id → flashfx providers started in its current child process
+    first: Dict[Tuple[str, str, str], str] = {}
+    out: Dict[int, str] = {}
+    for i, r in enumerate(records):
+        run, p = str(r.get("run_id")), str(r.get("provider"))
+        spec = providers.PROVIDERS.get(p)
+        if r.get("type") == "event" and r.get("status") == "started" and spec and spec.compiles and _is_flashfx(p):
+            done = compiled.setdefault(run, [])
+            if done:
+                first[(run, r["workload"], p)] = done[0]
+            done.append(f"{r['workload']} {p}")
+        elif r.get("type") == "result":
+            if (run, r.get("workload"), p) in first and r.get("status") == "ok":
+                out[i] = first.pop((run, r["workload"], p))
+            if r.get("status") == "timeout" or str(r.get("error", "")).startswith("process died"):
+                compiled[run] = []
+    return out
 
 
 def _is_flashfx(provider: str) -> bool:
@@ -400,7 +424,8 @@ def workload_table(workload: str, rows: Dict[str, Dict[str, Any]]) -> str:
         peak = f"**{peak}**" if p == leanest else peak
         comp = "—"
         if r.get("compile_s_cold") is not None:
-            comp = f"{r['compile_s_cold']:.1f} / {common.fmt(r.get('compile_s_warm'), 1)}"
+            after = "†" if r.get("compiled_after") else ""
+            comp = f"{r['compile_s_cold']:.1f}{after} / {common.fmt(r.get('compile_s_warm'), 1)}"
         if training:
             num = f"{common.fmt(r.get('loss'), 4)}"
             if r.get("loss_rel_err") is not None:
@@ -474,10 +499,12 @@ def _fp32_note(r: Dict[str, Any], eager: Dict[str, Any]) -> str:
 
 
 def issue5_targets(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
-    """Issue 5's targets on the Llama training step: peak ≤ 7.0 GB at a step time ≤ torch.compile's."""
+    """Issue 5's targets on the Llama training step: peak ≤ 7.0 GB at a step time ≤ torch.compile's, for the
+    flashfx variants that run every default pass."""
     rows = results.get("llama-train", {})
     compiled, eager = rows.get("compile", {}), rows.get("eager", {})
-    fx = {p: r for p, r in rows.items() if _is_flashfx(p) and r.get("status") == "ok" and r.get("peak_gb")}
+    fx = {p: r for p, r in rows.items() if _is_flashfx(p) and p not in providers.SINGLE_PASS
+          and r.get("status") == "ok" and r.get("peak_gb")}
     if compiled.get("status") != "ok" or not fx:
         return ["- Issue 5 (Llama training memory): not measurable in this run (needs `compile` and a flashfx "
                 "variant to succeed)."]
@@ -534,6 +561,11 @@ def render_section(records: Sequence[Dict[str, Any]], img_rel: Optional[Dict[str
                                                            by_run.items()) + ".", ""]
         elif len(metas) > 1:
             lines += [f"Measured in run `{next(iter(by_run))}`.", ""]
+        reused = [f"`{p}` after `{r['compiled_after']}`" for p, r in rows.items() if r.get("compiled_after")]
+        if reused:
+            lines += ["† Not a cold compile: " + ", ".join(reused) + " in the same process; the kernels they "
+                      "share (same source and specialisation) were compiled and autotuned then and stayed in memory.",
+                      ""]
         counted = [(p, r["flashfx_counters"]) for p, r in rows.items() if r.get("flashfx_counters") is not None]
         if counted:
             lines.append("flashfx pass counters (summed over compiled graphs): " + "; ".join(

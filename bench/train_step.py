@@ -18,19 +18,16 @@ TRAIN_PROVIDERS = ("eager", "sdpa", "compile", "compile-amb0.5", "compile-reduce
                    "flashfx", "flashfx-loss", "flashfx-graphs", "flashfx-attention", "flashfx-fusion", "flashfx-ce",
                    "flashfx-remat0.5", "flashfx-remat-speed", "flashfx-none", "liger")
 # --quick: in priority order (a time budget skips from the end; Liger always runs last, it patches classes).
-# The single-pass flashfx variants (-attention, -fusion, -ce) compile as long as flashfx itself (~80 s on the H100):
-# they run in the full suite only. `flashfx-loss` (the loss alone returned, so the fused cross-entropy can fire) is
-# the training setup flashfx documents; plain `flashfx` on the HF model was measured in the first H100 run. The
-# remat budget (issue 5's row) comes first: it pays the cold compile, and `flashfx-loss` after it reuses the kernels
-# (Triton's own cache). GPT-2's step is host-bound: `flashfx-graphs` (training CUDA graphs) against torch.compile
-# with and without its CUDA graphs. Eager (math attention) and GPT-2's op-by-op `flashfx-loss` did not fit the
-# sixth session's 10-minute call: they run in the full suite only (SDPA is the eager baseline), as does
-# torch.compile with an activation budget (issue 5's second comparison, 85 s).
+# Sized from the twelfth session's per-provider wall times (H200: the remat row 94 s with its cold compile, the
+# GPT-2 graphs row 81 s): the quick suite fits one 10-minute call only without `flashfx-loss` (the plain training
+# setup flashfx documents), GPT-2's `compile-reduce-overhead`, the single-pass flashfx variants, eager (math
+# attention) and torch.compile with an activation budget; they run in the full suite. GPT-2's step is host-bound:
+# `flashfx-graphs` (training CUDA graphs) is its flashfx row.
 # The zoo models have no attention implementation to switch and no Liger patch.
 ZOO_PROVIDERS = ("eager", "compile", "compile-reduce-overhead", "flashfx", "flashfx-graphs", "flashfx-fusion",
                  "flashfx-remat0.5", "flashfx-none")
-LLAMA_QUICK = ("sdpa", "compile", "flashfx-remat0.5", "liger", "flashfx-loss")
-GPT2_QUICK = ("sdpa", "compile", "flashfx-graphs", "compile-reduce-overhead")
+LLAMA_QUICK = ("sdpa", "compile", "flashfx-remat0.5", "liger")
+GPT2_QUICK = ("sdpa", "compile", "flashfx-graphs")
 
 # ANCHORS.md: hidden 2048, intermediate 5632, 8 layers, 16 heads, 4 KV heads (GQA), vocab 128256.
 LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,

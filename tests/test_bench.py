@@ -336,6 +336,10 @@ def test_verdicts_say_where_flashfx_loses_and_issue5_targets():
     assert "1.20× slower" in line and "flashfx loses" in line and "Failed: flashfx-attention" in line
     (target,) = run.issue5_targets(results)
     assert "meets ≤ 7.0 GB" in target and "misses ≤ compile" in target
+    # a single-pass variant shows what one pass gives; issue 5 judges flashfx as users run it
+    one_pass = {**results["llama-train"]["flashfx"], "provider": "flashfx-fusion"}
+    results["llama-train"]["flashfx-fusion"] = one_pass
+    assert [t for t in run.issue5_targets(results) if "flashfx-fusion" in t] == []
 
 
 def test_update_doc_replaces_only_the_generated_section(tmp_path):
@@ -590,3 +594,36 @@ def test_training_numerics_cover_every_gradient_when_asked(monkeypatch):
     sdpa = [r for r in records if r["provider"] == "sdpa" and r["status"] == "ok"][0]
     assert sdpa["grads_compared"] == len(list(case.model.parameters())) and sdpa["grads_missing"] == 0
     assert sdpa["grad_rel_err"] == 0.0 and sdpa["grad_worst"] in dict(case.model.named_parameters())
+
+
+def _started(run_id, workload, provider):
+    return {"type": "event", "run_id": run_id, "workload": workload, "provider": provider, "status": "started"}
+
+
+def test_a_flashfx_compile_after_another_in_the_same_process_is_not_called_cold():
+    # Triton and flashfx keep compiled kernels and autotune choices in memory: only a process's first flashfx
+    # provider compiles cold; a child that died starts cold again; other runs and torch.compile are unaffected
+    ok = dict(status="ok", ms=2.0, ms_p20=1.9, ms_p80=2.1, peak_gb=1.0, compile_s_cold=30.0, max_rel_err=1e-3)
+
+    def res(run_id, wl, p):
+        return {"type": "result", "run_id": run_id, "workload": wl, "provider": p, **ok}
+    records = [
+        _started("r1", "bert-infer", "compile"), res("r1", "bert-infer", "compile"),
+        _started("r1", "bert-infer", "flashfx"), res("r1", "bert-infer", "flashfx"),
+        _started("r1", "vit-infer", "flashfx-nographs"), res("r1", "vit-infer", "flashfx-nographs"),
+        _started("r1", "vit-infer", "flashfx"),
+        {"type": "result", "run_id": "r1", "workload": "vit-infer", "provider": "flashfx", "status": "failed",
+         "error": "process died (exit -11): segfault"},
+        _started("r1", "llama-decode", "flashfx"), res("r1", "llama-decode", "flashfx"),
+        _started("r2", "llama-prefill", "flashfx"), res("r2", "llama-prefill", "flashfx"),
+    ]
+    _, _, results, _ = run.latest(records)
+    assert results["vit-infer"]["flashfx-nographs"]["compiled_after"] == "bert-infer flashfx"
+    for wl, p in (("bert-infer", "compile"), ("bert-infer", "flashfx"), ("llama-decode", "flashfx"),
+                  ("llama-prefill", "flashfx")):
+        assert "compiled_after" not in results[wl][p], (wl, p)
+    text = run.render_section(records)
+    vit = text[text.index("### vit-infer"):text.index("### llama-decode")]
+    assert "30.0† / —" in vit
+    assert "† Not a cold compile: `flashfx-nographs` after `bert-infer flashfx` in the same process" in vit
+    assert "†" not in text[text.index("### bert-infer"):text.index("### vit-infer")]

@@ -627,3 +627,34 @@ def test_a_flashfx_compile_after_another_in_the_same_process_is_not_called_cold(
     assert "30.0† / —" in vit
     assert "† Not a cold compile: `flashfx-nographs` after `bert-infer flashfx` in the same process" in vit
     assert "†" not in text[text.index("### bert-infer"):text.index("### vit-infer")]
+
+
+def test_todo_plans_only_unmeasured_rows_with_a_reference_and_fits_each_call():
+    from bench import todo
+    wl = run.workloads()["bert-infer"]
+    measured = [p for p in wl.providers if p not in ("compile-max-autotune", "flashfx-fusion")]
+    records = [{"type": "result", "run_id": "r", "workload": "bert-infer", "provider": p, "status": "ok"}
+               for p in measured]
+    # a failed attempt counts as unmeasured, and its wall time replaces the estimate
+    records.append({"type": "result", "run_id": "r", "workload": "bert-infer", "provider": "compile-max-autotune",
+                    "status": "timeout", "wall_s": 500.0})
+    calls = todo.plan_calls(records, ["bert-infer"], call_s=540.0)
+    assert [ps for _, ps, _ in calls] == [["sdpa", "compile-max-autotune"], ["sdpa", "flashfx-fusion"]]
+    assert all(s <= 540.0 for *_, s in calls[1:]) and calls[0][2] > 500.0
+    bins = todo.pack(calls + [("vit-infer", ["sdpa", "flashfx"], 30.0)], call_s=540.0)
+    assert all(sum(c[2] for c in b) <= 540.0 or len(b) == 1 for b in bins)
+    assert sorted(c[0] for b in bins for c in b) == ["bert-infer", "bert-infer", "vit-infer"]
+    everything = [{"type": "result", "run_id": "r", "workload": "bert-infer", "provider": p, "status": "ok"}
+                  for p in wl.providers]
+    assert todo.plan_calls(everything, ["bert-infer"], call_s=540.0) == []
+
+
+def test_todo_command_line(tmp_path, capsys):
+    from bench import todo
+    path = tmp_path / "r.jsonl"
+    path.write_text("")
+    assert todo.main([str(path), "--workloads", "vit-infer"]) == 0
+    out = capsys.readouterr().out
+    assert "python bench/run.py vit-infer --providers sdpa," in out and "# call 1:" in out
+    assert todo.main([str(path), "--workloads", "nope"]) == 2
+    assert "unknown workload(s) nope" in capsys.readouterr().err

@@ -1,11 +1,13 @@
-"""On an H100 / H200: the tensor-descriptor attention forward (FLASHFX_ATTENTION_FWD=tma) against the pointer
-kernel (=pointer), bf16, B=4, D=128, S=1024..8192, causal and not, H=16 and GQA 32/8, in one process.
+"""On an H100 / H200: an attention forward variant (FLASHFX_ATTENTION_FWD=tma, the tensor-descriptor kernel, or
+=persistent, the pointer kernel on a persistent grid) against the pointer kernel (=pointer), bf16, B=4, D=128,
+S=1024..8192, causal and not, H=16 and GQA 32/8, in one process.
 
     PYTHONPATH=. python bench/attention_tma.py          # autotuned (both kernels): ~2-3 min with a cold cache
     PYTHONPATH=. python bench/attention_tma.py --quick  # FLASHFX_ATTENTION_TUNE=0: one default config each
     PYTHONPATH=. python bench/attention_tma.py --ws     # also warp-specialized configs (FLASHFX_ATTENTION_WS=1)
+    PYTHONPATH=. python bench/attention_tma.py --variant persistent   # the persistent grid instead of TMA
 
-(1) correctness: tma vs pointer over the whole output (rel = |a - b| / |b|), and both against an fp32 math
+(1) correctness: the variant vs pointer over the whole output (rel = |a - b| / |b|), and both against an fp32 math
 reference on batch 0, query heads 0-1 (an fp32 [2, S, S] score matrix); (2) speed: triton.testing.do_bench median
 of the forward op, TFLOP/s = 4·B·H·S²·D (halved when causal) / time. Adds no row after ~210 s: ends within 4 min.
 """
@@ -72,11 +74,12 @@ def main(argv=None) -> int:
 def _run(argv) -> int:
     ap = argparse.ArgumentParser(prog="bench/attention_tma.py", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one default config per kernel (no autotuning)")
-    ap.add_argument("--ws", action="store_true", help="also the warp-specialized configs")
+    ap.add_argument("--ws", action="store_true", help="also the warp-specialized configs (tma)")
+    ap.add_argument("--variant", choices=("tma", "persistent"), default="tma", help="the forward set against pointer")
     ap.add_argument("--budget-s", type=float, default=210.0, help="add no shape after this many seconds")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/attention_tma.py needs a CUDA GPU (the descriptor kernel is for Hopper and later)",
+        print("bench/attention_tma.py needs a CUDA GPU (its variants are for Hopper and later)",
               file=sys.stderr)
         return EXIT_NO_CUDA
     if args.quick:
@@ -85,10 +88,11 @@ def _run(argv) -> int:
         os.environ["FLASHFX_ATTENTION_WS"] = "1"
     start = time.time()
     print(f"{torch.cuda.get_device_name()} cc={torch.cuda.get_device_capability()} torch {torch.__version__} "
-          f"triton {triton.__version__} tune={not args.quick} ws={args.ws}", flush=True)
+          f"triton {triton.__version__} tune={not args.quick} ws={args.ws} variant={args.variant}", flush=True)
+    var = args.variant
     rows, failures = [], 0
-    print(f"{'shape':>24} {'causal':>6} | {'out tma~ptr':>11} {'lse tma~ptr':>11} {'ref: tma':>9} {'ptr':>9} | "
-          f"{'ptr TF/s':>8} {'tma TF/s':>8} {'tma/ptr':>7} | {'s':>5}", flush=True)
+    print(f"{'shape':>24} {'causal':>6} | {'out var~ptr':>11} {'lse var~ptr':>11} {'ref: var':>9} {'ptr':>9} | "
+          f"{'ptr TF/s':>8} {'var TF/s':>8} {'var/ptr':>7} | {'s':>5}", flush=True)
     for Hq, Hkv in ((16, 16), (32, 8)):
         for S in (1024, 2048, 4096, 8192):
             for causal in (False, True):
@@ -99,8 +103,8 @@ def _run(argv) -> int:
                 torch.manual_seed(0)
                 q, k, v = make(B, Hq, Hkv, S, D)
                 before = dict(A.FORWARD_LAUNCHES)
-                o_t, l_t = fwd("tma", q, k, v, causal)
-                assert A.FORWARD_LAUNCHES["tma"] == before.get("tma", 0) + 1, "the descriptor kernel did not run"
+                o_t, l_t = fwd(var, q, k, v, causal)
+                assert A.FORWARD_LAUNCHES[var] == before.get(var, 0) + 1, f"the {var} forward did not run"
                 o_p, l_p = fwd("pointer", q, k, v, causal)
                 r_o, r_l = ref32(q, k, v, causal)
                 e_out, e_lse = rel(o_t, o_p), rel(l_t, l_p)
@@ -111,7 +115,7 @@ def _run(argv) -> int:
                 del r_o, r_l
                 flops = 4 * B * Hq * S * S * D / (2 if causal else 1)
                 t_p = do_bench(lambda: fwd("pointer", q, k, v, causal))
-                t_t = do_bench(lambda: fwd("tma", q, k, v, causal))
+                t_t = do_bench(lambda: fwd(var, q, k, v, causal))
                 tf_p, tf_t = flops / t_p / 1e9, flops / t_t / 1e9
                 print(f"{f'B{B} H{Hq}/{Hkv} S{S} D{D}':>24} {str(causal):>6} | {e_out:11.2e} {e_lse:11.2e} {e_rt:9.2e} "
                       f"{e_rp:9.2e} | {tf_p:8.1f} {tf_t:8.1f} {tf_t / tf_p:7.3f} | {time.time() - start:5.0f}"
@@ -134,7 +138,7 @@ def _run(argv) -> int:
             sel = [r for r in rows if r[3] == causal]
             if sel:
                 gm = math.exp(sum(math.log(r[5] / r[4]) for r in sel) / len(sel))
-                print(f"causal={causal}: tma/pointer geometric mean {gm:.3f} over {len(sel)} shapes")
+                print(f"causal={causal}: {var}/pointer geometric mean {gm:.3f} over {len(sel)} shapes")
     print(f"{'ALL OK' if failures == 0 else f'{failures} MISMATCHES'} in {time.time() - start:.0f} s", flush=True)
     return 1 if failures else 0
 

@@ -23,7 +23,7 @@ How it is built, so that it passes through Dynamo and AOTAutograd as single node
 
 Environment knobs (read at each launch): FLASHFX_ATTENTION_TUNE=0 (one default config, no autotuning),
 FLASHFX_ATTENTION_BWD=split|atomic, FLASHFX_ATTENTION_LOOP=split|single (kernel variants; see the kernels file),
-FLASHFX_ATTENTION_FWD=pointer|tma|auto (the forward through tensor descriptors, `attention_tma`; see
+FLASHFX_ATTENTION_FWD=pointer|tma|auto|persistent (tensor descriptors, `attention_tma`; a persistent grid; see
 `_forward_variant`), FLASHFX_ATTENTION_WS=0|1 (also autotune warp-specialized configs of that kernel on sm_90+).
 FLASHFX_FAST_LAUNCH=0 launches every kernel through Triton's `JITFunction.run` (default: the compiled launcher once
 bound, `flashfx.codegen.launch`). Plain tensors outside tracing take `_EagerAttention` (fewer Python layers per call);
@@ -274,7 +274,7 @@ def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> An
     key = ["D_PAD", "IS_CAUSAL", "BIAS_KIND", "DROPOUT", "SINGLE_LOOP", "L_BUCKET", "S_BUCKET"]
     extra = _compat.autotune_disk_cache_kwargs()
     return types.SimpleNamespace(
-        fwd=triton.autotune(configs("fwd"), key=key, **extra)(K._attn_fwd_kernel),
+        fwd=triton.autotune(configs("fwd"), key=key + ["PERSISTENT"], **extra)(K._attn_fwd_kernel),
         dkdv=triton.autotune(configs("dkdv"), key=key + ["ATOMIC_DQ"], **extra)(K._bwd_dkdv_kernel),
         # the atomic variant accumulates into DQ: autotuning must zero it before each timed run
         dkdv_atomic=triton.autotune(configs("dkdv"), key=key + ["ATOMIC_DQ"], reset_to_zero=["DQ"],
@@ -289,8 +289,11 @@ def _build_kernels(big_head: bool, tune: bool, only: Optional[int] = None) -> An
 # skips JITFunction.run's binding too (host time at short sequences).
 _CHOSEN: dict = {}
 
-# Forward launches per kernel variant ("pointer" / "tma"), for tests and benchmarks to see which one ran.
+# Forward launches per kernel variant ("pointer" / "persistent" / "tma"), for tests and benchmarks to see which ran.
 FORWARD_LAUNCHES: collections.Counter = collections.Counter()
+# Programs per SM of the persistent forward: two, so that a second program hides one's prologue and epilogue
+# where registers and shared memory let two run at once (a guess until measured).
+PERSISTENT_PER_SM = 2
 
 
 def _tuned_launch(autotuner: Any, grid: Any, args: Tuple[Any, ...], kwargs: dict,
@@ -349,7 +352,9 @@ def _loop_variant(is_causal: bool) -> str:
 
 
 def _forward_variant(q: Tensor, k: Tensor, v: Tensor, out: Tensor, bias: Optional[Tensor], dropout_p: float) -> str:
-    """"pointer": `_attn_fwd_kernel` (any input); "tma": `attention_tma`'s kernel, which reads Q, K, V and writes
+    """"pointer": `_attn_fwd_kernel` (any input), one program per query tile; "persistent": the same kernel on a
+    grid of PERSISTENT_PER_SM programs per SM that stride over the tiles (any input; not measured yet, opt in with
+    FLASHFX_ATTENTION_FWD=persistent); "tma": `attention_tma`'s kernel, which reads Q, K, V and writes
     Out through tensor descriptors (TMA on sm_90+), for no bias, no dropout, head dim 64 / 128, 16-byte aligned rows.
     FLASHFX_ATTENTION_FWD=tma runs it wherever the inputs allow (also in the CPU interpreter: the tests),
     =auto only on GPUs of compute capability >= 9, =pointer never. Inputs it cannot run keep the pointer kernel.
@@ -358,10 +363,10 @@ def _forward_variant(q: Tensor, k: Tensor, v: Tensor, out: Tensor, bias: Optiona
     S = 4096-8192 (geometric means; 0.91-0.99x per shape; shorter sequences are partly host time), same outputs to
     rounding."""
     choice = os.environ.get("FLASHFX_ATTENTION_FWD", "pointer")
-    if choice not in ("pointer", "tma", "auto"):
-        raise ValueError(f"FLASHFX_ATTENTION_FWD={choice!r}: use 'pointer', 'tma' or 'auto'")
-    if choice == "pointer":
-        return "pointer"
+    if choice not in ("pointer", "tma", "auto", "persistent"):
+        raise ValueError(f"FLASHFX_ATTENTION_FWD={choice!r}: use 'pointer', 'tma', 'auto' or 'persistent'")
+    if choice in ("pointer", "persistent"):
+        return choice
     from flashfx.codegen import attention_tma
 
     if choice == "auto" and not attention_tma.tma_hardware(q.device):
@@ -427,7 +432,8 @@ def _common(q: Tensor, k: Tensor, bias: Optional[Tensor], is_causal: bool, dropo
     return bias_t, scalars, consts
 
 
-def _keep_plan(key: Tuple[Any, ...], bound: Tuple[launch.BoundCall, ...]) -> None:
+def _keep_plan(key: Tuple[Any, ...], bound: Tuple[Any, ...]) -> None:
+    """A forward plan is (its bound launch, the forward variant); a backward plan its three bound launches."""
     if len(_PLANS) >= MAX_PLANS:
         _PLANS.popitem(last=False)
     _PLANS[key] = bound
@@ -440,7 +446,7 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     plan_key, plan, where = _find_plan("fwd", bias, dropout_p, is_causal, sm_scale, q, k, v)
     if where is not None and plan[0].launch((q, k, v, q, out, lse), *where):
-        FORWARD_LAUNCHES["pointer"] += 1
+        FORWARD_LAUNCHES[plan[1]] += 1
         return out, lse
     if L == 0 or B * H == 0:
         return out, lse
@@ -452,12 +458,17 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_
         if variant == "tma":
             _launch_forward_tma(q, k, v, out, lse, is_causal, sm_scale, scalars, consts["PRECISION"], grid)
             return out, lse
+        persistent = variant == "persistent"
+        if persistent:
+            programs = launch.sm_programs(q.device, PERSISTENT_PER_SM, 3)
+            grid = lambda meta: (min(triton_cdiv(L, meta["BLOCK_M"]) * B * H, programs), 1)  # noqa: E731
         bound = _tuned_launch(_kernels(consts["D_PAD"] > 128).fwd, grid,
                               (q, k, v, bias_t if bias_t is not None else q, out, lse,
                                *q.stride(), *k.stride(), *v.stride(), *_strides(bias_t), *out.stride()),
-                              dict(sm_scale=sm_scale, **scalars, **consts), bind=plan_key is not None)
+                              dict(sm_scale=sm_scale, BH=B * H, PERSISTENT=persistent, **scalars, **consts),
+                              bind=plan_key is not None)
     if bound is not None:
-        _keep_plan(plan_key, (bound,))
+        _keep_plan(plan_key, (bound, variant))
     return out, lse
 
 

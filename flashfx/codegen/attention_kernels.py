@@ -155,14 +155,50 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,  # bias broadcast to [B, H, L, S]: 0 where it broadcasts
     stride_ob, stride_oh, stride_om, stride_od,
-    H, GROUP, L, S, D, sm_scale, seed, drop_threshold, drop_scale,
+    BH, H, GROUP, L, S, D, sm_scale, seed, drop_threshold, drop_scale,
     L_BUCKET, S_BUCKET,                       # autotune keys only (power-of-two buckets of L and S)
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     SINGLE_LOOP: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One query tile per program (grid: query blocks x B * H), or, PERSISTENT, a fixed grid of programs that
+    stride over every tile, query block major (each head's block m before any block m - 1; causal: the last, longest
+    blocks first), so the programs of a wave do equal work and none waits for a launch slot."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    pid_m, bh, off_b, off_h, off_kh = _fwd_program(H, GROUP, IS_CAUSAL)
+    if PERSISTENT:
+        n_m = tl.cdiv(L, BLOCK_M)
+        for tile in tl.range(tl.program_id(0), n_m * BH, tl.num_programs(0)):
+            pid_m = tile // BH
+            if IS_CAUSAL:
+                pid_m = n_m - 1 - pid_m
+            _fwd_tile(pid_m, tile % BH, Q, K, V, Bias, Out, Lse,
+                      stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                      stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bm, stride_bn,
+                      stride_ob, stride_oh, stride_om, stride_od, H, GROUP, L, S, D, sm_scale, seed,
+                      drop_threshold, drop_scale, IS_CAUSAL, BIAS_KIND, DROPOUT, SINGLE_LOOP, D_PAD, EVEN_D,
+                      PRECISION, BLOCK_M, BLOCK_N)
+    else:
+        pid_m, bh, _, _, _ = _fwd_program(H, GROUP, IS_CAUSAL)
+        _fwd_tile(pid_m, bh, Q, K, V, Bias, Out, Lse,
+                  stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                  stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bm, stride_bn,
+                  stride_ob, stride_oh, stride_om, stride_od, H, GROUP, L, S, D, sm_scale, seed,
+                  drop_threshold, drop_scale, IS_CAUSAL, BIAS_KIND, DROPOUT, SINGLE_LOOP, D_PAD, EVEN_D,
+                  PRECISION, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _fwd_tile(pid_m, bh, Q, K, V, Bias, Out, Lse,
+              stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bm, stride_bn,
+              stride_ob, stride_oh, stride_om, stride_od, H, GROUP, L, S, D, sm_scale, seed,
+              drop_threshold, drop_scale, IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+              SINGLE_LOOP: tl.constexpr, D_PAD: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query block `pid_m` of batch x head `bh`: out and LSE of its rows."""
+    off_b = bh // H
+    off_h = bh % H
+    off_kh = off_h // GROUP
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_kh.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_kh.to(tl.int64) * stride_vh

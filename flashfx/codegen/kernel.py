@@ -15,7 +15,7 @@ import triton
 from flashfx import _compat
 from flashfx.codegen import autotune, column_sum, kernel_cache
 from flashfx.codegen.emit import KernelSource, Signature, Layout, emit, symbolic_dims
-from flashfx.codegen.launch import BoundCall, Launcher, launcher
+from flashfx.codegen.launch import BoundCall, Launcher, launcher, sm_programs
 from flashfx.codegen.lower import Plan, nonunit, shape_of, strides_of, x_dims
 
 _STATS = {"cache_hits": 0, "cache_misses": 0}
@@ -60,13 +60,6 @@ def _kernel_meta(config: Dict[str, Any]) -> Dict[str, Any]:
     """A config's Triton launch options: without the launcher's own keys (the kernel variant, the program count,
     whether the next row block is prefetched, the stages of a pipelined row loop)."""
     return {k: v for k, v in config.items() if k not in ("mode", "programs", "prefetch", "row_stages")}
-
-
-def _programs(device: torch.device, per_sm: int, interpreted: int) -> int:
-    """`per_sm` programs on each of a GPU's SMs; `interpreted` on the CPU interpreter (a few, to walk several blocks)."""
-    if device.type == "cuda":
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return interpreted
 
 
 def _variant_key(config: Dict[str, Any]) -> Tuple[Any, bool, int]:
@@ -183,12 +176,12 @@ class FusedKernel:
     def column_programs(device: torch.device) -> List[int]:
         """Program counts a kernel with column sums may run (its partials have one row per program): enough to fill
         the GPU, few enough for small partials; the first is the default, the others are timed when tuning."""
-        return list(dict.fromkeys(_programs(device, per_sm, 8) for per_sm in autotune.COLUMN_PROGRAMS_PER_SM))
+        return list(dict.fromkeys(sm_programs(device, per_sm, 8) for per_sm in autotune.COLUMN_PROGRAMS_PER_SM))
 
     @staticmethod
     def row_loop_programs(device: torch.device) -> int:
         """Programs of a persistent kernel that walks its row blocks in a pipelined loop."""
-        return _programs(device, autotune.ROW_LOOP_PROGRAMS_PER_SM, 2)
+        return sm_programs(device, autotune.ROW_LOOP_PROGRAMS_PER_SM, 2)
 
     def _call_slow(self, key: Any, args: Sequence[Any]) -> Tuple[torch.Tensor, ...]:
         """First call for these shapes/strides: choose the variant and config, then remember how to launch."""

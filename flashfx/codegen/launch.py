@@ -225,6 +225,14 @@ def direct_stream() -> Optional[Tuple[int, int]]:
 _LAUNCHERS: Dict[Tuple[Any, Tuple[Tuple[str, Any], ...]], Launcher] = {}
 
 
+def sm_programs(device: torch.device, per_sm: int, interpreted: int) -> int:
+    """`per_sm` programs on each of a GPU's SMs (a persistent grid); `interpreted` on the CPU interpreter (a few,
+    so that each program walks several blocks)."""
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return interpreted
+
+
 def launcher(fn: Any, **fixed: Any) -> Launcher:
     """The one `Launcher` of `fn` with these fixed keyword arguments (kernels are module-level: kept for good)."""
     key = (fn, tuple(sorted(fixed.items())))

@@ -117,6 +117,36 @@ def test_kernel_variants(monkeypatch, loop, bwd):
     check_against_ref(q, k, v, make_bias("bool", 1, 4, 33, 40, torch.float32), True, scale=0.3)
 
 
+@pytest.mark.skipif(not triton_runs_on(torch.device("cpu")), reason="the persistent grid is a kernel variant")
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[3]}x{c[4]}-d{c[5]}-h{c[1]}/{c[2]}-c{int(c[6])}-{c[7]}"
+                                             for c in CASES])
+def test_persistent_forward_matches_float64(monkeypatch, case):
+    """FLASHFX_ATTENTION_FWD=persistent: a few programs (3 on the interpreter) stride over every query tile of every
+    head, causal ones last-first; out, LSE and the backward on top of them as with one program per tile."""
+    monkeypatch.setenv("FLASHFX_ATTENTION_FWD", "persistent")
+    B, Hq, Hkv, L, S, D, causal, kind = case
+    q, k, v = make(B, Hq, Hkv, L, S, D, torch.float32)
+    before = A.FORWARD_LAUNCHES["persistent"]
+    check_against_ref(q, k, v, make_bias(kind, B, Hq, L, S, torch.float32), causal)
+    assert A.FORWARD_LAUNCHES["persistent"] == before + 1
+
+
+@pytest.mark.skipif(not triton_runs_on(torch.device("cpu")), reason="the persistent grid is a kernel variant")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_persistent_forward_computes_each_tile_as_the_pointer_grid_does(monkeypatch, dtype):
+    """Same tiles, same arithmetic, another order: equal outputs, with a bias and dropout (its mask is keyed on the
+    row, column and head, not on the program)."""
+    q, k, v = make(2, 4, 2, 45, 37, 64, dtype)
+    bias = make_bias("float", 2, 4, 45, 37, dtype)
+    outs = {}
+    for variant in ("pointer", "persistent"):
+        monkeypatch.setenv("FLASHFX_ATTENTION_FWD", variant)
+        torch.manual_seed(1)  # the same dropout seed for both
+        out, lse, _ = torch.ops.flashfx.attention_fwd(q, k, v, bias, True, None, 0.3)
+        outs[variant] = out, lse
+    torch.testing.assert_close(outs["persistent"], outs["pointer"], rtol=0, atol=0)
+
+
 class ReplayedLaunch:
     """Stands in for a `launch.BoundCall` on the CPU: relaunches through Triton (the interpreter) with the bound
     call's arguments and the tensors it is given, so a plan that put a tensor in the wrong slot, or was reused for a

@@ -65,6 +65,31 @@ def partition_fn(config: Config, report: GraphReport) -> Callable[..., Any]:
     return make_partition_fn(config, report.remat)
 
 
+def unused_output_gradients(backward: fx.GraphModule) -> Optional[str]:
+    """A note for a backward whose forward returned a scalar (a loss) and tensors beside it (logits, a KV cache).
+    The backward takes a gradient for every output, and autograd fills zeros for those the loss does not use, where
+    eager autograd allocates nothing: a [tokens, vocab] tensor of zeros, and an add into the logits' gradient."""
+    grads = [n.meta.get("val") for n in backward.graph.nodes
+             if n.op == "placeholder" and str(n.target).startswith("tangents")]
+    grads = [g for g in grads if isinstance(g, torch.Tensor)]
+    others = [g for g in grads if g.dim() > 0]
+    if not others or len(others) == len(grads):
+        return None
+    largest = max(others, key=lambda g: _size_hint(g.numel()))
+    total = sum(_size_hint(g.numel()) * g.element_size() for g in others)
+    return (f"the backward takes gradients for {len(others)} tensor output(s) beside a scalar one (a loss): "
+            f"autograd fills zeros for each the loss does not use (~{cost_model.format_bytes(total)} at the "
+            f"traced sizes; largest [{', '.join(str(_size_hint(d)) for d in largest.shape)}] {str(largest.dtype)[6:]}); return only "
+            f"the loss to avoid them (docs/guide.md, 'let the loss be the only output')")
+
+
+def _size_hint(n: Any) -> int:
+    """An element count as an int; a symbolic one by its example value."""
+    if isinstance(n, torch.SymInt):
+        return int(n.node.hint) if n.node.hint is not None else 0
+    return int(n)
+
+
 class Compiler:
     """A Dynamo backend. Each Dynamo frame it compiles adds a `GraphReport` to `self.reports`."""
 
@@ -95,6 +120,10 @@ class Compiler:
 
     def _compile_aten(self, report: GraphReport, stage: str, gm: fx.GraphModule,
                       example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        if stage == "backward":
+            note = unused_output_gradients(gm)
+            if note:
+                report.notes.append(note)
         before = cost_model.graph_cost(gm)
         manager = PassManager(aten_passes(self.config), self.config)
         gm = manager.run(gm, example_inputs, stage=stage)

@@ -31,6 +31,7 @@ class GraphReport:
     compiled_peaks: Dict[str, int] = field(default_factory=dict)
     fallbacks: List[Any] = field(default_factory=list)  # codegen.fallback.Fallback of each generated kernel
     cuda_graphs: List[Any] = field(default_factory=list)  # a CudaGraphRunner, or why the graph runs op by op (str)
+    notes: List[str] = field(default_factory=list)  # what the user may want to change (not a pass's decision)
 
     def active_fallbacks(self) -> List[Any]:
         """The generated kernels that failed at run time and now run their ATen ops."""
@@ -141,6 +142,8 @@ class Report:
                 lines.append(f"  FELL BACK at run time: {f.name} runs its ATen ops ({f.error})")
             for runner in g.cuda_graphs:
                 lines.append(f"  {_graph_status(runner)}")
+            for note in g.notes:
+                lines.append(f"  note: {note}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------------------ json
@@ -172,6 +175,7 @@ class Report:
                 "remat": [plan.as_dict() if hasattr(plan, "as_dict") else str(plan) for plan in g.remat],
                 "compiled_peak_bytes": dict(g.compiled_peaks),
                 "cuda_graphs": [_graph_status(r) for r in g.cuda_graphs],
+                "notes": list(g.notes),
             })
         totals = {
             "flops": " + ".join(gr["rewritten"]["flops_symbolic"] for gr in graphs),

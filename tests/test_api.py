@@ -159,3 +159,48 @@ def test_explain_in_eval_mode_has_an_inference_graph():
     with torch.no_grad():
         report = flashfx.explain(model, _ids(), config=Config(**NO_PASSES))
     assert list(report.graphs[0].aten) == ["inference"]
+
+
+class LossAndLogits(nn.Module):
+    """A causal-LM-like head: returns the loss and the logits it came from, as Hugging Face models do."""
+
+    def __init__(self, d=16, vocab=50):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids):
+        logits = self.head(torch.tanh(self.emb(input_ids)))
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), input_ids.flatten())
+        return loss, logits
+
+
+def test_report_notes_the_zero_gradients_of_outputs_beside_the_loss():
+    # the backward takes a gradient for the logits too; autograd fills it with zeros when only the loss is used
+    model = LossAndLogits()
+    compiled = flashfx.optimize(model, **NO_PASSES)
+    loss, logits = compiled(_ids(2, 7))
+    loss.backward()
+    text = compiled.report.text()
+    assert "note: the backward takes gradients for 1 tensor output(s) beside a scalar one (a loss)" in text
+    assert "largest [2, 7, 50] float32" in text and "let the loss be the only output" in text
+    assert compiled.report.to_json()["graphs"][0]["notes"]
+
+
+def test_report_has_no_gradient_note_when_the_loss_is_the_only_output():
+    model = LossAndLogits()
+
+    class LossOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids)[0]
+
+    compiled = flashfx.optimize(LossOnly(), **NO_PASSES)
+    compiled(_ids(2, 7)).backward()
+    assert "note: the backward takes gradients" not in compiled.report.text()
+    block = flashfx.optimize(Block(), **NO_PASSES)  # no scalar output: nothing to say either
+    block(_ids()).sum().backward()
+    assert "note: the backward takes gradients" not in block.report.text()
